@@ -1,0 +1,52 @@
+"""Grouped-query attention without positional encoding (NemotronH's Mamba layers carry position).
+
+Computed by ``scaled_dot_product_attention``; with an ``InferenceCache`` the keys/values of earlier
+tokens are read from and appended to that layer's KV cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kinetic.config import ModelConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, cache_key: str = "") -> None:
+        super().__init__()
+        self.cache_key = cache_key
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, hidden: torch.Tensor, cache=None) -> torch.Tensor:
+        b, q_len, _ = hidden.shape
+        q = self.q_proj(hidden).view(b, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden).view(b, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden).view(b, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        past = 0
+        if cache is not None:
+            past = cache.kv_length(self.cache_key)
+            k, v = cache.append_kv(self.cache_key, k, v)
+        mask, causal = None, q_len > 1 and past == 0
+        if q_len > 1 and past > 0:  # new queries see all cached keys plus a causal block
+            kv_pos = torch.arange(past + q_len, device=hidden.device)
+            q_pos = torch.arange(past, past + q_len, device=hidden.device)
+            mask = kv_pos[None, :] <= q_pos[:, None]
+        out = _sdpa(q, k, v, mask, causal)
+        return self.o_proj(out.transpose(1, 2).reshape(b, q_len, self.num_heads * self.head_dim))
+
+
+def _sdpa(q, k, v, mask, causal):
+    if q.shape[1] != k.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)

@@ -1,0 +1,189 @@
+"""Mamba-2 mixer: chunked SSD scan for whole sequences and an O(1)-memory recurrent ``step``.
+
+Shapes legend: b batch, l sequence, c chunks, L chunk length, h heads, g B/C groups, r = h / g heads
+per group, p head dim, n state size. B and C are shared by the r heads of a group; the scan keeps
+that grouping (it never repeats B/C per head), which saves memory and FLOPs against a naive version.
+
+Δt handling (a deliberate divergence from transformers): Δt = softplus(raw + dt_bias) is clamped to
+``config.time_step_limit`` in every path (training, prefill and decode). transformers clamps at
+``time_step_min`` in prefill but not in its single-token step, so its cached and uncached outputs
+differ whenever Δt < time_step_min; ours agree by construction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kinetic.config import ModelConfig
+from kinetic.model.norm import GatedRMSNorm
+
+
+def segsum(a: torch.Tensor) -> torch.Tensor:
+    """``out[..., i, j] = sum(a[..., j+1:i+1])`` for i >= j, ``-inf`` above the diagonal.
+
+    Built from a masked cumulative sum rather than a difference of cumsums, which loses precision
+    when the cumulative decay is large.
+    """
+    t = a.shape[-1]
+    ones = torch.ones(t, t, dtype=torch.bool, device=a.device)
+    x = a.unsqueeze(-1).expand(*a.shape, t).masked_fill(~torch.tril(ones, -1), 0.0)
+    return x.cumsum(-2).masked_fill(~torch.tril(ones), -math.inf)
+
+
+def ssd_scan(
+    x: torch.Tensor,  # (b, l, h, p)
+    dt: torch.Tensor,  # (b, l, h), already softplus-ed and clamped
+    A: torch.Tensor,  # (h,), negative
+    B: torch.Tensor,  # (b, l, g, n)
+    C: torch.Tensor,  # (b, l, g, n)
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,  # (b, h, p, n)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked SSD (state-space duality) scan in float32. Returns y (b, l, h, p), final state."""
+    b, seqlen, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    r = h // g
+    pad = (-seqlen) % chunk_size
+    if pad:  # padded steps have dt = 0: no input and no decay, so the final state is unchanged
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        dt = F.pad(dt, (0, 0, 0, pad))
+        B = F.pad(B, (0, 0, 0, 0, 0, pad))
+        C = F.pad(C, (0, 0, 0, 0, 0, pad))
+    c, L = (seqlen + pad) // chunk_size, chunk_size
+    x = x.reshape(b, c, L, g, r, p)
+    dt = dt.reshape(b, c, L, g, r)
+    B = B.reshape(b, c, L, g, n)
+    C = C.reshape(b, c, L, g, n)
+
+    a = (dt * A.view(g, r)).permute(0, 1, 3, 4, 2)  # (b, c, g, r, L): log-decay per step
+    a_cs = a.cumsum(-1)
+    xdt = x * dt.unsqueeze(-1)  # (b, c, L, g, r, p)
+
+    # 1. within each chunk: a masked, decayed "attention" C_l·B_s over positions
+    cb = torch.einsum("bclgn,bcsgn->bcgls", C, B)  # (b, c, g, L, L)
+    mix = cb.unsqueeze(3) * torch.exp(segsum(a))  # (b, c, g, r, L, L)
+    y = torch.einsum("bcgrls,bcsgrp->bclgrp", mix, xdt)
+
+    # 2. state each chunk contributes at its end
+    decay_to_end = torch.exp(a_cs[..., -1:] - a_cs).permute(0, 1, 4, 2, 3)  # (b, c, L, g, r)
+    states = torch.einsum("bclgn,bclgrp->bcgrpn", B, xdt * decay_to_end.unsqueeze(-1))
+
+    # 3. carry states across chunks (a c+1 by c+1 decay matrix; cheap, no Python loop)
+    if initial_state is None:
+        init = states.new_zeros(b, 1, g, r, p, n)
+    else:
+        init = initial_state.float().reshape(b, 1, g, r, p, n)
+    states = torch.cat([init, states], dim=1)  # (b, c+1, g, r, p, n)
+    chunk_a = F.pad(a_cs[..., -1].permute(0, 2, 3, 1), (1, 0))  # (b, g, r, c+1)
+    carry = torch.exp(segsum(chunk_a))  # (b, g, r, c+1, c+1)
+    states = torch.einsum("bgrzs,bsgrpn->bzgrpn", carry, states)
+    states, final = states[:, :-1], states[:, -1]
+
+    # 4. contribution of each chunk's incoming state to its outputs
+    decay_in = torch.exp(a_cs).permute(0, 1, 4, 2, 3).unsqueeze(-1)  # (b, c, L, g, r, 1)
+    y = y + torch.einsum("bclgn,bcgrpn->bclgrp", C, states) * decay_in
+    y = y.reshape(b, c * L, h, p)[:, :seqlen]
+    return y, final.reshape(b, h, p, n)
+
+
+class Mamba2Mixer(nn.Module):
+    """Selective state-space mixer of NemotronH (HF parameter names: in_proj, conv1d, dt_bias,
+    A_log, D, norm, out_proj)."""
+
+    def __init__(self, config: ModelConfig, cache_key: str = "") -> None:
+        super().__init__()
+        self.cache_key = cache_key
+        self.num_heads = config.mamba_num_heads
+        self.head_dim = config.mamba_head_dim
+        self.n_groups = config.n_groups
+        self.state_size = config.ssm_state_size
+        self.chunk_size = config.chunk_size
+        self.kernel = config.conv_kernel
+        self.inner = config.mamba_intermediate_size
+        self.conv_dim = config.mamba_conv_dim
+        self.dt_limit = tuple(config.time_step_limit)
+        self.in_proj = nn.Linear(config.hidden_size, self.inner + self.conv_dim + self.num_heads,
+                                 bias=config.use_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim,
+                                padding=self.kernel - 1, bias=config.use_conv_bias)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = GatedRMSNorm(self.inner, self.inner // self.n_groups, eps=config.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.inner, config.hidden_size, bias=config.use_bias)
+
+    def _dt(self, raw: torch.Tensor) -> torch.Tensor:
+        dt = F.softplus(raw.float() + self.dt_bias.float())
+        lo, hi = self.dt_limit
+        return dt.clamp(min=lo, max=hi) if (lo > 0 or math.isfinite(hi)) else dt
+
+    def _split_xbc(self, xbc: torch.Tensor):
+        sizes = [self.inner, self.n_groups * self.state_size, self.n_groups * self.state_size]
+        return torch.split(xbc, sizes, dim=-1)
+
+    def forward(self, hidden: torch.Tensor, cache=None) -> torch.Tensor:
+        """hidden: (b, l, hidden). With ``cache`` the conv/SSM states are read and updated."""
+        if cache is not None and hidden.shape[1] == 1 and cache.has_state(self.cache_key):
+            return self.step(hidden, cache)
+        b, seqlen, _ = hidden.shape
+        z, xbc, dt_raw = torch.split(self.in_proj(hidden), [self.inner, self.conv_dim, self.num_heads],
+                                     dim=-1)
+        xbc_t = xbc.transpose(1, 2)  # (b, conv_dim, l)
+        weight, bias = self.conv1d.weight, self.conv1d.bias
+        initial_state = None
+        if cache is None:
+            xbc_t = F.conv1d(xbc_t, weight, bias, padding=self.kernel - 1, groups=self.conv_dim)
+            xbc_t = xbc_t[..., :seqlen]
+        else:
+            conv_state, initial_state = cache.mamba_state(self.cache_key, *self._state_shapes(b), xbc)
+            window = torch.cat([conv_state.to(xbc_t.dtype), xbc_t], dim=-1)
+            cache.set_conv_state(self.cache_key, window[..., -(self.kernel - 1):])
+            xbc_t = F.conv1d(window, weight, bias, groups=self.conv_dim)
+        xs, B, C = self._split_xbc(F.silu(xbc_t).transpose(1, 2))
+        dt = self._dt(dt_raw)
+        A = -torch.exp(self.A_log.float())
+        y, final = ssd_scan(
+            xs.reshape(b, seqlen, self.num_heads, self.head_dim).float(), dt, A,
+            B.reshape(b, seqlen, self.n_groups, self.state_size).float(),
+            C.reshape(b, seqlen, self.n_groups, self.state_size).float(),
+            self.chunk_size, initial_state,
+        )
+        if cache is not None:
+            cache.set_ssm_state(self.cache_key, final)
+        y = y + xs.reshape(b, seqlen, self.num_heads, self.head_dim).float() * self.D.float()[:, None]
+        y = self.norm(y.reshape(b, seqlen, self.inner), z)
+        return self.out_proj(y.to(hidden.dtype))
+
+    def _state_shapes(self, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return ((batch, self.conv_dim, self.kernel - 1),
+                (batch, self.num_heads, self.head_dim, self.state_size))
+
+    def step(self, hidden: torch.Tensor, cache) -> torch.Tensor:
+        """One token per sequence: hidden (b, 1, hidden) -> (b, 1, hidden); updates the cache."""
+        b = hidden.shape[0]
+        z, xbc, dt_raw = torch.split(self.in_proj(hidden[:, 0]),
+                                     [self.inner, self.conv_dim, self.num_heads], dim=-1)
+        conv_state, ssm_state = cache.mamba_state(self.cache_key, *self._state_shapes(b), xbc)
+        window = torch.cat([conv_state.to(xbc.dtype), xbc.unsqueeze(-1)], dim=-1)  # (b, conv, k)
+        cache.set_conv_state(self.cache_key, window[..., 1:])
+        xbc = (window * self.conv1d.weight[:, 0]).sum(-1)
+        if self.conv1d.bias is not None:
+            xbc = xbc + self.conv1d.bias
+        xs, B, C = self._split_xbc(F.silu(xbc))
+        x = xs.reshape(b, self.num_heads, self.head_dim).float()
+        r = self.num_heads // self.n_groups
+        B = B.reshape(b, self.n_groups, 1, self.state_size).float().expand(-1, -1, r, -1)
+        C = C.reshape(b, self.n_groups, 1, self.state_size).float().expand(-1, -1, r, -1)
+        B = B.reshape(b, self.num_heads, self.state_size)
+        C = C.reshape(b, self.num_heads, self.state_size)
+        dt = self._dt(dt_raw)  # (b, h)
+        decay = torch.exp(dt * -torch.exp(self.A_log.float()))
+        state = ssm_state.float() * decay[..., None, None] + (dt[..., None] * x)[..., None] * B[:, :, None]
+        cache.set_ssm_state(self.cache_key, state)
+        y = torch.einsum("bhpn,bhn->bhp", state, C) + x * self.D.float()[:, None]
+        y = self.norm(y.reshape(b, 1, self.inner), z.unsqueeze(1))
+        return self.out_proj(y.to(hidden.dtype))

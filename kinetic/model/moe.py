@@ -1,0 +1,109 @@
+"""NemotronH mixture of experts: sigmoid router with score-correction bias and group-limited
+top-k, squared-ReLU experts, a shared expert, and the optional latent projections of latent MoE.
+
+Tokens are dispatched by sorting their (token, expert) assignments by expert, so each expert runs
+one matmul over a contiguous slice; the only Python loop is over experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kinetic.config import ModelConfig
+from kinetic.model.mlp import MLP, relu2
+
+
+class TopKRouter(nn.Module):
+    """Sigmoid scores; ``e_score_correction_bias`` (the aux-loss-free balancing bias) only steers
+    which experts are chosen, the combine weights come from the unbiased scores."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.n_routed_experts
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.scaling = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (tokens, hidden) -> logits (tokens, E), weights (tokens, k) fp32, indices (tokens, k)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid()
+        choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1 and self.topk_group < self.n_group:
+            grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # (tokens, n_group)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view_as(choice)
+        indices = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return logits, weights * self.scaling, indices
+
+
+class Experts(nn.Module):
+    """All routed experts as two 3-D parameters (experts, out, in); on disk each expert is stored
+    as its own 2-D ``experts.{e}.up_proj.weight`` / ``down_proj.weight`` (see kinetic.hf)."""
+
+    def __init__(self, num_experts: int, width: int, intermediate: int) -> None:
+        super().__init__()
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, width))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, width, intermediate))
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (tokens, width), indices/weights (tokens, k) -> (tokens, width)."""
+        tokens, k = indices.shape
+        flat = indices.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.up_proj.shape[0]).tolist()
+        xs = x[order // k]
+        outs = []
+        for expert, chunk in zip(
+            (e for e, n in enumerate(counts) if n), xs.split([n for n in counts if n]), strict=True
+        ):
+            outs.append(F.linear(relu2(F.linear(chunk, self.up_proj[expert])), self.down_proj[expert]))
+        ys = torch.cat(outs) if outs else xs
+        ys = ys.float() * weights.reshape(-1)[order, None]
+        combined = ys[order.argsort()].view(tokens, k, -1).sum(1)
+        return combined.to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, cache_key: str = "") -> None:
+        super().__init__()
+        width = config.moe_latent_size or config.hidden_size
+        self.gate = TopKRouter(config)
+        self.experts = Experts(config.n_routed_experts, width, config.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_shared_expert_intermediate_size, config.mlp_bias)
+            if config.n_shared_experts else None
+        )
+        if config.moe_latent_size is not None:
+            self.fc1_latent_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
+            self.fc2_latent_proj = nn.Linear(width, config.hidden_size, bias=config.mlp_bias)
+        else:
+            self.fc1_latent_proj = self.fc2_latent_proj = None
+        self.last_tokens_per_expert: torch.Tensor | None = None  # read by the trainer's balancer
+
+    def forward(self, hidden: torch.Tensor, cache=None) -> torch.Tensor:
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])
+        _, weights, indices = self.gate(x)
+        self.last_tokens_per_expert = torch.bincount(indices.reshape(-1),
+                                                     minlength=self.gate.num_experts).detach()
+        if self.fc1_latent_proj is not None:
+            x = self.fc1_latent_proj(x)
+        y = self.experts(x, indices, weights)
+        if self.fc2_latent_proj is not None:
+            y = self.fc2_latent_proj(y)
+        y = y.view(shape)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(hidden)
+        return y

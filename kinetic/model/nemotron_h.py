@@ -1,0 +1,201 @@
+"""NemotronHForCausalLM: embeddings, the hybrid block stack, final norm, LM head, and MTP layers.
+
+Module names follow the Hugging Face checkpoint (``backbone.embeddings``, ``backbone.layers.N``,
+``backbone.norm_f``, ``lm_head``, ``mtp.layers.N``), so a state dict maps onto safetensors keys with
+only the per-expert split done in :mod:`kinetic.hf`. The forward is pure: ``(input_ids, cache)`` ->
+outputs; sampling and speculative decoding live outside the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kinetic.config import ModelConfig
+from kinetic.model.blocks import Block
+from kinetic.model.cache import InferenceCache
+from kinetic.model.mamba2 import Mamba2Mixer
+from kinetic.model.moe import MoE
+from kinetic.model.mtp import MTP
+from kinetic.model.norm import RMSNorm
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # (batch, seq, vocab), float32
+    hidden_states: torch.Tensor  # final-normed last hidden state (batch, seq, hidden)
+    mtp_logits: list[torch.Tensor] | None = None  # depth d: (batch, seq - d, vocab), predicts t+1+d
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            Block(config, kind, f"layers.{i}") for i, kind in enumerate(config.hybrid_override_pattern)
+        )
+        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+
+    def forward(self, input_ids: torch.Tensor, cache: InferenceCache | None = None) -> torch.Tensor:
+        x = self.embeddings(input_ids)
+        for layer in self.layers:
+            x = layer(x, cache)
+        return self.norm_f(x)
+
+
+class NemotronHForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+        self.mtp = MTP(config) if config.num_nextn_predict_layers else None
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: InferenceCache | None = None,
+        *,
+        return_mtp: bool | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        """input_ids (batch, seq). MTP logits are computed by default when there is no cache.
+
+        ``logits_to_keep=k`` computes logits for the last k positions only (0 = all).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
+        hidden = self.backbone(input_ids, cache)
+        kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        logits = self.lm_head(kept).float()
+        mtp_logits = None
+        if self.mtp is not None and (return_mtp if return_mtp is not None else cache is None):
+            mtp_logits = self.mtp_forward(hidden, input_ids)
+        return CausalLMOutput(logits=logits, hidden_states=hidden, mtp_logits=mtp_logits)
+
+    def mtp_forward(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every MTP depth; depth d covers positions 0 .. seq-1-d."""
+        out, h, seq = [], hidden, input_ids.shape[1]
+        for depth in range(self.mtp.depths):
+            shift = depth + 1
+            if seq - shift <= 0:
+                break
+            next_embeds = self.backbone.embeddings(input_ids[:, shift:])
+            h, normed = self.mtp.forward_depth(depth, h[:, : seq - shift], next_embeds)
+            out.append(self.lm_head(normed).float())
+        return out
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 20,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_token_id: int | list[int] | None = -1,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Prompt + up to ``max_new_tokens`` tokens, like transformers' ``generate``: greedy by
+        default, decoding with an InferenceCache. A sequence that emits EOS is padded with
+        ``pad_token_id`` afterwards; generation stops when all have finished.
+        ``eos_token_id=-1`` means the config's EOS ids; ``None`` disables stopping."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature={temperature} must be > 0 when do_sample=True")
+        eos = self.config.eos_token_ids if eos_token_id == -1 else (
+            [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)
+            else list(eos_token_id))
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos or [0])[0]
+        was_training = self.training
+        self.eval()
+        cache = InferenceCache()
+        ids = input_ids
+        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        eos_t = torch.tensor(eos, device=ids.device, dtype=ids.dtype)
+        step_input = ids
+        for _ in range(max_new_tokens):
+            logits = self(step_input, cache, return_mtp=False, logits_to_keep=1).logits[:, -1]
+            token = self._pick(logits, do_sample, temperature, top_k, generator)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            if eos:
+                finished |= torch.isin(token, eos_t)
+                if bool(finished.all()):
+                    break
+            step_input = token[:, None]
+        self.train(was_training)
+        return ids
+
+    @staticmethod
+    def _pick(logits, do_sample, temperature, top_k, generator) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(-1)
+        logits = logits / temperature
+        if top_k:
+            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        probs = F.softmax(logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Megatron-style init: N(0, initializer_range) for matrices, output projections of each
+        residual branch scaled by 1/sqrt(2 * layers), Mamba A/D/dt as in Mamba-2, norms at 1."""
+        c = self.config
+        std = c.initializer_range
+        out_std = std / math.sqrt(2 * max(c.num_hidden_layers, 1))
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if "norm" in name.rsplit(".", 2)[-2] or leaf in ("A_log", "D", "dt_bias"):
+                continue  # set below / by the module
+            if leaf == "bias":
+                p.zero_()
+            elif any(k in name for k in ("out_proj", "o_proj", "down_proj", "fc2_latent_proj")):
+                p.normal_(0.0, out_std, generator=generator)
+            else:
+                p.normal_(0.0, std, generator=generator)
+        for module in self.modules():
+            if isinstance(module, RMSNorm) or hasattr(module, "group_size"):
+                module.weight.fill_(1.0)
+            if isinstance(module, Mamba2Mixer):
+                h = module.num_heads
+                module.A_log.copy_(torch.log(torch.arange(1, h + 1, dtype=torch.float32)))
+                module.D.fill_(1.0)
+                lo, hi = math.log(c.time_step_min), math.log(c.time_step_max)
+                dt = torch.exp(torch.rand(h, generator=generator) * (hi - lo) + lo)
+                dt = dt.clamp(min=c.time_step_floor)
+                module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            if isinstance(module, MoE):
+                module.gate.e_score_correction_bias.zero_()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu") -> NemotronHForCausalLM:
+        from kinetic.hf import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | Path, *, max_shard_size: int = 5 * 2**30,
+                        config_style: str = "pattern") -> Path:
+        from kinetic.hf import save_pretrained
+
+        return save_pretrained(self, path, max_shard_size=max_shard_size, config_style=config_style)
