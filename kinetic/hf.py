@@ -97,6 +97,8 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None,
         model = NemotronHForCausalLM(config)
     disk = read_tensors(path)
     state = _assemble(model, disk, dtype)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["backbone.embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.backbone.embeddings.weight

@@ -1,0 +1,281 @@
+"""Training and inference throughput of kinetic vs transformers' NemotronH on the same config.
+
+What it measures, in one process and with the same torch thread count throughout:
+
+* **peak**: the best fp32 ``torch.matmul`` rate of two large square matrices (default 2048x2048);
+  this is the machine's practical matmul ceiling and the denominator of MFU.
+* **forward**: ``model(input_ids)`` in ``eval()`` mode under ``torch.no_grad()``.
+* **fwd+bwd**: ``train()`` mode, cross-entropy of the logits against the input ids shifted by one,
+  ``loss.backward()``; gradients are reset (``set_to_none``) before every iteration, outside the timer.
+
+Both models get identical weights: the kinetic model (built without MTP, which transformers lacks) is
+saved with ``save_pretrained`` and loaded with ``transformers.AutoModelForCausalLM.from_pretrained``
+(default attention implementation, sdpa; without ``mamba_ssm``/``causal_conv1d`` transformers uses its
+pure-PyTorch Mamba path). Each mode is warmed up, then the two implementations are timed in alternating
+iterations (so machine noise hits both alike) and the median iteration time is reported as
+tokens/s = batch * seq / median. If transformers is not installed, kinetic is benchmarked alone.
+
+FLOPs model (identical for both implementations, so their ratio is the ratio of tokens/s)::
+
+    N     = matmul parameters one token touches: every Linear of the main model at its active size
+            (Mamba in/out projections; q, k, v, o; dense MLPs; the MoE router, latent projections,
+            shared expert and num_experts_per_tok routed experts) plus lm_head; the embedding table,
+            norms, depthwise convolution, biases, dt_bias, A_log and D are left out
+    attn  = 2 * 2 * n_attn_layers * seq * heads * head_dim / 2      (QK^T and PV, causal half)
+    ssd   = n_mamba_layers * mamba_heads * (Q * (N_s + P) + 4 * N_s * P)
+            with Q = min(chunk_size, seq), N_s = ssm_state_size, P = mamba_head_dim: the chunked SSD
+            scan's intra-chunk C B^T and (L o C B^T) X (2 Q N_s + 2 Q P, causal half) plus the chunk
+            states B^T X and the state read-out C h (2 N_s P each); chunk-to-chunk passing is ignored
+    forward FLOPs per token = 2 * N + attn + ssd
+    fwd+bwd FLOPs per token = 3 * (2 * N + attn + ssd)          (= 6 N + 3 attn + 3 ssd)
+
+    MFU = tokens/s * FLOPs per token / peak
+
+Run (about a few minutes on 2 CPU cores with the defaults)::
+
+    python benchmarks/model_speed.py                      # preset small, batch 4 x seq 512
+    python benchmarks/model_speed.py --batch 2 --seq 256 --iters 3 --json /tmp/speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import kinetic
+from kinetic import ModelConfig
+
+MODES = ("forward", "fwd+bwd")
+
+
+# ---------------------------------------------------------------------- FLOPs model
+def matmul_params(c: ModelConfig) -> int:
+    """Matmul parameters a token touches in the main model (lm_head included, embeddings excluded)."""
+    d = c.hidden_size
+    n = c.vocab_size * d  # lm_head
+    for kind in c.hybrid_override_pattern:
+        if kind == "M":
+            n += d * (c.mamba_intermediate_size + c.mamba_conv_dim + c.mamba_num_heads)  # in_proj
+            n += c.mamba_intermediate_size * d  # out_proj
+        elif kind == "*":
+            q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+            n += 2 * d * q + 2 * d * kv
+        elif kind == "-":
+            n += 2 * d * c.intermediate_size
+        elif kind == "E":
+            width = c.moe_latent_size or d
+            n += c.n_routed_experts * d  # router
+            n += c.num_experts_per_tok * 2 * width * c.moe_intermediate_size
+            if c.n_shared_experts:
+                n += 2 * d * c.moe_shared_expert_intermediate_size
+            if c.moe_latent_size is not None:
+                n += 2 * d * width
+    return n
+
+
+def flops_per_token(c: ModelConfig, seq: int) -> dict[str, float]:
+    """Forward FLOPs per token, split into matmul / attention / SSD terms (see module docstring)."""
+    pattern = c.hybrid_override_pattern
+    matmul = 2.0 * matmul_params(c)
+    attn = 2 * 2 * pattern.count("*") * seq * c.num_attention_heads * c.head_dim / 2
+    q, ns, p = min(c.chunk_size, seq), c.ssm_state_size, c.mamba_head_dim
+    ssd = pattern.count("M") * c.mamba_num_heads * (q * (ns + p) + 4 * ns * p)
+    return {"matmul": matmul, "attention": float(attn), "ssd": float(ssd),
+            "forward": matmul + attn + ssd, "fwd+bwd": 3 * (matmul + attn + ssd)}
+
+
+# ---------------------------------------------------------------------- measurements
+def measure_peak(size: int, repeats: int) -> float:
+    """Best fp32 matmul rate in GFLOP/s over ``repeats`` products of two size x size matrices."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    out = torch.empty(size, size)
+    torch.matmul(a, b, out=out)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor, is_kinetic: bool) -> torch.Tensor:
+    if is_kinetic:
+        return model(ids, return_mtp=False).logits
+    return model(input_ids=ids, use_cache=False).logits
+
+
+def make_step(model: torch.nn.Module, ids: torch.Tensor, mode: str, is_kinetic: bool) -> Callable[[], float]:
+    """A callable running one iteration of ``mode`` and returning its wall time in seconds."""
+    if mode == "forward":
+        def step() -> float:
+            model.eval()
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                _logits(model, ids, is_kinetic)
+                return time.perf_counter() - t0
+    else:
+        def step() -> float:
+            model.train()
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            logits = _logits(model, ids, is_kinetic)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            loss.backward()
+            return time.perf_counter() - t0
+    return step
+
+
+def bench(models: dict[str, tuple[torch.nn.Module, bool]], ids: torch.Tensor, mode: str, warmup: int,
+          iters: int) -> dict[str, list[float]]:
+    """Per-implementation iteration times; implementations alternate every iteration."""
+    steps = {name: make_step(m, ids, mode, is_k) for name, (m, is_k) in models.items()}
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(iters):
+        for name, step in steps.items():
+            times[name].append(step())
+    for m, _ in models.values():
+        m.zero_grad(set_to_none=True)
+    return times
+
+
+def load_transformers(model: kinetic.NemotronHForCausalLM) -> torch.nn.Module | None:
+    """The same weights as a transformers NemotronHForCausalLM, or None if transformers is missing."""
+    if importlib.util.find_spec("transformers") is None:
+        print("transformers is not installed: benchmarking kinetic alone "
+              "(pip install 'transformers==5.23.0' to compare).")
+        return None
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the "mamba_ssm is not installed" fallback notices
+    transformers.logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, config_style="transformers")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    return hf
+
+
+# ---------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="small", help="kinetic preset name (default: small)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--iters", type=int, default=5, help="timed iterations per mode and implementation")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations before timing")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--peak-size", type=int, default=2048, help="matrix size of the peak matmul probe")
+    p.add_argument("--peak-repeats", type=int, default=5)
+    p.add_argument("--no-transformers", action="store_true", help="benchmark kinetic alone")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    torch.manual_seed(args.seed)
+
+    cfg = kinetic.preset(args.preset).replace(num_nextn_predict_layers=0)
+    counts = cfg.param_counts()
+    flops = flops_per_token(cfg, args.seq)
+    tokens = args.batch * args.seq
+
+    peak = measure_peak(args.peak_size, args.peak_repeats)
+
+    kin = kinetic.NemotronHForCausalLM(cfg)
+    models: dict[str, tuple[torch.nn.Module, bool]] = {"kinetic": (kin, True)}
+    hf = None if args.no_transformers else load_transformers(kin)
+    if hf is not None:
+        models["transformers"] = (hf, False)
+
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen)
+
+    max_diff = None
+    if hf is not None:  # sanity check that both compute the same function
+        kin.eval()
+        hf.eval()
+        with torch.no_grad():
+            probe = ids[:1, : min(args.seq, 128)]
+            max_diff = (_logits(kin, probe, True) - _logits(hf, probe, False)).abs().max().item()
+
+    results: dict[str, dict[str, Any]] = {}
+    for mode in MODES:
+        times = bench(models, ids, mode, args.warmup, args.iters)
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            tps = tokens / med
+            results.setdefault(name, {})[mode] = {
+                "median_s": med, "times_s": ts, "tokens_per_s": tps,
+                "gflops_per_s": tps * flops[mode] / 1e9, "mfu": tps * flops[mode] / (peak * 1e9),
+            }
+
+    ratios = {}
+    if "transformers" in results:
+        ratios = {mode: results["kinetic"][mode]["tokens_per_s"]
+                  / results["transformers"][mode]["tokens_per_s"] for mode in MODES}
+
+    # ------------------------------------------------------------------ report
+    print(f"\nNemotronH speed: preset={args.preset} (no MTP), batch={args.batch} x seq={args.seq} "
+          f"= {tokens} tokens, fp32, {threads} torch threads, {platform.processor() or platform.machine()}")
+    print(f"params: total {counts['total'] / 1e6:.2f}M, active {counts['active'] / 1e6:.2f}M "
+          f"(+embeddings {counts['active_with_embeddings'] / 1e6:.2f}M), "
+          f"matmul N {matmul_params(cfg) / 1e6:.2f}M")
+    print(f"FLOPs/token: forward {flops['forward'] / 1e6:.2f}M (matmul {flops['matmul'] / 1e6:.2f}M, "
+          f"attention {flops['attention'] / 1e6:.2f}M, SSD {flops['ssd'] / 1e6:.2f}M); "
+          f"fwd+bwd {flops['fwd+bwd'] / 1e6:.2f}M")
+    print(f"peak fp32 matmul ({args.peak_size}x{args.peak_size}, best of {args.peak_repeats}): "
+          f"{peak:.1f} GFLOP/s")
+    if hf is not None:
+        kernels = "mamba_ssm" if importlib.util.find_spec("mamba_ssm") else "pure-PyTorch Mamba path"
+        print(f"transformers {sys.modules['transformers'].__version__}: {hf.config._attn_implementation} "
+              f"attention, {kernels}; max |logit diff| vs kinetic = {max_diff:.2e}")
+    print(f"median of {args.iters} iterations after {args.warmup} warm-up\n")
+
+    header = (f"{'mode':<9} {'impl':<13} {'ms/iter':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'MFU':>7} "
+              f"{'ratio':>7}")
+    print(header)
+    print("-" * len(header))
+    for mode in MODES:
+        for name in results:
+            r = results[name][mode]
+            ratio = f"{ratios[mode]:.2f}x" if ratios and name == "kinetic" else ""
+            print(f"{mode:<9} {name:<13} {r['median_s'] * 1e3:>9.1f} {r['tokens_per_s']:>10.1f} "
+                  f"{r['gflops_per_s']:>9.1f} {r['mfu'] * 100:>6.1f}% {ratio:>7}")
+    if ratios:
+        print("\nratio = kinetic tokens/s / transformers tokens/s")
+
+    report = {
+        "preset": args.preset, "batch": args.batch, "seq": args.seq, "tokens": tokens, "iters": args.iters,
+        "warmup": args.warmup, "threads": threads, "torch": torch.__version__,
+        "transformers": sys.modules["transformers"].__version__ if hf is not None else None,
+        "peak_gflops_per_s": peak, "peak_size": args.peak_size, "param_counts": counts,
+        "matmul_params": matmul_params(cfg), "flops_per_token": flops, "max_logit_diff": max_diff,
+        "results": results, "ratio": ratios,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Shared test helpers: tiny configs that together cover every NemotronH feature, and weights with
+realistic scales (1/sqrt(fan_in) matrices, non-trivial norms and balancing biases) so that routing,
+gating and the SSM state all matter to the logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kinetic.config import ModelConfig
+
+# Each entry: a name and the overrides of a base tiny config. Together they cover every layer type,
+# MoE with/without latent projection, group-limited routing, shared experts, MTP on/off, and
+# Mamba with one or several B/C groups.
+BASE = dict(
+    vocab_size=96, hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+    intermediate_size=80, ssm_state_size=8, mamba_num_heads=6, mamba_head_dim=8, n_groups=2,
+    conv_kernel=4, chunk_size=8, n_routed_experts=8, moe_intermediate_size=24,
+    moe_shared_expert_intermediate_size=40, num_experts_per_tok=2, routed_scaling_factor=2.5,
+    time_step_limit=(0.001, math.inf),  # transformers clamps prefill dt at time_step_min
+)
+CONFIGS = {
+    "latent-grouped-mtp": dict(hybrid_override_pattern="M*EM-E", moe_latent_size=32, n_group=4,
+                               topk_group=2, num_nextn_predict_layers=1,
+                               mtp_hybrid_override_pattern="*E"),
+    "dense-moe-1group": dict(hybrid_override_pattern="ME*-M", n_groups=1, n_group=1, topk_group=1),
+    "unnormed-topk": dict(hybrid_override_pattern="E-*ME", norm_topk_prob=False,
+                          routed_scaling_factor=1.0, n_group=2, topk_group=1, num_experts_per_tok=3,
+                          moe_latent_size=16, n_groups=3),
+    "mtp-two-depths": dict(hybrid_override_pattern="MEM*", num_nextn_predict_layers=2,
+                           mtp_hybrid_override_pattern="M*E", n_group=2, topk_group=2),
+}
+
+
+def make_config(name: str, **overrides) -> ModelConfig:
+    return ModelConfig(**{**BASE, **CONFIGS[name], **overrides})
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int = 0, dt_bias: float | None = None) -> torch.nn.Module:
+    """Realistic-scale random weights. ``dt_bias`` set: Mamba Δt biases to that value (large enough
+    values keep Δt above time_step_min, where transformers' prefill and decode agree)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if p.dim() >= 2:
+            # last dim is the fan-in for linears, 3-D expert stacks and the depthwise conv kernel
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+        elif "norm" in name:
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+        elif leaf == "dt_bias" and dt_bias is not None:
+            p.fill_(dt_bias)
+        elif leaf == "A_log":
+            p.copy_(torch.log(torch.rand(p.shape, generator=g) * 7 + 1))
+        elif leaf in ("D", "bias"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buf.copy_(torch.randn(buf.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.fixture
+def transformers_mod():
+    return pytest.importorskip("transformers")
