@@ -50,9 +50,11 @@ PASSTHROUGH_KEYS = {
     "router_aux_loss_coef", "num_logits_to_keep", "use_mamba_kernels", "mamba_ssm_cache_dtype",
     "moe_shared_expert_overlap", "residual_in_fp32", "rescale_prenorm_residual", "hidden_dropout",
     "attention_dropout", "sliding_window", "use_cache", "_name_or_path", "generation_config",
-    "quantization_config", "moe_router_dtype", "mtp_layers_block_type_legacy", "layer_types",
-    "num_hidden_layers", "mamba_proj_bias", "max_window_layers", "n_routed_experts_padded",
+    "quantization_config", "moe_router_dtype", "mamba_proj_bias", "max_window_layers",
 }
+# Derived from the pattern: read for their content, never stored (they would go stale on replace()).
+DERIVED_KEYS = {"layers_block_type", "layer_types", "mtp_layers_block_type",
+                "mtp_hybrid_override_pattern", "num_hidden_layers"}
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a ``config.json`` dict in either spelling (see module docstring)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a NemotronH config must be a JSON object, got {type(data).__name__}")
         data = _decode_special_floats(dict(data))
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs: dict[str, Any] = {}
@@ -214,16 +218,16 @@ class ModelConfig:
                 if target in kwargs and key != target:
                     continue  # the canonical key wins over a legacy alias
                 kwargs[target] = value
-            elif key in ("layers_block_type", "mtp_layers_block_type", "mtp_hybrid_override_pattern"):
+            elif key in DERIVED_KEYS:
                 continue
             else:
                 if key not in PASSTHROUGH_KEYS:
                     warnings.warn(f"config key {key!r} is not a NemotronH field; kept but unused",
                                   stacklevel=2)
                 extra[key] = value
-        if "hybrid_override_pattern" not in data and "layers_block_type" in data:
-            kwargs["hybrid_override_pattern"] = _types_to_pattern(data["layers_block_type"],
-                                                                  "layers_block_type")
+        for alias in ("layers_block_type", "layer_types"):  # transformers treats these as one
+            if "hybrid_override_pattern" not in kwargs and alias in data:
+                kwargs["hybrid_override_pattern"] = _types_to_pattern(data[alias], alias)
         if "mtp_hybrid_override_pattern" in data:
             kwargs["mtp_hybrid_override_pattern"] = data["mtp_hybrid_override_pattern"]
         elif data.get("mtp_layers_block_type"):
@@ -231,8 +235,10 @@ class ModelConfig:
                                                                       "mtp_layers_block_type")
         if "time_step_limit" in kwargs:
             limit = kwargs["time_step_limit"]
-            if not isinstance(limit, list | tuple) or len(limit) != 2:
-                raise ValueError(f"ModelConfig.time_step_limit={limit!r} is invalid: must be [low, high]")
+            if (not isinstance(limit, list | tuple) or len(limit) != 2
+                    or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in limit)):
+                raise ValueError(f"ModelConfig.time_step_limit={limit!r} is invalid: must be two numbers "
+                                 "[low, high], e.g. [0.0, Infinity]")
             kwargs["time_step_limit"] = (float(limit[0]), float(limit[1]))
         for name, value in kwargs.items():
             _check_type(cls, name, value)
@@ -326,7 +332,8 @@ def _check_type(cls: type, name: str, value: Any) -> None:
         ok = isinstance(value, bool)
     elif isinstance(default, int):
         ok = (isinstance(value, int) and not isinstance(value, bool)) or (
-            name == "eos_token_id" and isinstance(value, list))
+            name == "eos_token_id" and isinstance(value, list)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
     elif isinstance(default, float):
         ok = isinstance(value, int | float) and not isinstance(value, bool)
     elif isinstance(default, str):

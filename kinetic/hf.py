@@ -76,7 +76,7 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
                 tensors[key] = f.get_tensor(key)
     return tensors
 

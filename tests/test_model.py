@@ -163,7 +163,8 @@ def test_mtp_matches_independent_composition(transformers_mod):
         def rms(x, w):
             return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.layer_norm_epsilon))
 
-        x = torch.cat([rms(emb, sd["layers.0.enorm.weight"]), rms(h[:, :-1], sd["layers.0.hnorm.weight"])], -1)
+        x = torch.cat([rms(emb, sd["layers.0.enorm.weight"]),
+                       rms(h[:, :-1], sd["layers.0.hnorm.weight"])], -1)
         x = x @ sd["layers.0.eh_proj.weight"].T
         for j in range(2):
             block = hf_mod.NemotronHBlock(hf_cfg, layer_idx=j)

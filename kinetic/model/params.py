@@ -52,4 +52,6 @@ def count_params(c: ModelConfig) -> dict[str, int]:
     for _ in range(c.num_nextn_predict_layers):
         mtp += 2 * d + 2 * d * d + d  # enorm, hnorm, eh_proj, final_layernorm
         mtp += sum(_mixer_params(c, k)[0] + d for k in c.mtp_hybrid_override_pattern)
-    return {"total": total, "active": active, "active_with_embeddings": active + embed, "mtp": mtp}
+    # a tied table is already counted in "active" as the output projection
+    with_embed = active + (0 if c.tie_word_embeddings else embed)
+    return {"total": total, "active": active, "active_with_embeddings": with_embed, "mtp": mtp}
