@@ -32,7 +32,7 @@ FLOPs model (identical for both implementations, so their ratio is the ratio of 
 
     MFU = tokens/s * FLOPs per token / peak
 
-Run (about a few minutes on 2 CPU cores with the defaults)::
+Run (about 40 s on a quiet 2-core CPU with the defaults, of which model setup is a few seconds)::
 
     python benchmarks/model_speed.py                      # preset small, batch 4 x seq 512
     python benchmarks/model_speed.py --batch 2 --seq 256 --iters 3 --json /tmp/speed.json
