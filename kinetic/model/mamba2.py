@@ -34,6 +34,34 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
     return x.cumsum(-2).masked_fill(~torch.tril(ones), -math.inf)
 
 
+class _DecayedScores(torch.autograd.Function):
+    """``cb[:, :, None] * exp(a_cs[..., l] - a_cs[..., s])`` for s <= l, 0 above the diagonal.
+
+    This is the per-head L x L matrix of the SSD's within-chunk term, the largest tensor of the
+    scan. The difference of cumulative sums is what the mamba_ssm kernels use within a chunk. A
+    hand-written backward touches that tensor three times instead of the eight passes autograd
+    makes through sub/masked_fill/exp/mul.
+    """
+
+    @staticmethod
+    def forward(ctx, cb: torch.Tensor, a_cs: torch.Tensor) -> torch.Tensor:
+        # cb: (b, g, c, L, L); a_cs: (b, g, r, c, L) -> (b, g, r, c, L, L)
+        L = a_cs.shape[-1]
+        above = torch.ones(L, L, dtype=torch.bool, device=a_cs.device).triu(1)
+        decay = (a_cs.unsqueeze(-1) - a_cs.unsqueeze(-2)).masked_fill_(above, -math.inf).exp_()
+        ctx.save_for_backward(cb, decay)
+        return decay * cb.unsqueeze(2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cb, decay = ctx.saved_tensors
+        u = grad * decay
+        grad_cb = u.sum(2)
+        t = u.mul_(cb.unsqueeze(2))  # d out / d (a_cs[l] - a_cs[s]) = out
+        grad_a = t.sum(-1) - t.sum(-2)
+        return grad_cb, grad_a
+
+
 def ssd_scan(
     x: torch.Tensor,  # (b, l, h, p)
     dt: torch.Tensor,  # (b, l, h), already softplus-ed and clamped
@@ -43,7 +71,10 @@ def ssd_scan(
     chunk_size: int,
     initial_state: torch.Tensor | None = None,  # (b, h, p, n)
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked SSD (state-space duality) scan in float32. Returns y (b, l, h, p), final state."""
+    """Chunked SSD (state-space duality) scan in float32. Returns y (b, l, h, p), final state.
+
+    Works in a head-major layout (b, g, r, c, L, ...) so the batched matmuls need no hidden copies.
+    """
     b, seqlen, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
@@ -54,40 +85,35 @@ def ssd_scan(
         B = F.pad(B, (0, 0, 0, 0, 0, pad))
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
     c, L = (seqlen + pad) // chunk_size, chunk_size
-    x = x.reshape(b, c, L, g, r, p)
-    dt = dt.reshape(b, c, L, g, r)
-    B = B.reshape(b, c, L, g, n)
-    C = C.reshape(b, c, L, g, n)
+    xdt = (x * dt.unsqueeze(-1)).view(b, c, L, g, r, p).permute(0, 3, 4, 1, 2, 5).contiguous()
+    dt = dt.view(b, c, L, g, r).permute(0, 3, 4, 1, 2)  # (b, g, r, c, L)
+    B = B.view(b, c, L, g, n).permute(0, 3, 1, 2, 4).contiguous()  # (b, g, c, L, n)
+    C = C.view(b, c, L, g, n).permute(0, 3, 1, 2, 4).contiguous()
+    a_cs = (dt * A.view(1, g, r, 1, 1)).cumsum(-1)  # (b, g, r, c, L): cumulative log-decay
 
-    a = (dt * A.view(g, r)).permute(0, 1, 3, 4, 2)  # (b, c, g, r, L): log-decay per step
-    a_cs = a.cumsum(-1)
-    xdt = x * dt.unsqueeze(-1)  # (b, c, L, g, r, p)
+    # 1. within each chunk: a decayed, causal "attention" C_l . B_s over positions
+    scores = _DecayedScores.apply(C @ B.transpose(-1, -2), a_cs)  # (b, g, r, c, L, L)
+    y = scores @ xdt  # (b, g, r, c, L, p)
 
-    # 1. within each chunk: a masked, decayed "attention" C_l·B_s over positions
-    cb = torch.einsum("bclgn,bcsgn->bcgls", C, B)  # (b, c, g, L, L)
-    mix = cb.unsqueeze(3) * torch.exp(segsum(a))  # (b, c, g, r, L, L)
-    y = torch.einsum("bcgrls,bcsgrp->bclgrp", mix, xdt)
+    # 2. the state each chunk adds by its end: sum_l decay(l -> end) * x_l dt_l B_l^T
+    to_end = torch.exp(a_cs[..., -1:] - a_cs).unsqueeze(-1)  # (b, g, r, c, L, 1)
+    xd = (xdt * to_end).permute(0, 1, 3, 2, 5, 4).reshape(b, g, c, r * p, L)
+    states = (xd @ B).view(b, g, c, r, p * n).permute(0, 1, 3, 2, 4)  # (b, g, r, c, p*n)
 
-    # 2. state each chunk contributes at its end
-    decay_to_end = torch.exp(a_cs[..., -1:] - a_cs).permute(0, 1, 4, 2, 3)  # (b, c, L, g, r)
-    states = torch.einsum("bclgn,bclgrp->bcgrpn", B, xdt * decay_to_end.unsqueeze(-1))
+    # 3. carry states across chunks with a (c+1) x c decay matrix (cheap, no Python loop)
+    carry = torch.exp(segsum(F.pad(a_cs[..., -1], (1, 0))))  # (b, g, r, c+1, c+1)
+    incoming = carry[..., 1:] @ states  # (b, g, r, c+1, p*n): state entering chunk z, then final
+    if initial_state is not None:
+        init = initial_state.float().reshape(b, g, r, 1, p * n)
+        incoming = incoming + carry[..., :1] * init
+    final = incoming[:, :, :, -1].reshape(b, h, p, n)
 
-    # 3. carry states across chunks (a c+1 by c+1 decay matrix; cheap, no Python loop)
-    if initial_state is None:
-        init = states.new_zeros(b, 1, g, r, p, n)
-    else:
-        init = initial_state.float().reshape(b, 1, g, r, p, n)
-    states = torch.cat([init, states], dim=1)  # (b, c+1, g, r, p, n)
-    chunk_a = F.pad(a_cs[..., -1].permute(0, 2, 3, 1), (1, 0))  # (b, g, r, c+1)
-    carry = torch.exp(segsum(chunk_a))  # (b, g, r, c+1, c+1)
-    states = torch.einsum("bgrzs,bsgrpn->bzgrpn", carry, states)
-    states, final = states[:, :-1], states[:, -1]
-
-    # 4. contribution of each chunk's incoming state to its outputs
-    decay_in = torch.exp(a_cs).permute(0, 1, 4, 2, 3).unsqueeze(-1)  # (b, c, L, g, r, 1)
-    y = y + torch.einsum("bclgn,bcgrpn->bclgrp", C, states) * decay_in
-    y = y.reshape(b, c * L, h, p)[:, :seqlen]
-    return y, final.reshape(b, h, p, n)
+    # 4. what each chunk's incoming state contributes to its outputs
+    s_in = incoming[:, :, :, :-1].reshape(b, g, r, c, p, n).permute(0, 1, 3, 5, 2, 4)
+    y_off = (C @ s_in.reshape(b, g, c, n, r * p)).view(b, g, c, L, r, p).permute(0, 1, 4, 2, 3, 5)
+    y = y + y_off * torch.exp(a_cs).unsqueeze(-1)
+    y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * L, h, p)
+    return y[:, :seqlen], final
 
 
 class Mamba2Mixer(nn.Module):

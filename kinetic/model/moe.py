@@ -64,11 +64,14 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.up_proj.shape[0]).tolist()
         xs = x[order // k]
+        # unbind once: indexing the 3-D parameter per expert would make autograd build and sum one
+        # full-size zero gradient per expert
+        ups, downs = self.up_proj.unbind(0), self.down_proj.unbind(0)
         outs = []
         for expert, chunk in zip(
             (e for e, n in enumerate(counts) if n), xs.split([n for n in counts if n]), strict=True
         ):
-            outs.append(F.linear(relu2(F.linear(chunk, self.up_proj[expert])), self.down_proj[expert]))
+            outs.append(F.linear(relu2(F.linear(chunk, ups[expert])), downs[expert]))
         ys = torch.cat(outs) if outs else xs
         ys = ys.float() * weights.reshape(-1)[order, None]
         combined = ys[order.argsort()].view(tokens, k, -1).sum(1)
