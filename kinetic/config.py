@@ -384,9 +384,9 @@ def _small() -> ModelConfig:
         vocab_size=8192, hidden_size=256, hybrid_override_pattern="MEM*EMEM*E",
         num_attention_heads=8, num_key_value_heads=2, head_dim=32, intermediate_size=1024,
         ssm_state_size=64, mamba_num_heads=16, mamba_head_dim=32, n_groups=2, conv_kernel=4,
-        chunk_size=64, n_routed_experts=32, n_shared_experts=1, moe_intermediate_size=256,
+        chunk_size=64, n_routed_experts=64, n_shared_experts=1, moe_intermediate_size=256,
         moe_shared_expert_intermediate_size=512, moe_latent_size=128, num_experts_per_tok=4,
-        routed_scaling_factor=2.5, n_group=4, topk_group=2, num_nextn_predict_layers=1,
+        routed_scaling_factor=2.5, n_group=8, topk_group=4, num_nextn_predict_layers=1,
         mtp_hybrid_override_pattern="*E", max_position_embeddings=4096,
     )
 

@@ -144,3 +144,17 @@ def test_kinetic_config_styles_both_open_in_transformers(saved, tmp_path, transf
         hf = transformers_mod.AutoModelForCausalLM.from_pretrained(tmp_path / style, dtype=torch.float32)
         assert hf.config.layers_block_type == model.config.layers_block_type
         assert "mtp" not in " ".join(n for n, _ in hf.named_parameters())
+
+
+def test_transformers_internal_names_and_fused_experts_load(saved, tmp_path):
+    """A state dict dumped from transformers' modules (``model.`` prefix, 3-D expert tensors)."""
+    model, _ = saved
+    dumped = {("model." + k[len("backbone."):] if k.startswith("backbone.") else k): v.contiguous()
+              for k, v in model.state_dict().items()}
+    assert any(v.dim() == 3 and "experts" in k for k, v in dumped.items())
+    out = tmp_path / "internal"
+    model.config.save_pretrained(out)
+    save_file(dumped, out / "model.safetensors")
+    reloaded = kinetic.from_pretrained(out)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name

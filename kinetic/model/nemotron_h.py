@@ -155,14 +155,15 @@ class NemotronHForCausalLM(nn.Module):
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Megatron-style init: N(0, initializer_range) for matrices, output projections of each
-        residual branch scaled by 1/sqrt(2 * layers), Mamba A/D/dt as in Mamba-2, norms at 1."""
+        residual branch scaled by 1/sqrt(2 * layers), Mamba A/D/dt as in Mamba-2, norms at 1.
+        Only meaningful for fresh models; the conv keeps the init it got at construction."""
         c = self.config
         std = c.initializer_range
         out_std = std / math.sqrt(2 * max(c.num_hidden_layers, 1))
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
-            if "norm" in name.rsplit(".", 2)[-2] or leaf in ("A_log", "D", "dt_bias"):
-                continue  # set below / by the module
+            if "norm" in name.rsplit(".", 2)[-2] or leaf in ("A_log", "D", "dt_bias") or "conv1d" in name:
+                continue  # set below; the depthwise conv keeps PyTorch's default (fan-in) init
             if leaf == "bias":
                 p.zero_()
             elif any(k in name for k in ("out_proj", "o_proj", "down_proj", "fc2_latent_proj")):
