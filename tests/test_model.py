@@ -219,3 +219,25 @@ def test_bfloat16_forward_close_to_float32():
     # a bf16 rounding can flip a near-tied expert choice at a few positions, so compare typical error
     assert (low - ref).abs().median() < 0.05 * ref.std()
     assert (low.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+
+
+def test_grouped_and_loop_expert_paths_agree_with_idle_experts():
+    from kinetic.model.moe import Experts, use_grouped_mm
+
+    experts = Experts(num_experts=6, width=16, intermediate=24)
+    with torch.no_grad():
+        experts.up_proj.normal_(0, 0.25)
+        experts.down_proj.normal_(0, 0.2)
+    x = torch.randn(10, 16, requires_grad=True)
+    indices = torch.tensor([[0, 2], [2, 5], [5, 0]] * 3 + [[2, 0]])  # experts 1, 3, 4 get nothing
+    weights = torch.rand(10, 2)
+    results = []
+    for grouped in (True, False):
+        experts.grouped = grouped
+        out = experts(x, indices, weights)
+        grads = torch.autograd.grad(out.square().sum(), (x, experts.up_proj, experts.down_proj))
+        results.append((out, *grads))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert results[0][2][1].abs().sum() == 0  # an idle expert gets a zero gradient
+    assert use_grouped_mm(x) == hasattr(torch, "_grouped_mm")

@@ -14,6 +14,20 @@ from torch import nn
 from kinetic.config import ModelConfig
 from kinetic.model.mlp import MLP, relu2
 
+# torch._grouped_mm runs all experts' matmuls in one call; used where torch supports it (CPU float32,
+# CUDA bf16 on Hopper or newer), elsewhere the per-expert loop. Both paths are tested against each other.
+_grouped_mm = getattr(torch, "_grouped_mm", None)
+
+
+def use_grouped_mm(x: torch.Tensor) -> bool:
+    if _grouped_mm is None:
+        return False
+    if x.device.type == "cpu":
+        return x.dtype == torch.float32
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return False
+
 
 class TopKRouter(nn.Module):
     """Sigmoid scores; ``e_score_correction_bias`` (the aux-loss-free balancing bias) only steers
@@ -56,26 +70,33 @@ class Experts(nn.Module):
         super().__init__()
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, width))
         self.down_proj = nn.Parameter(torch.empty(num_experts, width, intermediate))
+        self.grouped = True  # set False to force the per-expert loop
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (tokens, width), indices/weights (tokens, k) -> (tokens, width)."""
         tokens, k = indices.shape
         flat = indices.reshape(-1)
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.up_proj.shape[0]).tolist()
-        xs = x[order // k]
+        counts = torch.bincount(flat, minlength=self.up_proj.shape[0])
+        xs = x.index_select(0, order // k)  # (tokens * k, width), grouped by expert
+        if self.grouped and use_grouped_mm(x):
+            offsets = counts.cumsum(0).to(torch.int32)
+            h = relu2(_grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offsets))
+            ys = _grouped_mm(h, self.down_proj.transpose(1, 2), offs=offsets)
+        else:
+            ys = self._loop(xs, counts.tolist())
+        ys = ys.float() * weights.reshape(-1).index_select(0, order).unsqueeze(-1)
+        combined = ys.index_select(0, order.argsort()).view(tokens, k, -1).sum(1)
+        return combined.to(x.dtype)
+
+    def _loop(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """One matmul pair per expert over its contiguous slice (the portable reference path)."""
         # unbind once: indexing the 3-D parameter per expert would make autograd build and sum one
         # full-size zero gradient per expert
         ups, downs = self.up_proj.unbind(0), self.down_proj.unbind(0)
-        outs = []
-        for expert, chunk in zip(
-            (e for e, n in enumerate(counts) if n), xs.split([n for n in counts if n]), strict=True
-        ):
-            outs.append(F.linear(relu2(F.linear(chunk, ups[expert])), downs[expert]))
-        ys = torch.cat(outs) if outs else xs
-        ys = ys.float() * weights.reshape(-1)[order, None]
-        combined = ys[order.argsort()].view(tokens, k, -1).sum(1)
-        return combined.to(x.dtype)
+        outs = [F.linear(relu2(F.linear(chunk, ups[e])), downs[e])
+                for e, chunk in enumerate(xs.split(counts)) if counts[e]]
+        return torch.cat(outs) if outs else xs
 
 
 class MoE(nn.Module):
