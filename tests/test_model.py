@@ -241,3 +241,41 @@ def test_grouped_and_loop_expert_paths_agree_with_idle_experts():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert results[0][2][1].abs().sum() == 0  # an idle expert gets a zero gradient
     assert use_grouped_mm(x) == hasattr(torch, "_grouped_mm")
+
+
+def test_fused_loss_matches_cross_entropy_on_logits():
+    from kinetic.model.loss import fused_linear_cross_entropy
+
+    g = torch.Generator().manual_seed(40)
+    hidden = torch.randn(2, 23, 16, generator=g, requires_grad=True)
+    weight = (torch.randn(50, 16, generator=g) / 4).requires_grad_()
+    targets = torch.randint(0, 50, (2, 23), generator=g)
+    targets[0, ::3] = -100
+    ref = F.cross_entropy((hidden @ weight.T).flatten(0, 1), targets.flatten())
+    ref_grads = torch.autograd.grad(ref * 3, (hidden, weight))
+    fused = fused_linear_cross_entropy(hidden, weight, targets, chunk_size=7)  # chunks not dividing 46
+    grads = torch.autograd.grad(fused * 3, (hidden, weight))
+    torch.testing.assert_close(fused, ref)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    all_ignored = fused_linear_cross_entropy(hidden, weight, torch.full((2, 23), -100))
+    assert all_ignored.item() == 0.0
+
+
+def test_labels_give_shifted_losses_for_main_and_mtp_heads():
+    config = make_config("mtp-two-depths")
+    model = randomize(NemotronHForCausalLM(config), seed=41)
+    ids = torch.randint(0, config.vocab_size, (2, 15), generator=torch.Generator().manual_seed(42))
+    labels = ids.clone()
+    labels[1, :4] = -100  # e.g. a prompt that does not count
+    out = model(ids, labels=labels, return_logits=True)
+    ref = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, ref)
+    assert len(out.mtp_losses) == 2
+    for d, (mtp_logits, mtp_loss) in enumerate(zip(out.mtp_logits, out.mtp_losses, strict=True)):
+        target = labels[:, 2 + d:]
+        ref_d = F.cross_entropy(mtp_logits[:, : target.shape[1]].flatten(0, 1), target.flatten())
+        torch.testing.assert_close(mtp_loss, ref_d)
+    assert model(ids, labels=labels).logits is None  # the fused path never builds the logits
+    (out.loss + sum(out.mtp_losses)).backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -19,6 +19,7 @@ from torch import nn
 from kinetic.config import ModelConfig
 from kinetic.model.blocks import Block
 from kinetic.model.cache import InferenceCache
+from kinetic.model.loss import fused_linear_cross_entropy
 from kinetic.model.mamba2 import Mamba2Mixer
 from kinetic.model.moe import MoE
 from kinetic.model.mtp import MTP
@@ -27,9 +28,11 @@ from kinetic.model.norm import RMSNorm
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # (batch, seq, vocab), float32
+    logits: torch.Tensor | None  # (batch, seq, vocab), float32; None when only a loss was asked for
     hidden_states: torch.Tensor  # final-normed last hidden state (batch, seq, hidden)
     mtp_logits: list[torch.Tensor] | None = None  # depth d: (batch, seq - d, vocab), predicts t+1+d
+    loss: torch.Tensor | None = None  # next-token cross-entropy when labels are given
+    mtp_losses: list[torch.Tensor] | None = None  # per MTP depth d: predicting labels shifted by 1+d
 
 
 class Backbone(nn.Module):
@@ -66,25 +69,46 @@ class NemotronHForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         cache: InferenceCache | None = None,
         *,
+        labels: torch.Tensor | None = None,
         return_mtp: bool | None = None,
+        return_logits: bool | None = None,
         logits_to_keep: int = 0,
     ) -> CausalLMOutput:
-        """input_ids (batch, seq). MTP logits are computed by default when there is no cache.
+        """input_ids (batch, seq). MTP outputs are computed by default when there is no cache.
 
+        ``labels`` (batch, seq; -100 = ignore) gives ``loss``, the mean cross-entropy of position i
+        predicting label i+1 (labels are shifted inside, as in transformers), and ``mtp_losses``
+        (depth d predicts label i+1+d). The loss is fused with the LM head in chunks, so with labels
+        the logits are not built unless ``return_logits=True``.
         ``logits_to_keep=k`` computes logits for the last k positions only (0 = all).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
+                             f"{tuple(input_ids.shape)}")
         hidden = self.backbone(input_ids, cache)
-        kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-        logits = self.lm_head(kept).float()
-        mtp_logits = None
+        logits = None
+        if return_logits if return_logits is not None else labels is None:
+            kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+            logits = self.lm_head(kept).float()
+        out = CausalLMOutput(logits=logits, hidden_states=hidden)
+        if labels is not None:
+            out.loss = fused_linear_cross_entropy(hidden[:, :-1], self.lm_head.weight, labels[:, 1:])
         if self.mtp is not None and (return_mtp if return_mtp is not None else cache is None):
-            mtp_logits = self.mtp_forward(hidden, input_ids)
-        return CausalLMOutput(logits=logits, hidden_states=hidden, mtp_logits=mtp_logits)
+            mtp_hidden = self.mtp_hidden(hidden, input_ids)
+            if labels is None or return_logits:
+                out.mtp_logits = [self.lm_head(h).float() for h in mtp_hidden]
+            if labels is not None:
+                seq = input_ids.shape[1]
+                out.mtp_losses = [
+                    fused_linear_cross_entropy(h[:, : seq - 2 - d], self.lm_head.weight, labels[:, 2 + d:])
+                    for d, h in enumerate(mtp_hidden) if seq - 2 - d > 0
+                ]
+        return out
 
-    def mtp_forward(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        """Logits of every MTP depth; depth d covers positions 0 .. seq-1-d."""
+    def mtp_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Final-normed hidden states of every MTP depth; depth d covers positions 0 .. seq-1-d."""
         out, h, seq = [], hidden, input_ids.shape[1]
         for depth in range(self.mtp.depths):
             shift = depth + 1
@@ -92,7 +116,7 @@ class NemotronHForCausalLM(nn.Module):
                 break
             next_embeds = self.backbone.embeddings(input_ids[:, shift:])
             h, normed = self.mtp.forward_depth(depth, h[:, : seq - shift], next_embeds)
-            out.append(self.lm_head(normed).float())
+            out.append(normed)
         return out
 
     # ------------------------------------------------------------------ generation
