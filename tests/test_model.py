@@ -279,3 +279,26 @@ def test_labels_give_shifted_losses_for_main_and_mtp_heads():
     assert model(ids, labels=labels).logits is None  # the fused path never builds the logits
     (out.loss + sum(out.mtp_losses)).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_fused_activation_and_conv_match_autograd_references():
+    from kinetic.model.conv import causal_conv1d_silu
+    from kinetic.model.mlp import relu2
+
+    g = torch.Generator().manual_seed(50)
+    x = torch.randn(3, 11, 7, generator=g, requires_grad=True)
+    out_grad = torch.randn(3, 11, 7, generator=g)
+    ours = torch.autograd.grad(relu2(x), x, out_grad)[0]
+    ref = torch.autograd.grad(F.relu(x).pow(2), x, out_grad)[0]
+    torch.testing.assert_close(ours, ref)
+
+    base = torch.randn(3, 11, 12, generator=g, requires_grad=True)
+    weight = torch.randn(7, 1, 4, generator=g, requires_grad=True)
+    bias = torch.randn(7, generator=g, requires_grad=True)
+    xs = base[..., 2:9]  # a strided slice, as the in_proj split produces
+    mine = causal_conv1d_silu(xs, weight, bias)
+    ref = F.silu(F.conv1d(xs.transpose(1, 2), weight, bias, padding=3, groups=7)[..., :11]).transpose(1, 2)
+    torch.testing.assert_close(mine, ref)
+    for a, b in zip(torch.autograd.grad(mine, (base, weight, bias), out_grad),
+                    torch.autograd.grad(ref, (base, weight, bias), out_grad), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kinetic.config import ModelConfig
+from kinetic.model.conv import causal_conv1d_silu
 from kinetic.model.norm import GatedRMSNorm
 
 
@@ -158,18 +159,16 @@ class Mamba2Mixer(nn.Module):
         b, seqlen, _ = hidden.shape
         z, xbc, dt_raw = torch.split(self.in_proj(hidden), [self.inner, self.conv_dim, self.num_heads],
                                      dim=-1)
-        xbc_t = xbc.transpose(1, 2)  # (b, conv_dim, l)
         weight, bias = self.conv1d.weight, self.conv1d.bias
         initial_state = None
         if cache is None:
-            xbc_t = F.conv1d(xbc_t, weight, bias, padding=self.kernel - 1, groups=self.conv_dim)
-            xbc_t = xbc_t[..., :seqlen]
+            xbc = causal_conv1d_silu(xbc, weight, bias)
         else:
             conv_state, initial_state = cache.mamba_state(self.cache_key, *self._state_shapes(b), xbc)
-            window = torch.cat([conv_state.to(xbc_t.dtype), xbc_t], dim=-1)
+            window = torch.cat([conv_state.to(xbc.dtype), xbc.transpose(1, 2)], dim=-1)
             cache.set_conv_state(self.cache_key, window[..., -(self.kernel - 1):])
-            xbc_t = F.conv1d(window, weight, bias, groups=self.conv_dim)
-        xs, B, C = self._split_xbc(F.silu(xbc_t).transpose(1, 2))
+            xbc = F.silu(F.conv1d(window, weight, bias, groups=self.conv_dim)).transpose(1, 2)
+        xs, B, C = self._split_xbc(xbc)
         dt = self._dt(dt_raw)
         A = -torch.exp(self.A_log.float())
         y, final = ssd_scan(
