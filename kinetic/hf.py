@@ -13,6 +13,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -93,9 +94,15 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None,
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     config = ModelConfig.from_pretrained(path)
+    disk = read_tensors(path)
+    if config.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in disk):
+        # transformers drops mtp.* on load, so checkpoints it re-saved have none
+        warnings.warn(f"{path} declares num_nextn_predict_layers={config.num_nextn_predict_layers} but "
+                      "holds no mtp.* tensors (e.g. re-saved by transformers): loading without MTP",
+                      stacklevel=2)
+        config = config.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = NemotronHForCausalLM(config)
-    disk = read_tensors(path)
     state = _assemble(model, disk, dtype)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["backbone.embeddings.weight"]
