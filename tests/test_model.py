@@ -302,3 +302,22 @@ def test_fused_activation_and_conv_match_autograd_references():
     for a, b in zip(torch.autograd.grad(mine, (base, weight, bias), out_grad),
                     torch.autograd.grad(ref, (base, weight, bias), out_grad), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_ssd_scan_gradients_match_recurrence():
+    g = torch.Generator().manual_seed(60)
+    b, seqlen, h, p, n, groups = 2, 19, 4, 3, 5, 2
+    x = torch.randn(b, seqlen, h, p, generator=g, requires_grad=True)
+    dt = F.softplus(torch.randn(b, seqlen, h, generator=g)).requires_grad_()
+    A = (-torch.rand(h, generator=g) * 3 - 0.1).requires_grad_()
+    B = torch.randn(b, seqlen, groups, n, generator=g, requires_grad=True)
+    C = torch.randn(b, seqlen, groups, n, generator=g, requires_grad=True)
+    init = torch.randn(b, h, p, n, generator=g, requires_grad=True)
+    wy, wf = torch.randn(b, seqlen, h, p, generator=g), torch.randn(b, h, p, n, generator=g)
+    inputs = (x, dt, A, B, C, init)
+    y, final = ssd_scan(x, dt, A, B, C, 8, init)
+    grads = torch.autograd.grad((y * wy).sum() + (final * wf).sum(), inputs)
+    y_ref, final_ref = naive_scan(x, dt, A, B, C, init)
+    ref = torch.autograd.grad((y_ref * wy).sum() + (final_ref * wf).sum(), inputs)
+    for name, a, r in zip(["x", "dt", "A", "B", "C", "init"], grads, ref, strict=True):
+        torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4, msg=name)

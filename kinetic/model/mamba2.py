@@ -50,6 +50,8 @@ class _DecayedScores(torch.autograd.Function):
         L = a_cs.shape[-1]
         above = torch.ones(L, L, dtype=torch.bool, device=a_cs.device).triu(1)
         decay = (a_cs.unsqueeze(-1) - a_cs.unsqueeze(-2)).masked_fill_(above, -math.inf).exp_()
+        if not any(ctx.needs_input_grad):  # inference: reuse the buffer, keep nothing for backward
+            return decay.mul_(cb.unsqueeze(2))
         ctx.save_for_backward(cb, decay)
         return decay * cb.unsqueeze(2)
 
