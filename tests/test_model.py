@@ -321,3 +321,16 @@ def test_ssd_scan_gradients_match_recurrence():
     ref = torch.autograd.grad((y_ref * wy).sum() + (final_ref * wf).sum(), inputs)
     for name, a, r in zip(["x", "dt", "A", "B", "C", "init"], grads, ref, strict=True):
         torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_labels_one_token_longer_use_every_position():
+    config = make_config("latent-grouped-mtp")
+    model = randomize(NemotronHForCausalLM(config), seed=43)
+    window = torch.randint(0, config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(44))
+    out = model(window[:, :-1], labels=window, return_logits=True)
+    ref = F.cross_entropy(out.logits.flatten(0, 1), window[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, ref)
+    ref_mtp = F.cross_entropy(out.mtp_logits[0].flatten(0, 1), window[:, 2:].flatten())
+    torch.testing.assert_close(out.mtp_losses[0], ref_mtp)
+    with pytest.raises(ValueError, match="labels shape"):
+        model(window[:, :-1], labels=window[:, :5])

@@ -114,14 +114,21 @@ class MoE(nn.Module):
             self.fc2_latent_proj = nn.Linear(width, config.hidden_size, bias=config.mlp_bias)
         else:
             self.fc1_latent_proj = self.fc2_latent_proj = None
-        self.last_tokens_per_expert: torch.Tensor | None = None  # read by the trainer's balancer
+        # Balancing hooks read by kinetic.train.balance: tokens routed to each expert by the last
+        # forward, and (when ``compute_balance_loss`` is set, in training) the sequence-level
+        # balance statistic sum_i f_i * P_i of DeepSeek-V3 / Nemotron 3, averaged over sequences.
+        self.last_tokens_per_expert: torch.Tensor | None = None
+        self.compute_balance_loss = False
+        self.balance_loss: torch.Tensor | None = None
 
     def forward(self, hidden: torch.Tensor, cache=None) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
-        _, weights, indices = self.gate(x)
+        logits, weights, indices = self.gate(x)
         self.last_tokens_per_expert = torch.bincount(indices.reshape(-1),
                                                      minlength=self.gate.num_experts).detach()
+        if self.training and self.compute_balance_loss and hidden.dim() == 3:
+            self.balance_loss = sequence_balance_loss(logits, indices, shape[0])
         if self.fc1_latent_proj is not None:
             x = self.fc1_latent_proj(x)
         y = self.experts(x, indices, weights)
@@ -131,3 +138,17 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(hidden)
         return y
+
+
+def sequence_balance_loss(logits: torch.Tensor, indices: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per sequence: f_i = E / (k T) * (tokens routed to expert i), P_i = mean over tokens of the
+    normalized sigmoid score s_i / sum_j s_j; returns mean over sequences of sum_i f_i P_i (1.0 when
+    perfectly balanced). Gradients flow through P only."""
+    num_experts = logits.shape[-1]
+    scores = logits.sigmoid().view(batch, -1, num_experts)
+    probs = (scores / scores.sum(-1, keepdim=True)).mean(1)  # (batch, E)
+    per_seq = indices.view(batch, -1)
+    counts = torch.zeros(batch, num_experts, device=logits.device).scatter_add_(
+        1, per_seq, torch.ones_like(per_seq, dtype=torch.float32))
+    f = counts * num_experts / per_seq.shape[1]  # per_seq holds T * k assignments
+    return (f.detach() * probs).sum(-1).mean()

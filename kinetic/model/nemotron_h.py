@@ -78,14 +78,19 @@ class NemotronHForCausalLM(nn.Module):
 
         ``labels`` (batch, seq; -100 = ignore) gives ``loss``, the mean cross-entropy of position i
         predicting label i+1 (labels are shifted inside, as in transformers), and ``mtp_losses``
-        (depth d predicts label i+1+d). The loss is fused with the LM head in chunks, so with labels
-        the logits are not built unless ``return_logits=True``.
+        (depth d predicts label i+1+d). Labels may be one token longer than the input (a training
+        window whose last token is only a target), so every position gets a target. The loss is
+        fused with the LM head in chunks, so with labels the logits are not built unless
+        ``return_logits=True``.
         ``logits_to_keep=k`` computes logits for the last k positions only (0 = all).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
+        seq = input_ids.shape[1]
+        if labels is not None and (labels.shape[0] != input_ids.shape[0]
+                                   or labels.shape[1] not in (seq, seq + 1)):
+            raise ValueError(f"labels shape {tuple(labels.shape)} must be {tuple(input_ids.shape)} or "
+                             f"one token longer (the window's next token) for input_ids "
                              f"{tuple(input_ids.shape)}")
         hidden = self.backbone(input_ids, cache)
         logits = None
@@ -94,17 +99,19 @@ class NemotronHForCausalLM(nn.Module):
             logits = self.lm_head(kept).float()
         out = CausalLMOutput(logits=logits, hidden_states=hidden)
         if labels is not None:
-            out.loss = fused_linear_cross_entropy(hidden[:, :-1], self.lm_head.weight, labels[:, 1:])
+            n = min(seq, labels.shape[1] - 1)  # positions that have a next label
+            out.loss = fused_linear_cross_entropy(hidden[:, :n], self.lm_head.weight, labels[:, 1:1 + n])
         if self.mtp is not None and (return_mtp if return_mtp is not None else cache is None):
             mtp_hidden = self.mtp_hidden(hidden, input_ids)
             if labels is None or return_logits:
                 out.mtp_logits = [self.lm_head(h).float() for h in mtp_hidden]
             if labels is not None:
-                seq = input_ids.shape[1]
-                out.mtp_losses = [
-                    fused_linear_cross_entropy(h[:, : seq - 2 - d], self.lm_head.weight, labels[:, 2 + d:])
-                    for d, h in enumerate(mtp_hidden) if seq - 2 - d > 0
-                ]
+                out.mtp_losses = []
+                for d, h in enumerate(mtp_hidden):  # depth d+1 at position i predicts label i+2+d
+                    m = min(h.shape[1], labels.shape[1] - 2 - d)
+                    if m > 0:
+                        out.mtp_losses.append(fused_linear_cross_entropy(
+                            h[:, :m], self.lm_head.weight, labels[:, 2 + d:2 + d + m]))
         return out
 
     def mtp_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:

@@ -1,0 +1,94 @@
+"""Run records: ``metrics.jsonl`` (first line: config, versions, git commit), ``summary.json`` and a
+PNG of train/validation loss and learning rate, so a run can be understood without rerunning it."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    import kinetic
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "kinetic": kinetic.__version__}
+    try:
+        import numpy
+
+        out["numpy"] = numpy.__version__
+    except ImportError:
+        pass
+    return out
+
+
+class MetricsWriter:
+    """Appends JSON lines; the first line of a new file records what produced the run."""
+
+    def __init__(self, run_dir: Path, header: dict[str, Any], enabled: bool = True) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fresh = not self.path.exists() or self.path.stat().st_size == 0
+            if fresh or header.get("resumed_from_step") is not None:
+                self.write({"type": "run", "time": time.time(), "versions": versions(),
+                            "git_commit": git_commit(), **header})
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(run_dir: Path) -> Path | None:
+    """Train/validation loss and learning rate against step; returns the PNG path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = read_metrics(run_dir)
+    train = [r for r in records if r.get("type") == "train"]
+    val = [r for r in records if r.get("type") == "eval"]
+    if not train:
+        return None
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[3, 1])
+    ax.plot([r["step"] for r in train], [r["lm_loss"] for r in train], label="train LM loss")
+    if any("mtp_loss" in r for r in train):
+        pts = [(r["step"], r["mtp_loss"]) for r in train if "mtp_loss" in r]
+        ax.plot(*zip(*pts, strict=True), label="train MTP loss", alpha=0.7)
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:gray")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(run_dir) / "loss.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

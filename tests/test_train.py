@@ -1,0 +1,207 @@
+"""The trainer: exact resume, crash-safe checkpoints, skip-and-log on non-finite loss, MoE
+balancing, the WSD schedule, TOML configs, and a 2-process gloo run matching 1 process."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from kinetic.train import Trainer, load_config
+from kinetic.train import checkpoint as ckpt
+from kinetic.train.config import from_dict
+from kinetic.train.distributed import DistInfo
+from kinetic.train.schedule import wsd_lr
+
+
+def make_cfg(out_dir, **sections):
+    base = {"model": {"preset": "tiny"}, "data": {"seq_len": 32},
+            "train": {"steps": 6, "micro_batch": 4, "seed": 3},
+            "run": {"out_dir": str(out_dir), "log_every": 1, "eval_every": 3, "eval_batches": 2,
+                    "save_every": 3, "progress": False}}
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return from_dict(base)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    full = Trainer(make_cfg(tmp_path / "full", train={"grad_accum": 2}))
+    full.train()
+
+    cfg = make_cfg(tmp_path / "resumed", train={"grad_accum": 2})
+    first = Trainer(cfg)
+    calls = {"n": 0}
+    inner = first.loss_fn
+
+    def dies_after_three_steps(model, batch):
+        calls["n"] += 1
+        if calls["n"] > 3 * 2:  # 3 optimizer steps x 2 micro-batches, checkpoint at step 3
+            raise Interrupt
+        return inner(model, batch)
+
+    first.loss_fn = dies_after_three_steps
+    with pytest.raises(Interrupt):
+        first.train()
+    assert ckpt.latest_checkpoint(tmp_path / "resumed").name == "step_000003"
+
+    second = Trainer(cfg)
+    second.train(resume=True)
+    assert second.resumed_from == 3 and second.step == 6
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), second.model.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name
+    runs = [r for r in map(json.loads, (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines())
+            if r["type"] == "run"]
+    assert [r["resumed_from_step"] for r in runs] == [None, 3]
+
+
+def test_crash_during_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path / "run")
+    trainer = Trainer(cfg)
+    real = ckpt.save_pretrained
+    saves = {"n": 0}
+
+    def flaky(model, path, **kw):
+        saves["n"] += 1
+        real(model, path, **kw)
+        if saves["n"] == 2:  # second checkpoint: files written, then the process "dies"
+            raise Interrupt
+
+    monkeypatch.setattr(ckpt, "save_pretrained", flaky)
+    with pytest.raises(Interrupt):
+        trainer.train()
+    good = ckpt.latest_checkpoint(tmp_path / "run")
+    assert good.name == "step_000003"
+    assert not (tmp_path / "run" / "checkpoints" / "step_000006").exists()
+    monkeypatch.setattr(ckpt, "save_pretrained", real)
+    resumed = Trainer(cfg)
+    resumed.train(resume=True)
+    assert resumed.resumed_from == 3
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_000006"
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp_*"))
+
+
+def test_nonfinite_loss_is_skipped_and_logged(tmp_path):
+    trainer = Trainer(make_cfg(tmp_path / "run", train={"steps": 3}))
+    inner = trainer.loss_fn
+    calls = {"n": 0}
+
+    def nan_on_second(model, batch):
+        calls["n"] += 1
+        loss, metrics = inner(model, batch)
+        return (loss * float("nan"), metrics) if calls["n"] == 2 else (loss, metrics)
+
+    trainer.loss_fn = nan_on_second
+    before = {}
+
+    def snapshot(_record=None):
+        before.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
+
+    trainer.train_step()
+    snapshot()
+    record = trainer.train_step()
+    assert record.get("skipped") is True and trainer.skipped == 1
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # no update on the skipped step
+    assert all(p.grad is None for p in trainer.model.parameters())
+    assert trainer.train_step().get("skipped") is None
+
+
+def test_training_learns_and_writes_a_report(tmp_path):
+    cfg = make_cfg(tmp_path / "run", train={"steps": 60, "micro_batch": 8},
+                   run={"eval_every": 30, "save_every": 0, "log_every": 10})
+    summary = Trainer(cfg).train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    header = records[0]
+    assert header["type"] == "run" and "torch" in header["versions"] and "config" in header
+    train = [r for r in records if r["type"] == "train"]
+    assert train[-1]["lm_loss"] < train[0]["lm_loss"] - 1.0  # the synthetic Markov chain is learnable
+    assert summary["final_val_loss"] < math.log(512) - 1.0
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 60
+    assert any("expert_load_max_over_mean" in r for r in train)
+
+
+def test_expert_bias_moves_toward_balance(tmp_path):
+    trainer = Trainer(make_cfg(tmp_path / "run", loss={"expert_bias_rate": 0.01}))
+    moe = trainer.balancer.layers[0][1]
+    moe.gate.e_score_correction_bias[0] = 5.0  # expert 0 gets every token at first
+    trainer.train_step()
+    bias = moe.gate.e_score_correction_bias
+    assert bias[0].item() == pytest.approx(5.0 - 0.01)  # overloaded: pushed down by the rate
+    changes = bias[1:].tolist()
+    assert all(c in (pytest.approx(0.01), pytest.approx(-0.01), 0.0) for c in changes)
+    assert max(changes) == pytest.approx(0.01)  # under-loaded experts are pushed up
+
+
+def test_wsd_schedule_shape():
+    lrs = [wsd_lr(s, 100, 1.0, warmup=10, decay_fraction=0.2, min_ratio=0.01) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(lr == 1.0 for lr in lrs[10:80])
+    assert lrs[-1] == pytest.approx(0.01) and lrs[85] < lrs[80]
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key train\.stepz"):
+        from_dict({"train": {"stepz": 3}})
+    with pytest.raises(ValueError, match=r"optim\.lr='fast' has type str"):
+        from_dict({"optim": {"lr": "fast"}})
+    with pytest.raises(ValueError, match=r"unknown config section \[trian\]"):
+        from_dict({"trian": {}})
+    with pytest.raises(ValueError, match=r"train\.micro_batch=0"):
+        from_dict({"train": {"micro_batch": 0}})
+    path = tmp_path / "c.toml"
+    path.write_text('[train]\nsteps = 5\n[run]\nout_dir = "x"\n')
+    cfg = load_config(path, ["train.steps=7", "run.out_dir=y", "optim.lr=1e-3"])
+    assert (cfg.train.steps, cfg.run.out_dir, cfg.optim.lr) == (7, "y", 1e-3)
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+    assert configs
+    for path in configs:
+        load_config(path)
+
+
+# ---------------------------------------------------------------------- 2 processes on gloo
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, result_file: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world)
+    try:
+        cfg = make_cfg(out_dir, train={"steps": 4, "micro_batch": 4 // world, "grad_accum": 2})
+        trainer = Trainer(cfg, dist_info=DistInfo(rank=rank, world_size=world))
+        losses = [trainer.train_step()["lm_loss"] for _ in range(4)]
+        if rank == 0:
+            with open(result_file, "w") as f:
+                json.dump(losses, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    torch.set_num_threads(1)
+    single = Trainer(make_cfg(tmp_path / "single", train={"steps": 4, "micro_batch": 4, "grad_accum": 2}))
+    expected = [single.train_step()["lm_loss"] for _ in range(4)]
+    result = tmp_path / "losses.json"
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path / "ddp"), str(result)), nprocs=2,
+                       join=True, start_method="spawn")
+    got = json.loads(result.read_text())
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert expected[-1] < expected[0]
