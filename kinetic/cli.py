@@ -3,8 +3,9 @@
 * ``kinetic params CONFIG.json|CHECKPOINT_DIR|PRESET`` — parameter counts (total / active / MTP) and
   the layer mix of a config, computed arithmetically, so it works for 120B models on a laptop.
 * ``kinetic demo --out DIR`` — build a random model from a preset, save it, reload it, check the
-  reloaded logits are bit-identical, and generate a few tokens greedily (what ``make quickstart`` runs
-  until a pretraining pipeline exists).
+  reloaded logits are bit-identical, and generate a few tokens greedily.
+* ``kinetic pretrain --config configs/X.toml [--resume] [--set section.key=value ...]`` — train;
+  under ``torchrun --nproc-per-node N`` it runs data-parallel.
 
 Mistakes a user can make (a bad path, an unknown preset, an invalid config) print one line to stderr
 and exit with code 2; a failed self-check exits with 1. ``demo`` also writes ``summary.json``
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -200,6 +202,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- pretrain
+def make_sources(cfg, info):
+    """(train, validation) batch sources for a training config: the blended corpus loader when
+    ``data.corpus`` is set, else synthetic tokens (None lets the Trainer build those)."""
+    if not cfg.data.corpus:
+        return None, None
+    from kinetic.data.loader import BlendedLoader
+
+    corpus = Path(cfg.data.corpus)
+    if not corpus.is_dir():
+        raise UserError(f"data.corpus={cfg.data.corpus!r} is not a directory: build it with "
+                        "`kinetic data build` first")
+    common = dict(weights=cfg.data.weights or None, seq_len=cfg.data.seq_len,
+                  batch_size=cfg.train.micro_batch, rank=info.rank, world_size=info.world_size)
+    return (BlendedLoader(corpus, split="train", seed=cfg.train.seed, **common),
+            BlendedLoader(corpus, split="val", seed=cfg.train.seed + 1, **common))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from kinetic.train import Trainer, load_config
+    from kinetic.train.distributed import init_from_env
+
+    try:
+        cfg = load_config(args.config, args.set)
+    except (ValueError, FileNotFoundError) as err:
+        raise UserError(str(err)) from None
+    info = init_from_env()
+    try:
+        train_src, val_src = make_sources(cfg, info)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    trainer = Trainer(cfg, train_source=train_src, val_source=val_src, dist_info=info)
+    if info.is_main:
+        counts = trainer.model.config.param_counts()
+        print(f"pretrain {args.config}: {trainer.model.config.hybrid_override_pattern} "
+              f"({human(counts['total'])} params, {human(counts['active'])} active), "
+              f"{cfg.train.steps} steps x {trainer.tokens_per_step:,} tokens, world size {info.world_size}")
+    summary = trainer.train(resume=args.resume)
+    if info.is_main:
+        tokenizer = Path(cfg.data.corpus) / "tokenizer.json" if cfg.data.corpus else None
+        if summary["checkpoint"] and tokenizer is not None and tokenizer.is_file():
+            shutil.copy(tokenizer, Path(summary["checkpoint"]) / "tokenizer.json")
+        print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_s']:.1f} s "
+              f"({summary['tokens_per_s']:,.0f} tokens/s), skipped {summary['skipped_steps']}")
+        val = summary["final_val_loss"]
+        print(f"final train LM loss {summary['final_train_lm_loss']:.4f}, validation loss "
+              f"{val:.4f}" if val is not None else "")
+        print(f"checkpoint {summary['checkpoint']}\nplot       {summary.get('plot')}\n"
+              f"metrics    {Path(cfg.run.out_dir) / 'metrics.jsonl'}")
+    return 0
+
+
 # ---------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kinetic", description=__doc__.split("\n\n")[0])
@@ -217,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("pretrain", help="train from a TOML config (data-parallel under torchrun)")
+    p.add_argument("--config", required=True, help="TOML recipe, e.g. configs/quickstart.toml")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.steps=20")
+    p.set_defaults(func=cmd_pretrain)
     return parser
 
 

@@ -108,3 +108,22 @@ def test_demo(tmp_path, capsys):
 
     assert main(argv) == 0  # same seed, same tokens; an existing --out is overwritten
     assert json.loads(capsys.readouterr().out.split("generated")[-1].strip()) == generated
+
+
+def test_pretrain_runs_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["pretrain", "--config", "configs/tiny-synthetic.toml", "--set", "train.steps=4",
+            "--set", f"run.out_dir={out}", "--set", "run.progress=false", "--set", "run.save_every=2",
+            "--set", "data.seq_len=32"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "done: 4 steps" in text and (out / "checkpoints" / "step_000004" / "model.safetensors").is_file()
+    assert main([*args[:-2], "--set", "train.steps=6", "--resume", "--set", "data.seq_len=32"]) == 0
+    assert "done: 6 steps" in capsys.readouterr().out
+
+
+def test_pretrain_config_errors_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["pretrain", "--config", "configs/tiny-synthetic.toml", "--set", "optim.lr=fast"])
+    assert err.value.code == 2
+    assert "optim.lr='fast'" in capsys.readouterr().err
