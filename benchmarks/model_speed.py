@@ -61,59 +61,16 @@ import torch.nn.functional as F
 
 import kinetic
 from kinetic import ModelConfig
+from kinetic.train.flops import flops_per_token as _flops_per_token
+from kinetic.train.flops import matmul_params, measure_peak
 
 MODES = ("forward", "fwd+bwd", "train")
 
 
-# ---------------------------------------------------------------------- FLOPs model
-def matmul_params(c: ModelConfig) -> int:
-    """Matmul parameters a token touches in the main model (lm_head included, embeddings excluded)."""
-    d = c.hidden_size
-    n = c.vocab_size * d  # lm_head
-    for kind in c.hybrid_override_pattern:
-        if kind == "M":
-            n += d * (c.mamba_intermediate_size + c.mamba_conv_dim + c.mamba_num_heads)  # in_proj
-            n += c.mamba_intermediate_size * d  # out_proj
-        elif kind == "*":
-            q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-            n += 2 * d * q + 2 * d * kv
-        elif kind == "-":
-            n += 2 * d * c.intermediate_size
-        elif kind == "E":
-            width = c.moe_latent_size or d
-            n += c.n_routed_experts * d  # router
-            n += c.num_experts_per_tok * 2 * width * c.moe_intermediate_size
-            if c.n_shared_experts:
-                n += 2 * d * c.moe_shared_expert_intermediate_size
-            if c.moe_latent_size is not None:
-                n += 2 * d * width
-    return n
-
-
 def flops_per_token(c: ModelConfig, seq: int) -> dict[str, float]:
-    """Forward FLOPs per token, split into matmul / attention / SSD terms (see module docstring)."""
-    pattern = c.hybrid_override_pattern
-    matmul = 2.0 * matmul_params(c)
-    attn = 2 * 2 * pattern.count("*") * seq * c.num_attention_heads * c.head_dim / 2
-    q, ns, p = min(c.chunk_size, seq), c.ssm_state_size, c.mamba_head_dim
-    ssd = pattern.count("M") * c.mamba_num_heads * (q * (ns + p) + 4 * ns * p)
-    return {"matmul": matmul, "attention": float(attn), "ssd": float(ssd),
-            "forward": matmul + attn + ssd, "fwd+bwd": 3 * (matmul + attn + ssd),
-            "train": 3 * (matmul + attn + ssd)}
-
-
-# ---------------------------------------------------------------------- measurements
-def measure_peak(size: int, repeats: int) -> float:
-    """Best fp32 matmul rate in GFLOP/s over ``repeats`` products of two size x size matrices."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    out = torch.empty(size, size)
-    torch.matmul(a, b, out=out)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.matmul(a, b, out=out)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best / 1e9
+    """The kinetic.train.flops model (see the module docstring), with the train mode = fwd+bwd."""
+    flops = _flops_per_token(c, seq)
+    return {**flops, "train": flops["fwd+bwd"]}
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor, is_kinetic: bool) -> torch.Tensor:
