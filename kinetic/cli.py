@@ -278,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set train.steps=20")
     p.set_defaults(func=cmd_pretrain)
+
+    from kinetic.data.cli import register as register_data_commands
+
+    register_data_commands(sub)  # data sources / data build / tokenizer train
     return parser
 
 

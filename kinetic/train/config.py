@@ -25,7 +25,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     corpus: str = ""  # corpus directory built by `kinetic data build` ("" = synthetic tokens)
-    weights: dict = field(default_factory=dict)  # domain -> blend weight ({} = all domains equally)
+    weights: dict = field(default_factory=dict)  # domain -> blend weight ({} = in proportion to tokens)
     seq_len: int = 256  # tokens per training sequence
 
 
