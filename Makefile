@@ -12,8 +12,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+QS := runs/quickstart
+QS_DATA := --domains python_code,sotu,metamath --max-bytes-per-domain 2M
+QS_PROMPTS := --prompt "The Congress shall" --prompt "def parse_args(" --prompt "The state of the Union is"
+
+# Real corpus -> tokenizer -> pretraining (hybrid Mamba/attention latent MoE + MTP) -> eval -> samples.
 quickstart: $(STAMP)
-	$(BIN)/kinetic demo --out runs/quickstart
+	bash scripts/install_data.sh
+	rm -rf $(QS)
+	$(BIN)/kinetic tokenizer train --out $(QS)/tokenizer --vocab-size 4096 $(QS_DATA)
+	$(BIN)/kinetic data build --out $(QS)/corpus --tokenizer $(QS)/tokenizer $(QS_DATA)
+	$(BIN)/kinetic pretrain --config configs/quickstart.toml
+	$(BIN)/kinetic eval --checkpoint $(QS)/pretrain --corpus $(QS)/corpus --out $(QS)/eval.json
+	$(BIN)/kinetic generate --checkpoint $(QS)/pretrain $(QS_PROMPTS) --max-new-tokens 40
+	@echo "run directory: $(QS)/pretrain (metrics.jsonl, summary.json, loss.png, checkpoints/)"
 
 test: $(STAMP)
 	$(BIN)/ruff check kinetic tests benchmarks

@@ -254,6 +254,52 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- eval / generate
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kinetic.eval import evaluate_corpus, resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(args.checkpoint)
+        model = kinetic.from_pretrained(path)
+        res = evaluate_corpus(model, args.corpus, seq_len=args.seq_len, batch_size=args.batch_size,
+                              max_tokens=args.max_tokens, progress=True)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"checkpoint {path}\ncorpus     {args.corpus} (validation split, {args.seq_len}-token context)\n")
+    print(f"{'domain':<14} {'tokens':>9} {'loss':>8} {'bits/byte':>10} {'unigram bpb':>12}")
+    rows = [*res["domains"].items(), *([("overall", res["overall"])] if "overall" in res else [])]
+    for name, r in rows:
+        print(f"{name:<14} {r['tokens']:>9,} {r['loss']:>8.4f} {r['bpb']:>10.4f} {r['unigram_bpb']:>12.4f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kinetic.data.tokenizer import decode, encode, load_tokenizer
+    from kinetic.eval import resolve_checkpoint
+
+    path = resolve_checkpoint(args.checkpoint)
+    tok_file = path / "tokenizer.json"
+    if not tok_file.is_file():
+        raise UserError(f"{path} has no tokenizer.json; pretrain with a corpus or copy one there")
+    tok = load_tokenizer(tok_file)
+    model = kinetic.from_pretrained(path)
+    gen = torch.Generator().manual_seed(args.seed)
+    for prompt in args.prompt:
+        ids = torch.tensor([encode(tok, prompt, bos=False)])
+        if ids.shape[1] == 0:
+            raise UserError("--prompt must not be empty")
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                             temperature=max(args.temperature, 1e-6), top_k=args.top_k, generator=gen)
+        text = decode(tok, out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        print(f"--- {prompt!r}\n{prompt}{text}\n")
+    return 0
+
+
 # ---------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kinetic", description=__doc__.split("\n\n")[0])
@@ -278,6 +324,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set train.steps=20")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("eval", help="validation loss and bits per byte per domain vs a unigram baseline")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir or a pretrain run dir")
+    p.add_argument("--corpus", required=True, help="corpus built by `kinetic data build`")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=None, help="cap on scored tokens per domain")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", help="also write the results as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample continuations of prompts from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir (with tokenizer.json) or run dir")
+    p.add_argument("--prompt", action="append", required=True, help="repeatable")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
 
     from kinetic.data.cli import register as register_data_commands
 
