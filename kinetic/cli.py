@@ -6,6 +6,9 @@
   reloaded logits are bit-identical, and generate a few tokens greedily.
 * ``kinetic pretrain --config configs/X.toml [--resume] [--set section.key=value ...]`` — train;
   under ``torchrun --nproc-per-node N`` it runs data-parallel.
+* ``kinetic data ...``, ``kinetic tokenizer train`` — corpora and tokenizer (kinetic.data.cli).
+* ``kinetic eval``, ``kinetic generate``, ``kinetic chat``, ``kinetic serve`` — evaluation and
+  inference (kinetic.eval, kinetic.infer).
 
 Mistakes a user can make (a bad path, an unknown preset, an invalid config) print one line to stderr
 and exit with code 2; a failed self-check exits with 1. ``demo`` also writes ``summary.json``
@@ -278,28 +281,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from kinetic.data.tokenizer import decode, encode, load_tokenizer
-    from kinetic.eval import resolve_checkpoint
-
-    path = resolve_checkpoint(args.checkpoint)
-    tok_file = path / "tokenizer.json"
-    if not tok_file.is_file():
-        raise UserError(f"{path} has no tokenizer.json; pretrain with a corpus or copy one there")
-    tok = load_tokenizer(tok_file)
-    model = kinetic.from_pretrained(path)
-    gen = torch.Generator().manual_seed(args.seed)
-    for prompt in args.prompt:
-        ids = torch.tensor([encode(tok, prompt, bos=False)])
-        if ids.shape[1] == 0:
-            raise UserError("--prompt must not be empty")
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                             temperature=max(args.temperature, 1e-6), top_k=args.top_k, generator=gen)
-        text = decode(tok, out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
-        print(f"--- {prompt!r}\n{prompt}{text}\n")
-    return 0
-
-
 # ---------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kinetic", description=__doc__.split("\n\n")[0])
@@ -335,14 +316,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the results as JSON here")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="sample continuations of prompts from a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir (with tokenizer.json) or run dir")
-    p.add_argument("--prompt", action="append", required=True, help="repeatable")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    from kinetic.infer.engine import add_chat_args, add_generate_args, cmd_chat, cmd_generate
+    from kinetic.infer.server import add_serve_args, cmd_serve
+
+    p = sub.add_parser("generate", help="continue prompts from a checkpoint (streamed)")
+    add_generate_args(p)
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("chat", help="interactive terminal chat with a checkpoint")
+    add_chat_args(p)
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server, chat page at /")
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
 
     from kinetic.data.cli import register as register_data_commands
 
