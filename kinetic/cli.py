@@ -227,8 +227,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from kinetic.train import Trainer, load_config
     from kinetic.train.distributed import init_from_env
 
+    overrides = list(args.set)
+    if args.precision:
+        overrides.append(f"precision.recipe={args.precision}")
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
     info = init_from_env()
@@ -236,7 +239,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         train_src, val_src = make_sources(cfg, info)
     except ValueError as err:
         raise UserError(str(err)) from None
-    trainer = Trainer(cfg, train_source=train_src, val_source=val_src, dist_info=info)
+    try:
+        trainer = Trainer(cfg, train_source=train_src, val_source=val_src, dist_info=info)
+    except ValueError as err:  # e.g. an unknown precision recipe or recipe field
+        raise UserError(str(err)) from None
+    if trainer.precision is not None and info.is_main:
+        print(trainer.precision.summary())
     if info.is_main:
         counts = trainer.model.config.param_counts()
         print(f"pretrain {args.config}: {trainer.model.config.hybrid_override_pattern} "
@@ -304,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set train.steps=20")
+    p.add_argument("--precision", help="low-precision recipe: bf16, fp8, nvfp4 or another "
+                   "kinetic.precision preset (emulated on CPU); default: fp32")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("eval", help="validation loss and bits per byte per domain vs a unigram baseline")

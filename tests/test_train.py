@@ -205,3 +205,20 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     got = json.loads(result.read_text())
     assert got == pytest.approx(expected, rel=1e-4)
     assert expected[-1] < expected[0]
+
+
+def test_low_precision_recipe_trains_switches_and_resumes(tmp_path):
+    cfg = make_cfg(tmp_path / "run", precision={"recipe": "nvfp4", "overrides": {"switch_to_bf16_at": 0.5}})
+    trainer = Trainer(cfg)
+    assert trainer.precision is not None and trainer.precision.quantized
+    summary = trainer.train()
+    assert trainer._switch_step is None  # the switch to bf16 happened at step 3 of 6
+    assert math.isfinite(summary["final_val_loss"])
+    header = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert header["precision"]["recipe"]["format"] == "nvfp4"
+    resumed = Trainer(make_cfg(tmp_path / "run", train={"steps": 7},
+                               precision={"recipe": "nvfp4", "overrides": {"switch_to_bf16_at": 0.5}}))
+    resumed.train(resume=True)
+    assert resumed.step == 7
+    with pytest.raises(ValueError, match="unknown precision recipe"):
+        Trainer(make_cfg(tmp_path / "bad", precision={"recipe": "fp5"}))

@@ -63,6 +63,12 @@ class LossSection:
 
 
 @dataclass
+class PrecisionSection:
+    recipe: str = ""  # "" = plain fp32; else a kinetic.precision preset: bf16, fp8, nvfp4, nvfp4-no-rht, ...
+    overrides: dict = field(default_factory=dict)  # PrecisionRecipe fields, e.g. {switch_to_bf16_at = 0.8}
+
+
+@dataclass
 class RunSection:
     out_dir: str = "runs/pretrain"  # run directory: metrics, checkpoints, report
     log_every: int = 10  # steps between metrics lines
@@ -81,6 +87,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     loss: LossSection = field(default_factory=LossSection)
+    precision: PrecisionSection = field(default_factory=PrecisionSection)
     run: RunSection = field(default_factory=RunSection)
 
     def to_dict(self) -> dict[str, Any]:

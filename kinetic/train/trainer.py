@@ -73,6 +73,14 @@ class Trainer:
             torch.set_num_threads(config.train.threads)
         torch.manual_seed(config.train.seed)
         self.model = model if model is not None else NemotronHForCausalLM(model_config_from(config))
+        self.precision = None  # kinetic.precision RecipeReport when a low-precision recipe is on
+        self._switch_step = None
+        if config.precision.recipe:
+            from kinetic.precision import apply_recipe, get_recipe
+
+            recipe = get_recipe(config.precision.recipe, **config.precision.overrides)
+            self.precision = apply_recipe(self.model, recipe, rank=self.info.rank)
+            self._switch_step = self.precision.recipe.switch_step(config.train.steps)
         self.net = wrap(self.model, self.info)
         o = config.optim
         self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr,
@@ -138,6 +146,12 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over grad_accum micro-batches; returns its metrics."""
+        if self._switch_step is not None and self.step >= self._switch_step:
+            from kinetic.precision import restore_high_precision  # the recipe's final-phase switch
+
+            on_cpu = next(self.model.parameters()).device.type == "cpu"
+            restore_high_precision(self.model, to="bf16" if on_cpu else "native")
+            self._switch_step = None
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -188,6 +202,7 @@ class Trainer:
         writer = MetricsWriter(self.run_dir, {
             "config": cfg.to_dict(), "model_config": self.model.config.to_dict(),
             "param_counts": self.model.config.param_counts(), "world_size": self.info.world_size,
+            "precision": self.precision.to_dict() if self.precision is not None else None,
             "resumed_from_step": self.resumed_from}, enabled=self.info.is_main)
         from tqdm.auto import tqdm
 
