@@ -65,3 +65,13 @@ def randomize(model: torch.nn.Module, seed: int = 0, dt_bias: float | None = Non
 @pytest.fixture
 def transformers_mod():
     return pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def one_thread():
+    """For tests of tiny GEMMs: a second thread does not help them, and on a busy 2-core machine
+    OpenMP's spin-waiting makes every matmul ~50x slower. Restored afterwards for the other tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,14 +19,8 @@ from kinetic.precision.linear import GemmConfig, QuantExperts, QuantLinear, Quan
 NO_SR = dict(stochastic_rounding=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These GEMMs are tiny: a second thread does not help them, and on a busy 2-core machine OpenMP's
-    spin-waiting makes every matmul ~50x slower. Restored afterwards for the other tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny GEMMs: one torch thread (see the fixture's docstring in conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pad(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

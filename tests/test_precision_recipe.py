@@ -17,15 +17,8 @@ from kinetic.precision.linear import QuantExperts, QuantLinear
 from kinetic.precision.recipe import linear_layers
 from kinetic.train.sources import SyntheticSource
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These GEMMs are tiny: a second thread does not help them, and on a busy 2-core machine OpenMP's
-    spin-waiting makes every matmul ~50x slower. Restored afterwards for the other tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny GEMMs: one torch thread (see the fixture's docstring in conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0) -> NemotronHForCausalLM:
