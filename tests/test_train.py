@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from kinetic.train import Trainer, load_config
 from kinetic.train import checkpoint as ckpt
 from kinetic.train.config import from_dict
-from kinetic.train.distributed import DistInfo
 from kinetic.train.schedule import wsd_lr
 
 
@@ -180,29 +182,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, result_file: str) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world)
-    try:
-        cfg = make_cfg(out_dir, train={"steps": 4, "micro_batch": 4 // world, "grad_accum": 2})
-        trainer = Trainer(cfg, dist_info=DistInfo(rank=rank, world_size=world))
-        losses = [trainer.train_step()["lm_loss"] for _ in range(4)]
-        if rank == 0:
-            with open(result_file, "w") as f:
-                json.dump(losses, f)
-    finally:
-        torch.distributed.destroy_process_group()
+def _pretrain_args(out_dir, micro_batch: int) -> list[str]:
+    sets = {"train.steps": 4, "train.micro_batch": micro_batch, "train.grad_accum": 2, "train.seed": 3,
+            "data.seq_len": 32, "run.log_every": 1, "run.progress": "false", "run.save_every": 0,
+            "run.out_dir": str(out_dir)}
+    args = ["pretrain", "--config", str(Path(__file__).parent.parent / "configs" / "tiny-synthetic.toml")]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def _losses(run_dir) -> list[float]:
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["lm_loss"] for r in records if r["type"] == "train"]
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
-    torch.set_num_threads(1)
-    single = Trainer(make_cfg(tmp_path / "single", train={"steps": 4, "micro_batch": 4, "grad_accum": 2}))
-    expected = [single.train_step()["lm_loss"] for _ in range(4)]
-    result = tmp_path / "losses.json"
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path / "ddp"), str(result)), nprocs=2,
-                       join=True, start_method="spawn")
-    got = json.loads(result.read_text())
+    """torchrun launches 2 processes (DDP on gloo, micro-batch 2 each) against 1 process with
+    micro-batch 4: same global batch, so the same loss trajectory."""
+    from kinetic.cli import main
+
+    main(_pretrain_args(tmp_path / "single", micro_batch=4))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+           "127.0.0.1", "--master-port", str(_free_port()), "-m", "kinetic.cli",
+           *_pretrain_args(tmp_path / "ddp", micro_batch=2)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "world size 2" in done.stdout
+    expected, got = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
+    assert len(got) == len(expected) == 4
     assert got == pytest.approx(expected, rel=1e-4)
     assert expected[-1] < expected[0]
 
