@@ -29,6 +29,7 @@ from kinetic.train.report import MetricsWriter, plot_run
 from kinetic.train.schedule import wsd_lr
 from kinetic.train.sources import BatchSource, SyntheticSource
 
+LOSS_KEYS = ("lm_loss", "mtp_loss", "balance_loss")
 LossFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -210,6 +211,7 @@ class Trainer:
                    disable=not (cfg.run.progress and self.info.is_main))
         start, start_tokens = time.perf_counter(), self.tokens
         window: list[float] = []
+        pending: dict[str, list[float]] = {}
         last_val = None
         while self.step < cfg.train.steps:
             record = self.train_step()
@@ -218,9 +220,13 @@ class Trainer:
             record["tokens_per_s"] = (self.tokens - start_tokens) / max(elapsed, 1e-9)
             if "lm_loss" in record:
                 window.append(record["lm_loss"])
+            for key in LOSS_KEYS:  # logged as means over the steps since the last line
+                if key in record:
+                    pending.setdefault(key, []).append(record[key])
             last = self.step == cfg.train.steps
             if self.step % cfg.run.log_every == 0 or last or record.get("skipped"):
-                writer.write(record)
+                writer.write({**record, **{k: sum(v) / len(v) for k, v in pending.items()}})
+                pending.clear()
             if (cfg.run.eval_every and self.step % cfg.run.eval_every == 0) or last:
                 last_val = self.evaluate()
                 writer.write({"type": "eval", "step": self.step, "val_loss": last_val})
