@@ -19,6 +19,15 @@ Text is emitted only once it is stable: byte-level BPE can split a UTF-8 charact
 tokens, so a piece whose decoding ends in U+FFFD waits for the next token, and text that could be the
 start of a stop string is held back until it is known not to be one.
 
+Speculative decoding (:mod:`kinetic.infer.speculative`) is on by default when the checkpoint has MTP
+layers: each step after the prefill drafts ``draft_tokens`` tokens with the MTP layer and verifies them
+in one pass, so a step can add several tokens. Greedy output is the plain greedy output token for
+token; sampled output has the same distribution (not the same draws) as plain sampling with that seed.
+
+Prompts are prefilled in chunks of ``prefill_chunk`` tokens, so activation memory is bounded by the
+chunk; each sequence's KV buffers are reserved once at prompt + completion length
+(``Engine.memory_budget`` says how much that is before anything runs).
+
 ``cmd_generate`` and ``cmd_chat`` implement ``kinetic generate`` and ``kinetic chat``.
 """
 
@@ -37,7 +46,8 @@ from tokenizers import Tokenizer
 
 from kinetic.data.tokenizer import encode
 from kinetic.infer.chat_template import ChatTemplate, check_unicode
-from kinetic.model.cache import InferenceCache
+from kinetic.infer.speculative import SpecStats, SpeculativeDecoder, prefill, target_distribution
+from kinetic.model.cache import InferenceCache, cache_budget, format_budget
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
 
@@ -199,6 +209,7 @@ class GenerationSequence:
         self.text = ""  # output text so far (stable or held back)
         self.emitted = 0  # characters of ``text`` already returned in deltas
         self.finish_reason: str | None = FINISH_LENGTH if params.max_new_tokens == 0 else None
+        self.spec: SpeculativeDecoder | None = None  # set at prefill when decoding speculatively
         self._detok = Detokenizer(tokenizer)
         self._longest_stop = max(map(len, params.stop_strings), default=0)
 
@@ -252,11 +263,14 @@ class Engine:
     """A model + tokenizer that generate text (see the module docstring).
 
     ``max_context`` caps prompt + generated tokens (default: the config's max_position_embeddings).
+    ``speculative`` (default: when the model has MTP layers) drafts ``draft_tokens`` tokens per step
+    with MTP; ``prefill_chunk`` bounds the tokens of one prefill pass.
     The model is put in eval mode. Not thread-safe: the model runs on the caller's thread; the
     server serializes calls."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, *, max_context: int | None = None,
-                 chat_template: ChatTemplate | None = None) -> None:
+                 chat_template: ChatTemplate | None = None, speculative: bool | None = None,
+                 draft_tokens: int = 3, prefill_chunk: int = 8192) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.vocab_size = model.config.vocab_size
@@ -266,10 +280,22 @@ class Engine:
         self.chat_template = chat_template or ChatTemplate()
         self.device = next(model.parameters()).device
         self.eos_token_ids = tuple(model.config.eos_token_ids)
+        has_mtp = getattr(model, "mtp", None) is not None
+        if speculative and not has_mtp:
+            raise ValueError("speculative=True needs a checkpoint with MTP layers (config "
+                             "num_nextn_predict_layers >= 1); this one has none")
+        self.speculative = has_mtp if speculative is None else bool(speculative)
+        if not _is_int(draft_tokens) or draft_tokens < 0:
+            raise ValueError(f"draft_tokens={draft_tokens!r} must be an integer >= 0")
+        if not _is_int(prefill_chunk) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk={prefill_chunk!r} must be an integer >= 1")
+        self.draft_tokens = draft_tokens
+        self.prefill_chunk = prefill_chunk
+        self.spec_stats = SpecStats()  # summed over every sequence's speculative rounds
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                        max_context: int | None = None) -> Engine:
+                        max_context: int | None = None, **options) -> Engine:
         """Load a checkpoint directory (or a run directory's latest checkpoint) with its
         ``tokenizer.json`` and chat template."""
         import kinetic
@@ -282,7 +308,19 @@ class Engine:
                                     "corpus tokenizer there")
         model = kinetic.from_pretrained(path, dtype=dtype, device=device)
         return cls(model, load_tokenizer(path / TOKENIZER_FILE), max_context=max_context,
-                   chat_template=ChatTemplate.from_pretrained(path))
+                   chat_template=ChatTemplate.from_pretrained(path), **options)
+
+    def memory_budget(self, tokens: int) -> dict:
+        """Bytes one sequence of ``tokens`` tokens needs: its cache (KV of the attention layers +
+        constant Mamba state, MTP layers included when speculative) and the weights."""
+        dtype = next(self.model.parameters()).dtype
+        out = cache_budget(self.model.config, tokens, dtype=dtype, mtp=self.speculative)
+        out["weights"] = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return out
+
+    def describe_budget(self, tokens: int) -> str:
+        budget = self.memory_budget(tokens)
+        return format_budget(budget, budget["weights"])
 
     # ---- prompts
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -315,7 +353,10 @@ class Engine:
             raise ValueError(f"the prompt has {len(ids)} tokens; the context limit is {self.max_context} "
                              "tokens (prompt + completion)")
         stop_ids = (() if params.ignore_eos else self.eos_token_ids) + params.stop_token_ids
-        return GenerationSequence(ids, params, stop_ids, self.max_context, self.tokenizer, self.device)
+        seq = GenerationSequence(ids, params, stop_ids, self.max_context, self.tokenizer, self.device)
+        room = min(len(ids) + params.max_new_tokens, self.max_context)
+        seq.cache.reserve(room + (self.draft_tokens + 1 if self.speculative else 0))
+        return seq
 
     # ---- running
     @torch.inference_mode()  # per thread: the server's worker thread needs it as much as the caller
@@ -323,9 +364,33 @@ class Engine:
         """One model call for ``seq``: prefill on its first step, then one decode step."""
         if seq.finished:
             return Delta("", [], seq.finish_reason)
-        ids = torch.tensor([seq.next_input()], device=self.device)
-        logits = self.model(ids, seq.cache, return_mtp=False, logits_to_keep=1).logits[0, -1]
-        return seq.advance(sample_token(logits, seq.params, seq.generator))
+        params = seq.params
+        if not seq.token_ids:  # prefill, in chunks
+            if self.speculative:
+                seq.spec = SpeculativeDecoder(
+                    self.model, seq.cache, target_distribution(params.temperature, params.top_k,
+                                                               params.top_p), seq.generator)
+            token = prefill(self.model, seq.cache, seq.prompt_ids, self.prefill_chunk, seq.spec,
+                            pick=lambda logits: sample_token(logits, params, seq.generator))
+            return seq.advance(token)
+        if seq.spec is None:
+            ids = torch.tensor([seq.next_input()], device=self.device)
+            logits = self.model(ids, seq.cache, return_mtp=False, logits_to_keep=1).logits[0, -1]
+            return seq.advance(sample_token(logits, params, seq.generator))
+        done = len(seq.token_ids)
+        room = min(params.max_new_tokens - done, self.max_context - len(seq.prompt_ids) - done)
+        before = replace(seq.spec.stats)
+        tokens = seq.spec.round(max(0, min(self.draft_tokens, room - 1)))
+        self.spec_stats.add(SpecStats(*(getattr(seq.spec.stats, f) - getattr(before, f)
+                                        for f in ("rounds", "drafted", "accepted", "emitted"))))
+        text, ids = [], []
+        for token in tokens:  # a stop token or string may end the sequence inside the round
+            delta = seq.advance(token)
+            text.append(delta.text)
+            ids += delta.token_ids
+            if seq.finished:
+                break
+        return Delta("".join(text), ids, seq.finish_reason)
 
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationResult]:
@@ -370,6 +435,12 @@ def _add_common_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--max-context", type=int, default=None,
                    help="prompt + completion token limit (default: the config's max_position_embeddings)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-speculative", action="store_true",
+                   help="decode one token per step even if the checkpoint has MTP layers")
+    p.add_argument("--draft-tokens", type=int, default=3, help="MTP draft tokens per speculative step")
+    p.add_argument("--prefill-chunk", type=int, default=8192, help="prompt tokens per prefill pass")
+    p.add_argument("--show-budget", action="store_true",
+                   help="print the memory budget (cache + weights) for each prompt before running it")
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -394,7 +465,9 @@ def _user_error(message: str) -> Exception:
 
 def _engine_and_params(args: argparse.Namespace) -> tuple[Engine, SamplingParams]:
     try:
-        engine = Engine.from_pretrained(args.checkpoint, device=args.device, max_context=args.max_context)
+        engine = Engine.from_pretrained(args.checkpoint, device=args.device, max_context=args.max_context,
+                                        speculative=False if args.no_speculative else None,
+                                        draft_tokens=args.draft_tokens, prefill_chunk=args.prefill_chunk)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                 stop_strings=tuple(args.stop))
@@ -413,12 +486,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"--- {prompt!r}\n{'' if args.chat else prompt}", end="", flush=True)
         try:
             ids = engine.encode_chat([{"role": "user", "content": prompt}]) if args.chat else prompt
+            if args.show_budget:
+                n = len(ids) if not isinstance(ids, str) else len(engine.encode(ids))
+                print(f"[{engine.describe_budget(min(n + params.max_new_tokens, engine.max_context))}]")
             for delta in engine.stream(ids, params):
                 print(delta.text, end="", flush=True)
         except ValueError as err:
             print()
             raise _user_error(f"--prompt {prompt!r}: {err}") from None
         print("\n")
+    if engine.speculative and engine.spec_stats.rounds:
+        st = engine.spec_stats
+        print(f"[speculative decoding: {st.drafted} drafted, {st.accepted} accepted "
+              f"({st.acceptance_rate:.0%}); {st.mean_accepted_length:.2f} tokens per model pass]")
     return 0
 
 

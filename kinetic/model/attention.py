@@ -37,11 +37,22 @@ class Attention(nn.Module):
             k, v = cache.append_kv(self.cache_key, k, v)
         mask, causal = None, q_len > 1 and past == 0
         if q_len > 1 and past > 0:  # new queries see all cached keys plus a causal block
-            kv_pos = torch.arange(past + q_len, device=hidden.device)
-            q_pos = torch.arange(past, past + q_len, device=hidden.device)
-            mask = kv_pos[None, :] <= q_pos[:, None]
+            mask = _lower_right_causal(q_len, past + q_len, q)
         out = _sdpa(q, k, v, mask, causal)
         return self.o_proj(out.transpose(1, 2).reshape(b, q_len, self.num_heads * self.head_dim))
+
+
+def _lower_right_causal(q_len: int, kv_len: int, q: torch.Tensor):
+    """Mask for queries at the last ``q_len`` of ``kv_len`` positions. On CUDA in half precision a
+    ``CausalBias`` lets SDPA run a flash kernel without building the (q_len, kv_len) mask, so a chunk
+    of a long prefill needs memory for the chunk only; elsewhere the boolean mask is built."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        from torch.nn.attention.bias import causal_lower_right
+
+        return causal_lower_right(q_len, kv_len)
+    kv_pos = torch.arange(kv_len, device=q.device)
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
+    return kv_pos[None, :] <= q_pos[:, None]
 
 
 def _sdpa(q, k, v, mask, causal):

@@ -119,6 +119,31 @@ def ssd_scan(
     return y[:, :seqlen], final
 
 
+def ssd_states(
+    x: torch.Tensor,  # (b, l, h, p)
+    dt: torch.Tensor,  # (b, l, h)
+    A: torch.Tensor,  # (h,)
+    B: torch.Tensor,  # (b, l, g, n)
+    C: torch.Tensor,  # (b, l, g, n)
+    initial_state: torch.Tensor | None = None,  # (b, h, p, n)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SSM state after every position, for short inputs (speculative verification): returns
+    y (b, l, h, p) without the D skip, and states (b, l, h, p, n). Costs O(l^2) and l full states,
+    so it is meant for a handful of positions; ``ssd_scan`` is the general path."""
+    b, seqlen, h, p = x.shape
+    r = h // B.shape[2]
+    a_cs = (dt * A).cumsum(1).transpose(1, 2)  # (b, h, l)
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=x.device).tril()
+    decay = (a_cs.unsqueeze(-1) - a_cs.unsqueeze(-2)).masked_fill(~causal, -math.inf).exp()  # (b,h,l,s)
+    Bh, Ch = B.repeat_interleave(r, dim=2), C.repeat_interleave(r, dim=2)  # (b, l, h, n)
+    contrib = (x * dt.unsqueeze(-1)).unsqueeze(-1) * Bh.unsqueeze(-2)  # (b, s, h, p, n)
+    states = torch.einsum("bhls,bshq->blhq", decay, contrib.flatten(3)).view(b, seqlen, h, p, -1)
+    if initial_state is not None:
+        states = states + a_cs.transpose(1, 2).exp()[..., None, None] * initial_state.float().unsqueeze(1)
+    y = torch.einsum("blhpn,blhn->blhp", states, Ch)
+    return y, states
+
+
 class Mamba2Mixer(nn.Module):
     """Selective state-space mixer of NemotronH (HF parameter names: in_proj, conv1d, dt_bias,
     A_log, D, norm, out_proj)."""
@@ -173,12 +198,15 @@ class Mamba2Mixer(nn.Module):
         xs, B, C = self._split_xbc(xbc)
         dt = self._dt(dt_raw)
         A = -torch.exp(self.A_log.float())
-        y, final = ssd_scan(
-            xs.reshape(b, seqlen, self.num_heads, self.head_dim).float(), dt, A,
-            B.reshape(b, seqlen, self.n_groups, self.state_size).float(),
-            C.reshape(b, seqlen, self.n_groups, self.state_size).float(),
-            self.chunk_size, initial_state,
-        )
+        args = (xs.reshape(b, seqlen, self.num_heads, self.head_dim).float(), dt, A,
+                B.reshape(b, seqlen, self.n_groups, self.state_size).float(),
+                C.reshape(b, seqlen, self.n_groups, self.state_size).float())
+        if cache is not None and cache.is_tracking:  # keep every position's state for cache.keep(n)
+            y, states = ssd_states(*args, initial_state)
+            cache.track_mamba(self.cache_key, window, states, self.kernel)
+            final = states[:, -1]
+        else:
+            y, final = ssd_scan(*args, self.chunk_size, initial_state)
         if cache is not None:
             cache.set_ssm_state(self.cache_key, final)
         y = y + xs.reshape(b, seqlen, self.num_heads, self.head_dim).float() * self.D.float()[:, None]
@@ -211,6 +239,8 @@ class Mamba2Mixer(nn.Module):
         decay = torch.exp(dt * -torch.exp(self.A_log.float()))
         state = ssm_state.float() * decay[..., None, None] + (dt[..., None] * x)[..., None] * B[:, :, None]
         cache.set_ssm_state(self.cache_key, state)
+        if cache.is_tracking:
+            cache.track_mamba(self.cache_key, window, state.unsqueeze(1), self.kernel)
         y = torch.einsum("bhpn,bhn->bhp", state, C) + x * self.D.float()[:, None]
         y = self.norm(y.reshape(b, 1, self.inner), z.unsqueeze(1))
         return self.out_proj(y.to(hidden.dtype))
