@@ -1,13 +1,19 @@
-"""Decode speed: kinetic's cached decode vs transformers' greedy ``generate`` on the same weights, and
-per-token decode latency as the context grows (the hybrid's Mamba layers keep a constant state; only
-its few attention layers keep a growing KV cache).
+"""Decode speed, in one run on one machine:
 
-Long contexts are prefilled in chunks through ``InferenceCache`` (each chunk continues the Mamba
-states and appends to the KV caches), so prefill activation memory is bounded by the chunk.
-MTP speculative decoding is not measured here yet.
+1. plain greedy decode: kinetic's cached ``generate`` vs transformers' ``generate`` on the same
+   (random, tiny-preset) weights, checking the tokens are identical;
+2. MTP speculative decoding vs plain decoding on a checkpoint trained with MTP (the quickstart
+   checkpoint when it exists, else a tiny MTP model trained here on a synthetic Markov language),
+   for several draft lengths: tokens/s, speed-up, acceptance rate and mean accepted length, and a
+   check that the greedy tokens are identical;
+3. per-token decode latency as the context grows (1K .. 128K by default): long prompts are prefilled
+   in chunks through ``InferenceCache`` (KV buffers reserved once), then single-token steps are timed.
+   The hybrid's Mamba layers keep a constant state; only its few attention layers read a growing
+   KV cache.
 
-    python benchmarks/decode.py                                   # tiny preset, contexts 1K..128K
-    python benchmarks/decode.py --contexts 1024 8192 --json /tmp/decode.json
+    python benchmarks/decode.py                                     # CPU, fp32
+    python benchmarks/decode.py --device cuda --dtype bfloat16 --json /tmp/decode.json
+    python benchmarks/decode.py --sections speculative --draft-tokens 1 3 7
 """
 
 from __future__ import annotations
@@ -18,98 +24,236 @@ import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import kinetic
+from kinetic.infer.speculative import speculative_generate
 from kinetic.model import InferenceCache
 
+QUICKSTART = Path("runs/quickstart/pretrain")
+PROMPTS = ["The Congress shall", "def parse_args(", "The state of the Union is",
+           "class Parser:\n    def __init__(self", "We the People of the United States, in Order to"]
 
-@torch.no_grad()
-def step_latency(model, context: int, steps: int, chunk: int, seed: int = 0) -> dict:
-    """Prefill ``context`` random tokens in chunks, then time ``steps`` single-token decode steps."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, model.config.vocab_size, (1, context), generator=g)
-    cache = InferenceCache()
-    t0 = time.perf_counter()
-    for start in range(0, context, chunk):
-        logits = model(ids[:, start:start + chunk], cache, return_mtp=False, logits_to_keep=1).logits
-    prefill = time.perf_counter() - t0
-    token = logits[:, -1].argmax(-1, keepdim=True)
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _best(fn, repeats: int, device) -> float:
+    fn()  # warm-up
     times = []
-    for _ in range(steps):
+    for _ in range(repeats):
+        _sync(device)
         t = time.perf_counter()
-        token = model(token, cache, return_mtp=False).logits[:, -1].argmax(-1, keepdim=True)
+        fn()
+        _sync(device)
         times.append(time.perf_counter() - t)
-    return {"context": context, "prefill_s": prefill, "prefill_tokens_per_s": context / prefill,
-            "step_ms": 1e3 * statistics.median(times), "cache_mib": cache.nbytes() / 2**20}
+    return min(times)
 
 
+# ---------------------------------------------------------------------- 1. vs transformers
 @torch.no_grad()
-def generate_speed(model, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+def generate_speed(model, prompt_len: int, new_tokens: int, repeats: int, device) -> dict:
     """Tokens/s of greedy generation: kinetic vs transformers (same weights), best of ``repeats``."""
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=gen)
+    ids = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=gen).to(device)
     out = {"prompt": prompt_len, "new_tokens": new_tokens}
-
-    def best(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    kin_s = best(lambda: model.generate(ids, max_new_tokens=new_tokens, eos_token_id=None))
+    kin_s = _best(lambda: model.generate(ids, max_new_tokens=new_tokens, eos_token_id=None), repeats, device)
     out["kinetic_tokens_per_s"] = new_tokens / kin_s
     if importlib.util.find_spec("transformers") is None:
         return out
     import transformers
 
     transformers.logging.set_verbosity_error()
+    out["transformers"] = transformers.__version__
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    same = hf.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    out["identical_tokens"] = same.tolist() == model.generate(ids, max_new_tokens=new_tokens,
-                                                              eos_token_id=None).tolist()
-    hf_s = best(lambda: hf.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                                    pad_token_id=0))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=next(model.parameters()).dtype)
+    hf = hf.to(device).eval()
+
+    def hf_generate():
+        return hf.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    out["identical_tokens"] = hf_generate().tolist() == model.generate(
+        ids, max_new_tokens=new_tokens, eos_token_id=None).tolist()
+    hf_s = _best(hf_generate, repeats, device)
     out["transformers_tokens_per_s"] = new_tokens / hf_s
     out["ratio"] = hf_s / kin_s
     return out
 
 
+# ---------------------------------------------------------------------- 2. speculative
+def trained_checkpoint(path: Path | None, device, dtype, steps: int = 300, pattern: str | None = None):
+    """(model, prompts as id lists, description): the given/quickstart checkpoint, else a tiny MTP
+    model (block pattern ``pattern``, default the preset's) trained here for ``steps`` steps on a
+    synthetic Markov language."""
+    if path is None and pattern is None and (QUICKSTART / "checkpoints" / "latest").exists():
+        path = QUICKSTART
+    if path is not None:
+        from kinetic.data.tokenizer import TOKENIZER_FILE, encode, load_tokenizer
+        from kinetic.eval import resolve_checkpoint
+
+        ckpt = resolve_checkpoint(path)
+        model = kinetic.from_pretrained(ckpt, dtype=dtype, device=device).eval()
+        if model.mtp is None:
+            raise SystemExit(f"{ckpt} has no MTP layers: speculative decoding needs them")
+        tok = load_tokenizer(ckpt / TOKENIZER_FILE)
+        return model, [encode(tok, p) for p in PROMPTS], str(ckpt)
+    from kinetic.train.sources import SyntheticSource
+
+    torch.manual_seed(0)
+    config = kinetic.preset("tiny")
+    if pattern:
+        config = config.replace(hybrid_override_pattern=pattern)
+    model = kinetic.NemotronHForCausalLM(config).to(device)
+    source = SyntheticSource(config.vocab_size, 128, 16, branching=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(steps):
+        batch = source.next_batch().to(device)
+        out = model(batch[:, :-1], labels=batch)
+        loss = out.loss + 0.3 * sum(out.mtp_losses)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    prompts = [row[:24].tolist() for row in source.next_batch()[:len(PROMPTS)]]
+    return model.to(device=device, dtype=dtype).eval(), prompts, (
+        f"tiny preset ({config.hybrid_override_pattern} + MTP {config.mtp_hybrid_override_pattern}) "
+        f"trained here {steps} steps on a 2-successor Markov language")
+
+
+@torch.no_grad()
+def speculative_speed(model, prompts, new_tokens: int, draft_lengths, repeats: int, device) -> dict:
+    """Greedy tokens/s over all prompts: plain cached decode vs MTP speculative decoding."""
+
+    def plain():
+        return [model.generate(torch.tensor([p], device=device), max_new_tokens=new_tokens,
+                               eos_token_id=None)[0, len(p):].tolist() for p in prompts]
+
+    ref = plain()
+    plain_s = _best(plain, repeats, device)
+    total = new_tokens * len(prompts)
+    rows = []
+    def spec(k: int, stats: list):
+        stats.clear()
+        outs = []
+        for p in prompts:
+            toks, st = speculative_generate(model, p, new_tokens, draft_tokens=k)
+            outs.append(toks)
+            stats.append(st)
+        return outs
+
+    for k in draft_lengths:
+        stats: list = []
+        same = spec(k, stats) == ref
+        spec_s = _best(lambda k=k, stats=stats: spec(k, stats), repeats, device)
+        drafted = sum(s.drafted for s in stats)
+        accepted = sum(s.accepted for s in stats)
+        rounds = sum(s.rounds for s in stats)
+        emitted = sum(s.emitted for s in stats)
+        rows.append({"draft_tokens": k, "tokens_per_s": total / spec_s, "speedup": plain_s / spec_s,
+                     "acceptance_rate": accepted / max(drafted, 1),
+                     "mean_accepted_length": emitted / max(rounds, 1), "identical_tokens": same})
+    return {"prompts": len(prompts), "new_tokens": new_tokens, "plain_tokens_per_s": total / plain_s,
+            "rows": rows}
+
+
+# ---------------------------------------------------------------------- 3. latency vs context
+@torch.no_grad()
+def step_latency(model, context: int, steps: int, chunk: int, device, seed: int = 0) -> dict:
+    """Prefill ``context`` random tokens in chunks, then time ``steps`` single-token decode steps."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (1, context), generator=g).to(device)
+    cache = InferenceCache()
+    cache.reserve(context + steps + 1)
+    _sync(device)
+    t0 = time.perf_counter()
+    for start in range(0, context, chunk):
+        logits = model(ids[:, start:start + chunk], cache, return_mtp=False, logits_to_keep=1).logits
+    _sync(device)
+    prefill = time.perf_counter() - t0
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t = time.perf_counter()
+        token = model(token, cache, return_mtp=False).logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return {"context": context, "prefill_s": prefill, "prefill_tokens_per_s": context / prefill,
+            "step_ms": 1e3 * statistics.median(times), "cache_mib": cache.nbytes() / 2**20}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--sections", nargs="+", default=["transformers", "speculative", "latency"],
+                        choices=["transformers", "speculative", "latency"])
+    parser.add_argument("--preset", default="tiny", help="random model of sections 1 and 3")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="MTP checkpoint for section 2 (default: the quickstart run, if any)")
+    parser.add_argument("--train-pattern", default=None,
+                        help="section 2 on a tiny model with this block pattern trained here (e.g. a deep "
+                        "one, to see how the speed-up grows as MTP becomes a smaller share of the work)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 65536, 131072])
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps per context")
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk length")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--draft-tokens", type=int, nargs="+", default=[1, 2, 3, 5, 7])
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
     torch.manual_seed(0)
     # Δt clamped at time_step_min, as transformers' prefill does, so both decode the same function
     base = kinetic.preset(args.preset)
     config = base.replace(time_step_limit=(base.time_step_min, float("inf")))
-    model = kinetic.NemotronHForCausalLM(config).eval()
-    gen = generate_speed(model, 32, args.new_tokens, repeats=3)
-    rows = [step_latency(model, n, args.steps, args.chunk) for n in args.contexts]
-    print(f"\nkinetic decode: preset {args.preset} ({model.config.hybrid_override_pattern}), fp32, "
-          f"{torch.get_num_threads()} threads, batch 1\n")
-    line = (f"greedy generate, 32-token prompt + {gen['new_tokens']} tokens: kinetic "
-            f"{gen['kinetic_tokens_per_s']:.1f} tok/s")
-    if "ratio" in gen:
-        line += (f", transformers {gen['transformers_tokens_per_s']:.1f} tok/s -> {gen['ratio']:.2f}x; "
-                 f"identical tokens: {gen['identical_tokens']}")
-    print(line + "\n")
-    print(f"{'context':>9} {'prefill tok/s':>14} {'decode ms/token':>16} {'cache MiB':>10} {'vs first':>9}")
-    for r in rows:
-        print(f"{r['context']:>9,} {r['prefill_tokens_per_s']:>14,.0f} {r['step_ms']:>16.2f} "
-              f"{r['cache_mib']:>10.1f} {r['step_ms'] / rows[0]['step_ms']:>8.2f}x")
-    report = {"preset": args.preset, "generate": gen, "latency": rows, "torch": torch.__version__}
+    model = kinetic.NemotronHForCausalLM(config).to(device=device, dtype=dtype).eval()
+    where = (f"{torch.cuda.get_device_name(device)}" if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads")
+    print(f"\nkinetic decode benchmark: {where}, {args.dtype}, batch 1, torch {torch.__version__}\n")
+    report = {"device": where, "dtype": args.dtype, "torch": torch.__version__}
+
+    if "transformers" in args.sections:
+        gen = generate_speed(model, 32, args.new_tokens, args.repeats, device)
+        report["generate"] = gen
+        line = (f"1. greedy generate, random {args.preset} preset ({config.hybrid_override_pattern}), "
+                f"32-token prompt + {gen['new_tokens']} tokens: "
+                f"kinetic {gen['kinetic_tokens_per_s']:.1f} tok/s")
+        if "ratio" in gen:
+            line += (f", transformers {gen['transformers_tokens_per_s']:.1f} tok/s -> {gen['ratio']:.2f}x; "
+                     f"identical tokens: {gen['identical_tokens']}")
+        print(line + "\n")
+
+    if "speculative" in args.sections:
+        trained, prompts, what = trained_checkpoint(args.checkpoint, device, dtype,
+                                                    pattern=args.train_pattern)
+        spec = speculative_speed(trained, prompts, args.new_tokens, args.draft_tokens, args.repeats, device)
+        spec["checkpoint"] = what
+        report["speculative"] = spec
+        print(f"2. MTP speculative decoding, greedy, {what}\n   {spec['prompts']} prompts x "
+              f"{spec['new_tokens']} tokens; plain decode {spec['plain_tokens_per_s']:.1f} tok/s\n")
+        print(f"{'draft k':>8} {'tok/s':>8} {'vs plain':>9} {'accept rate':>12} {'mean accepted len':>18} "
+              f"{'identical':>10}")
+        for r in spec["rows"]:
+            print(f"{r['draft_tokens']:>8} {r['tokens_per_s']:>8.1f} {r['speedup']:>8.2f}x "
+                  f"{r['acceptance_rate']:>11.0%} {r['mean_accepted_length']:>18.2f} "
+                  f"{str(r['identical_tokens']):>10}")
+        print()
+
+    if "latency" in args.sections:
+        rows = [step_latency(model, n, args.steps, args.chunk, device) for n in args.contexts]
+        report["latency"] = rows
+        print(f"3. decode latency vs context, random {args.preset} preset, prefill chunk {args.chunk}\n")
+        print(f"{'context':>9} {'prefill tok/s':>14} {'decode ms/token':>16} {'cache MiB':>10} "
+              f"{'vs first':>9}")
+        for r in rows:
+            print(f"{r['context']:>9,} {r['prefill_tokens_per_s']:>14,.0f} {r['step_ms']:>16.2f} "
+                  f"{r['cache_mib']:>10.1f} {r['step_ms'] / rows[0]['step_ms']:>8.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

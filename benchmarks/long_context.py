@@ -1,0 +1,111 @@
+"""Long-context prefill: a prompt of N tokens (1M by default) through the tiny hybrid preset in
+chunks, with the cache budget printed before it runs and the measured peak memory compared to
+budget + weights afterwards (target: within 10%). Then a few decode steps at that context.
+
+On CUDA the peak is ``torch.cuda.max_memory_allocated``: weights, cache and activations, and the
+CUDA libraries' workspaces (cuBLAS keeps 32 MiB per stream on Hopper). Those workspaces are a fixed
+cost of the process, not of the context, so they are measured after a short warm-up forward and
+reported separately; the 10% target is checked on the rest. On CPU the peak is the growth of the
+process's peak resident set size, which also counts allocator slack, so it is an upper bound.
+
+    python benchmarks/long_context.py --device cuda --dtype bfloat16              # 1M tokens
+    python benchmarks/long_context.py --tokens 131072 --chunk 2048                 # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+import kinetic
+from kinetic.model import InferenceCache
+from kinetic.model.cache import cache_budget, format_budget
+
+
+def _rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@torch.no_grad()
+def run(tokens: int, chunk: int, device: torch.device, dtype: torch.dtype, preset: str,
+        decode_steps: int) -> dict:
+    config = kinetic.preset(preset).replace(max_position_embeddings=max(tokens + decode_steps + 1, 8192))
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = _rss_bytes()
+    torch.manual_seed(0)
+    model = kinetic.NemotronHForCausalLM(config).to(device=device, dtype=dtype).eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    library = 0
+    if cuda:  # a short forward allocates the libraries' workspaces (fixed per process)
+        model(torch.zeros(1, 16, dtype=torch.long, device=device), InferenceCache(), return_mtp=False)
+        torch.cuda.synchronize(device)
+        library = torch.cuda.memory_allocated(device) - base - weights
+        torch.cuda.reset_peak_memory_stats(device)
+    budget = cache_budget(config, tokens + decode_steps, dtype=dtype)
+    print(format_budget(budget, weights))
+    ids = torch.randint(3, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    cache = InferenceCache()
+    cache.reserve(tokens + decode_steps)
+    t0 = time.perf_counter()
+    for start in tqdm(range(0, tokens, chunk), desc=f"prefill {tokens:,} tokens", unit="chunk"):
+        part = ids[:, start:start + chunk].to(device)
+        logits = model(part, cache, return_mtp=False, logits_to_keep=1).logits
+    if cuda:
+        torch.cuda.synchronize(device)
+    prefill_s = time.perf_counter() - t0
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    times = []
+    for _ in range(decode_steps):
+        t = time.perf_counter()
+        token = model(token, cache, return_mtp=False).logits[:, -1].argmax(-1, keepdim=True)
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    peak = (torch.cuda.max_memory_allocated(device) if cuda else _rss_bytes()) - base - library
+    expected = budget["total"] + weights
+    out = {"tokens": tokens, "chunk": chunk, "preset": preset, "dtype": str(dtype), "device": str(device),
+           "budget_bytes": budget["total"], "weights_bytes": weights, "peak_bytes": peak,
+           "library_workspace_bytes": library,
+           "cache_bytes": cache.nbytes(), "peak_over_budget": peak / expected - 1,
+           "prefill_s": prefill_s, "prefill_tokens_per_s": tokens / prefill_s,
+           "decode_ms": 1e3 * statistics.median(times) if times else None}
+    mib = 2**20
+    print(f"prefill {tokens:,} tokens in {prefill_s:.1f} s ({out['prefill_tokens_per_s']:,.0f} tok/s); "
+          f"decode at that context {out['decode_ms']:.2f} ms/token")
+    print(f"cache held {cache.nbytes() / mib:,.1f} MiB (budget {budget['total'] / mib:,.1f} MiB); "
+          f"peak {'allocated' if cuda else 'RSS growth'} {peak / mib:,.1f} MiB vs budget + weights "
+          f"{expected / mib:,.1f} MiB -> {out['peak_over_budget']:+.1%} (target within 10%)"
+          + (f"; plus {library / mib:,.1f} MiB of CUDA library workspace" if cuda else ""))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=1 << 20)
+    parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    out = run(args.tokens, args.chunk, torch.device(args.device), getattr(torch, args.dtype), args.preset,
+              args.decode_steps)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()
