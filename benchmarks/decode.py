@@ -63,6 +63,10 @@ def generate_speed(model, prompt_len: int, new_tokens: int, repeats: int, device
     out = {"prompt": prompt_len, "new_tokens": new_tokens}
     kin_s = _best(lambda: model.generate(ids, max_new_tokens=new_tokens, eos_token_id=None), repeats, device)
     out["kinetic_tokens_per_s"] = new_tokens / kin_s
+    if ids.is_cuda:  # the default on CUDA replays CUDA graphs; the eager number for comparison
+        eager_s = _best(lambda: model.generate(ids, max_new_tokens=new_tokens, eos_token_id=None,
+                                               cuda_graph=False), repeats, device)
+        out["kinetic_eager_tokens_per_s"] = new_tokens / eager_s
     if importlib.util.find_spec("transformers") is None:
         return out
     import transformers
@@ -126,15 +130,18 @@ def trained_checkpoint(path: Path | None, device, dtype, steps: int = 300, patte
 
 @torch.no_grad()
 def speculative_speed(model, prompts, new_tokens: int, draft_lengths, repeats: int, device) -> dict:
-    """Greedy tokens/s over all prompts: plain cached decode vs MTP speculative decoding."""
+    """Greedy tokens/s over all prompts: plain cached decode vs MTP speculative decoding, both eager
+    (speculative decoding does not use CUDA graphs yet; on CUDA the graph-replayed plain decode is
+    reported beside them)."""
 
-    def plain():
+    def plain(graph: bool = False):
         return [model.generate(torch.tensor([p], device=device), max_new_tokens=new_tokens,
-                               eos_token_id=None)[0, len(p):].tolist() for p in prompts]
+                               eos_token_id=None, cuda_graph=graph)[0, len(p):].tolist() for p in prompts]
 
     ref = plain()
     plain_s = _best(plain, repeats, device)
     total = new_tokens * len(prompts)
+    graph_tps = total / _best(lambda: plain(True), repeats, device) if device.type == "cuda" else None
     rows = []
     def spec(k: int, stats: list):
         stats.clear()
@@ -157,7 +164,7 @@ def speculative_speed(model, prompts, new_tokens: int, draft_lengths, repeats: i
                      "acceptance_rate": accepted / max(drafted, 1),
                      "mean_accepted_length": emitted / max(rounds, 1), "identical_tokens": same})
     return {"prompts": len(prompts), "new_tokens": new_tokens, "plain_tokens_per_s": total / plain_s,
-            "rows": rows}
+            "plain_cuda_graph_tokens_per_s": graph_tps, "rows": rows}
 
 
 # ---------------------------------------------------------------------- 3. latency vs context
@@ -224,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
         line = (f"1. greedy generate, random {args.preset} preset ({config.hybrid_override_pattern}), "
                 f"32-token prompt + {gen['new_tokens']} tokens: "
                 f"kinetic {gen['kinetic_tokens_per_s']:.1f} tok/s")
+        if "kinetic_eager_tokens_per_s" in gen:
+            line += f" (CUDA graphs; eager {gen['kinetic_eager_tokens_per_s']:.1f})"
         if "ratio" in gen:
             line += (f", transformers {gen['transformers_tokens_per_s']:.1f} tok/s -> {gen['ratio']:.2f}x; "
                      f"identical tokens: {gen['identical_tokens']}")
@@ -235,8 +244,11 @@ def main(argv: list[str] | None = None) -> dict:
         spec = speculative_speed(trained, prompts, args.new_tokens, args.draft_tokens, args.repeats, device)
         spec["checkpoint"] = what
         report["speculative"] = spec
-        print(f"2. MTP speculative decoding, greedy, {what}\n   {spec['prompts']} prompts x "
-              f"{spec['new_tokens']} tokens; plain decode {spec['plain_tokens_per_s']:.1f} tok/s\n")
+        graph_note = ("" if spec["plain_cuda_graph_tokens_per_s"] is None else
+                      f" (with CUDA graphs {spec['plain_cuda_graph_tokens_per_s']:.1f} tok/s)")
+        print(f"2. MTP speculative decoding, greedy, eager, {what}\n   {spec['prompts']} prompts x "
+              f"{spec['new_tokens']} tokens; plain eager decode {spec['plain_tokens_per_s']:.1f} tok/s"
+              f"{graph_note}\n")
         print(f"{'draft k':>8} {'tok/s':>8} {'vs plain':>9} {'accept rate':>12} {'mean accepted len':>18} "
               f"{'identical':>10}")
         for r in spec["rows"]:

@@ -33,6 +33,10 @@ class Attention(nn.Module):
         k = self.k_proj(hidden).view(b, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(b, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         past = 0
+        if getattr(cache, "static", False):  # fixed-address decode step (see static_cache.py)
+            k, v, mask = cache.append_kv_static(self.cache_key, k, v)
+            out = _sdpa(q, k, v, mask, False)
+            return self.o_proj(out.transpose(1, 2).reshape(b, q_len, self.num_heads * self.head_dim))
         if cache is not None:
             past = cache.kv_length(self.cache_key)
             k, v = cache.append_kv(self.cache_key, k, v)

@@ -29,6 +29,13 @@ def use_grouped_mm(x: torch.Tensor) -> bool:
     return False
 
 
+def count_per_expert(flat_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert. Unlike ``torch.bincount`` on CUDA this never reads the maximum back to
+    the host, so it neither stalls the GPU nor breaks CUDA-graph capture."""
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_indices.device)
+    return counts.scatter_add_(0, flat_indices, torch.ones_like(flat_indices))
+
+
 class TopKRouter(nn.Module):
     """Sigmoid scores; ``e_score_correction_bias`` (the aux-loss-free balancing bias) only steers
     which experts are chosen, the combine weights come from the unbiased scores."""
@@ -72,12 +79,21 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, width, intermediate))
         self.grouped = True  # set False to force the per-expert loop
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x (tokens, width), indices/weights (tokens, k) -> (tokens, width)."""
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                static: bool = False) -> torch.Tensor:
+        """x (tokens, width), indices/weights (tokens, k) -> (tokens, width). ``static`` gathers
+        each assignment's expert weights instead of grouping tokens: no host synchronization, so a
+        CUDA graph can capture it; meant for the few tokens of a decode step."""
         tokens, k = indices.shape
         flat = indices.reshape(-1)
+        if static:
+            xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # (tokens * k, width, 1)
+            h = relu2(torch.bmm(self.up_proj[flat], xs))
+            ys = torch.bmm(self.down_proj[flat], h).squeeze(-1)
+            ys = ys.float() * weights.reshape(-1, 1)
+            return ys.view(tokens, k, -1).sum(1).to(x.dtype)
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.up_proj.shape[0])
+        counts = count_per_expert(flat, self.up_proj.shape[0])
         xs = x.index_select(0, order // k)  # (tokens * k, width), grouped by expert
         if self.grouped and use_grouped_mm(x):
             offsets = counts.cumsum(0).to(torch.int32)
@@ -125,13 +141,12 @@ class MoE(nn.Module):
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         logits, weights, indices = self.gate(x)
-        self.last_tokens_per_expert = torch.bincount(indices.reshape(-1),
-                                                     minlength=self.gate.num_experts).detach()
+        self.last_tokens_per_expert = count_per_expert(indices.reshape(-1), self.gate.num_experts).detach()
         if self.training and self.compute_balance_loss and hidden.dim() == 3:
             self.balance_loss = sequence_balance_loss(logits, indices, shape[0])
         if self.fc1_latent_proj is not None:
             x = self.fc1_latent_proj(x)
-        y = self.experts(x, indices, weights)
+        y = self.experts(x, indices, weights, static=getattr(cache, "static", False))
         if self.fc2_latent_proj is not None:
             y = self.fc2_latent_proj(y)
         y = y.view(shape)

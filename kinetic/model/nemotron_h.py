@@ -138,11 +138,14 @@ class NemotronHForCausalLM(nn.Module):
         top_k: int | None = None,
         eos_token_id: int | list[int] | None = -1,
         generator: torch.Generator | None = None,
+        cuda_graph: bool | None = None,
     ) -> torch.Tensor:
         """Prompt + up to ``max_new_tokens`` tokens, like transformers' ``generate``: greedy by
         default, decoding with an InferenceCache. A sequence that emits EOS is padded with
         ``pad_token_id`` afterwards; generation stops when all have finished.
-        ``eos_token_id=-1`` means the config's EOS ids; ``None`` disables stopping."""
+        ``eos_token_id=-1`` means the config's EOS ids; ``None`` disables stopping.
+        ``cuda_graph`` (default: on for CUDA models) replays each decode step as one captured CUDA
+        graph (see :mod:`kinetic.model.static_cache`); if capture fails it warns and runs eagerly."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
         if do_sample and temperature <= 0:
@@ -154,12 +157,21 @@ class NemotronHForCausalLM(nn.Module):
         was_training = self.training
         self.eval()
         cache = InferenceCache()
+        capacity = input_ids.shape[1] + max_new_tokens
+        cache.reserve(capacity)
         ids = input_ids
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         eos_t = torch.tensor(eos, device=ids.device, dtype=ids.dtype)
         step_input = ids
-        for _ in range(max_new_tokens):
-            logits = self(step_input, cache, return_mtp=False, logits_to_keep=1).logits[:, -1]
+        graph = cuda_graph if cuda_graph is not None else input_ids.is_cuda
+        decoder = None
+        for i in range(max_new_tokens):
+            if i == 1 and graph:
+                decoder = self._graph_decoder(cache, capacity, ids.shape[0])
+            if decoder is not None:
+                logits = decoder.step(step_input)
+            else:
+                logits = self(step_input, cache, return_mtp=False, logits_to_keep=1).logits[:, -1]
             token = self._pick(logits, do_sample, temperature, top_k, generator)
             token = torch.where(finished, torch.full_like(token, pad), token)
             ids = torch.cat([ids, token[:, None]], dim=1)
@@ -170,6 +182,17 @@ class NemotronHForCausalLM(nn.Module):
             step_input = token[:, None]
         self.train(was_training)
         return ids
+
+    def _graph_decoder(self, cache: InferenceCache, capacity: int, batch: int):
+        import warnings
+
+        from kinetic.model.static_cache import CUDAGraphDecoder, StaticCache
+
+        try:
+            return CUDAGraphDecoder(self, StaticCache(cache, capacity), batch)
+        except (RuntimeError, ValueError) as err:
+            warnings.warn(f"CUDA graph decoding unavailable ({err}); decoding eagerly", stacklevel=3)
+            return None
 
     @staticmethod
     def _pick(logits, do_sample, temperature, top_k, generator) -> torch.Tensor:

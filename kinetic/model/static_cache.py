@@ -1,0 +1,127 @@
+"""Fixed-address decoding state and CUDA-graph decode steps.
+
+At batch 1 a decode step of a small hybrid model launches several hundred tiny kernels, and on a GPU
+the CPU time to launch them, not the GPU, sets the speed (an H100 spends ~0.45 ms of kernel time in
+a ~4 ms eager step of the tiny preset). A CUDA graph replays the whole step with one launch. A graph
+replays fixed memory addresses and cannot read values back to the host, so the step it captures must:
+
+* keep every state at a fixed address and update it in place: :class:`StaticCache` holds the Mamba
+  conv/SSM states and full-capacity KV buffers, and the current position as a device tensor;
+* attend over the whole KV buffer with a mask ``position <= pos`` instead of slicing to a Python
+  length (the extra work over the empty tail is the price of a fixed shape);
+* route MoE tokens without host synchronization (``MoE`` gathers the chosen experts' weights when it
+  sees a static cache).
+
+:class:`StaticCache` works eagerly on any device, which is how its equality with
+:class:`~kinetic.model.cache.InferenceCache` decoding is tested on CPU; :class:`CUDAGraphDecoder`
+captures one single-token step on CUDA and replays it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kinetic.model.cache import InferenceCache
+
+
+class StaticCache:
+    """Decode state at fixed addresses for ``capacity`` tokens, taken over from a prefilled
+    InferenceCache (its tensors are adopted, not copied, when their KV buffers are big enough)."""
+
+    static = True
+    is_tracking = False
+
+    def __init__(self, cache: InferenceCache, capacity: int) -> None:
+        lengths = set(cache._len.values())
+        if len(lengths) > 1:
+            raise ValueError(f"attention layers hold different lengths {sorted(lengths)}")
+        length = lengths.pop() if lengths else 0
+        if capacity <= length:
+            raise ValueError(f"capacity={capacity} must exceed the {length} tokens already cached")
+        self.capacity = capacity
+        self.conv = dict(cache.conv)
+        self.ssm = dict(cache.ssm)
+        self.k, self.v = {}, {}
+        for key, buf in cache._k.items():
+            if buf.shape[2] < capacity:
+                cache._grow(key, capacity)
+            self.k[key], self.v[key] = cache._k[key], cache._v[key]
+        device = next(iter([*self.ssm.values(), *self.k.values()]), torch.empty(0)).device
+        self.pos = torch.tensor(length, device=device)  # next position to write
+        self._positions = torch.arange(capacity, device=device)
+
+    @property
+    def length(self) -> int:
+        """Tokens cached (reads the device; not for use inside a captured step)."""
+        return int(self.pos)
+
+    # ---- the interface the Mamba mixer uses
+    def has_state(self, key: str) -> bool:
+        return key in self.ssm
+
+    def mamba_state(self, key: str, conv_shape: tuple, ssm_shape: tuple, like: torch.Tensor):
+        return self.conv[key], self.ssm[key]
+
+    def set_conv_state(self, key: str, state: torch.Tensor) -> None:
+        self.conv[key].copy_(state)
+
+    def set_ssm_state(self, key: str, state: torch.Tensor) -> None:
+        self.ssm[key].copy_(state)
+
+    # ---- attention
+    def append_kv_static(self, key: str, k: torch.Tensor, v: torch.Tensor):
+        """Write one token's keys/values at ``pos``; return the full buffers and the boolean mask
+        (1, 1, 1, capacity) of the positions written so far, this one included."""
+        if k.shape[2] != 1:
+            raise ValueError("a static cache decodes one token per step")
+        index = self.pos.view(1)
+        self.k[key].index_copy_(2, index, k.to(self.k[key].dtype))
+        self.v[key].index_copy_(2, index, v.to(self.v[key].dtype))
+        return self.k[key], self.v[key], (self._positions <= self.pos).view(1, 1, 1, -1)
+
+    def advance(self) -> None:
+        self.pos.add_(1)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [*self.conv.values(), *self.ssm.values(), self.pos]
+
+
+class CUDAGraphDecoder:
+    """One captured single-token decode step of ``model`` over ``cache`` (a StaticCache on CUDA).
+
+    ``step(tokens)`` (batch, 1) -> logits (batch, vocab) of the new position, advancing the cache."""
+
+    def __init__(self, model: torch.nn.Module, cache: StaticCache, batch: int = 1, warmup: int = 2) -> None:
+        self.model, self.cache = model, cache
+        device = cache.pos.device
+        if device.type != "cuda":
+            raise ValueError("CUDA graphs need the model and cache on a CUDA device")
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        saved = [t.clone() for t in cache.state_tensors()]
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        try:
+            with torch.cuda.stream(stream), torch.inference_mode():  # warm-up: allocators, autotuning
+                for _ in range(warmup):
+                    self._forward()
+        finally:
+            torch.cuda.current_stream(device).wait_stream(stream)
+            for t, s in zip(cache.state_tensors(), saved, strict=True):  # undo the warm-up's updates
+                t.copy_(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.inference_mode():
+            self.logits = self._forward()
+        self._length = cache.length
+
+    def _forward(self) -> torch.Tensor:
+        logits = self.model(self.tokens, self.cache, return_mtp=False).logits[:, -1]
+        self.cache.advance()
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self._length >= self.cache.capacity:
+            raise ValueError(f"the static cache is full ({self.cache.capacity} tokens)")
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        self._length += 1
+        return self.logits
