@@ -1,19 +1,27 @@
 """Tests for kinetic.precision.linear: the emulated quantized GEMM against products of operands
 quantized directly with the codecs (fprop, dgrad, wgrad; NVFP4 2-D and 1-D weights, RHT, FP8, BF16;
 token counts and widths that are not multiples of 16), the RHT cancelling in wgrad, stochastic
-rounding's reproducibility, QuantLinear/QuantExperts wrapping the same parameters, idle experts, and
-the Transformer Engine stub."""
+rounding's reproducibility, QuantLinear/QuantExperts wrapping the same parameters, idle experts, the
+Transformer Engine stub, and amaxes all-reduced across two data-parallel ranks (torchrun on gloo)."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from kinetic.config import preset
 from kinetic.model.mlp import relu2
 from kinetic.model.moe import Experts
-from kinetic.precision import fp8, linear, nvfp4
+from kinetic.precision import fp8, get_recipe, linear, nvfp4
 from kinetic.precision.linear import GemmConfig, QuantExperts, QuantLinear, QuantState
 
 NO_SR = dict(stochastic_rounding=False)
@@ -125,6 +133,27 @@ def test_stochastic_rounding_is_random_but_reproducible_from_the_seed():
     assert not torch.equal(run_gemm(x, w, dy, cfg, other_rank)[2], first[2])
 
 
+
+def test_stochastic_rounding_state_round_trips_for_checkpoints():
+    x, w, dy = operands(32, 32, 16, seed=6)
+    cfg = GemmConfig("nvfp4", rht=True, stochastic_rounding=True)
+    state = QuantState(1)
+    run_gemm(x, w, dy, cfg, state)
+    saved = state.state_dict()
+    assert list(saved) == ["cpu"] and saved["cpu"].dtype == torch.uint8
+    after = run_gemm(x, w, dy, cfg, state)
+    fresh = QuantState(1)
+    fresh.load_state_dict(saved)
+    assert all(torch.equal(a, b) for a, b in zip(after, run_gemm(x, w, dy, cfg, fresh), strict=True))
+
+
+def test_reduce_amax_needs_a_process_group():
+    x, w, dy = operands(16, 16, 16)
+    with pytest.raises(RuntimeError, match="reduce_amax=True needs an initialized"):
+        run_gemm(x, w, dy, GemmConfig("fp8", rht=False, **NO_SR), QuantState(reduce_amax=True))
+    y, _, _ = run_gemm(x, w, dy, GemmConfig("bf16", rht=False, **NO_SR), QuantState(reduce_amax=True))
+    assert torch.equal(y, x.bfloat16().float() @ w.bfloat16().float().T)  # bf16 has no scale to reduce
+
 def test_quant_linear_wraps_the_same_parameters():
     lin = nn.Linear(40, 24, bias=True)
     q = QuantLinear(lin, GemmConfig(), QuantState())
@@ -228,3 +257,127 @@ def test_transformer_engine_backend_is_a_capability_checked_stub():
         linear.resolve_backend("te", "nvfp4")
     with pytest.raises(ValueError, match="backend"):
         linear.resolve_backend("cuda", "nvfp4")
+
+
+# ---------------------------------------------------------------------- 2 ranks on gloo
+REDUCE_CFGS = {"fp8": GemmConfig("fp8", rht=False, **NO_SR), "nvfp4": GemmConfig("nvfp4", rht=True, **NO_SR)}
+
+
+def rank_operands():
+    """64 tokens, 32 per rank. Rank 1's activations and rank 0's gradients are 8x larger, so every
+    per-tensor amax (before and after the RHT) differs by rank."""
+    x, w, dy = operands(64, 48, 32, seed=7)
+    x[32:] *= 8
+    dy[:32] *= 8
+    return x, w, dy
+
+
+def rank_routing(rank: int):
+    """Tokens for the expert stack: expert 3 idles on rank 0, expert 2 on rank 1; rank 1's 8x larger."""
+    x, indices, weights = routing(idle=3 - rank)
+    return x * (1 + 7 * rank), indices, weights
+
+
+def run_experts(x, indices, weights, state):
+    experts = make_experts()
+    q = QuantExperts(experts, REDUCE_CFGS["fp8"], state)
+    x = x.clone().requires_grad_()
+    y = q(x, indices, weights)
+    y.square().sum().backward()
+    return {"y": y.detach(), "dx": x.grad, "dup": experts.up_proj.grad, "ddown": experts.down_proj.grad}
+
+
+def _reduce_amax_worker(out: Path) -> None:
+    """One of two torchrun ranks: GEMMs and an expert stack with and without amax reduction, then two
+    DDP steps of the trainer with the nvfp4 recipe and its checkpoint. Writes rank<r>.safetensors."""
+    from safetensors.torch import save_file
+
+    from kinetic.train import Trainer
+    from kinetic.train.config import from_dict
+    from kinetic.train.distributed import init_from_env
+
+    torch.set_num_threads(1)
+    info = init_from_env()
+    rank = info.rank
+    rows = slice(32 * rank, 32 * (rank + 1))
+    x, w, dy = rank_operands()
+    results = {"auto": torch.tensor(get_recipe("fp8").resolve(preset("tiny")).reduce_amax)}
+    for name, cfg in REDUCE_CFGS.items():
+        for reduce in (True, False):
+            y, dx, dw = run_gemm(x[rows], w, dy[rows], cfg, QuantState(0, rank, reduce_amax=reduce))
+            results.update({f"{name}/{reduce}/y": y, f"{name}/{reduce}/dx": dx, f"{name}/{reduce}/dw": dw})
+    experts = run_experts(*rank_routing(rank), QuantState(0, rank, reduce_amax=True))
+    results.update({f"experts/{k}": v for k, v in experts.items()})
+
+    cfg = from_dict({"model": {"preset": "tiny"}, "data": {"seq_len": 32},
+                     "train": {"steps": 2, "micro_batch": 2, "seed": 3},
+                     "run": {"out_dir": str(out / "run"), "eval_batches": 1, "progress": False},
+                     "precision": {"recipe": "nvfp4"}})
+    trainer = Trainer(cfg, dist_info=info)
+    trainer.train()
+    results["trainer/reduce_amax"] = torch.tensor(trainer.quant_state.reduce_amax)
+    results["trainer/sr_state"] = trainer.quant_state.state_dict()["cpu"]
+    save_file({k: v.contiguous() for k, v in results.items()}, out / f"rank{rank}.safetensors")
+    dist.destroy_process_group()
+
+
+def test_amax_is_reduced_across_two_gloo_ranks(tmp_path):
+    """Two torchrun ranks quantize their halves of a batch with the scales of the whole batch: each
+    rank's GEMM results equal the matching slice of one process quantizing the full tensors (the same
+    amax), and differ from it without the reduction. An expert stack whose idle experts differ by rank
+    matches the 1-process run too, and the trainer resolves the recipe's reduce_amax on by itself."""
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+           "127.0.0.1", "--master-port", str(port), __file__, str(tmp_path)]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
+    assert all(r["auto"].item() and r["trainer/reduce_amax"].item() for r in ranks)
+    assert get_recipe("fp8").resolve(preset("tiny")).reduce_amax is False  # one process: nothing to reduce
+
+    x, w, dy = rank_operands()
+    for name, cfg in REDUCE_CFGS.items():
+        state = QuantState(0)
+        w_q = linear.quantize_operand(w, cfg, "weight", state)
+        x_q = linear.quantize_operand(x, cfg, "act", state)  # the full tensors: the global amax
+        dy_q = linear.quantize_operand(dy, cfg, "grad", state)
+        a, b = linear.wgrad_operands(dy, x, cfg, state)  # amax after the RHT over all 64 tokens
+        for rank, got in enumerate(ranks):
+            rows = slice(32 * rank, 32 * (rank + 1))
+            assert torch.equal(got[f"{name}/True/y"], x_q[rows] @ w_q.T), (name, rank)
+            assert torch.equal(got[f"{name}/True/dx"], dy_q[rows] @ w_q), (name, rank)
+            assert torch.equal(got[f"{name}/True/dw"], a[:, rows] @ b[:, rows].T), (name, rank)
+            local = run_gemm(x[rows], w, dy[rows], cfg)  # each rank on its own amax
+            for key, value in zip(("y", "dx", "dw"), local, strict=True):
+                assert torch.equal(got[f"{name}/False/{key}"], value), (name, rank, key)
+        # without the reduction the rank with the smaller amax quantizes differently
+        assert not torch.equal(ranks[0][f"{name}/False/y"], ranks[0][f"{name}/True/y"]), name
+        assert not torch.equal(ranks[1][f"{name}/False/dx"], ranks[1][f"{name}/True/dx"]), name
+
+    # the 1-process expert stack differs only in GEMM shapes, so in float32 summation order: an
+    # operand now and then lands on the other side of an FP8 rounding midpoint (a few per 1000 at most)
+    parts = [rank_routing(r) for r in range(2)]
+    full = run_experts(*(torch.cat(t) for t in zip(*parts, strict=True)), QuantState(0))
+    unreduced = [run_experts(*parts[r], QuantState(0)) for r in range(2)]
+    for key in ("y", "dx", "dup", "ddown"):
+        merge = torch.cat if key in ("y", "dx") else sum  # DDP sums the ranks' weight gradients
+        got = merge([ranks[0][f"experts/{key}"], ranks[1][f"experts/{key}"]])
+        torch.testing.assert_close(got, full[key], rtol=1e-3, atol=1e-5)
+        if key in ("y", "dx"):
+            off = merge([unreduced[0][key], unreduced[1][key]])
+            assert not torch.allclose(off, full[key], rtol=1e-3, atol=1e-5), key
+
+    rng = torch.load(tmp_path / "run" / "checkpoints" / "step_000002" / "rng.pt", weights_only=True)
+    saved = [rng["generators"][f"stochastic_rounding/rank{r}"] for r in range(2)]
+    for rank, got in enumerate(ranks):  # each rank's stochastic-rounding stream is in the checkpoint
+        assert torch.equal(saved[rank], got["trainer/sr_state"])
+    assert not torch.equal(saved[0], saved[1])
+
+
+if __name__ == "__main__":  # a rank of test_amax_is_reduced_across_two_gloo_ranks, started by torchrun
+    _reduce_amax_worker(Path(sys.argv[1]))

@@ -34,32 +34,39 @@ class Interrupt(Exception):
     pass
 
 
+def train_until_interrupted(cfg, micro_batches: int) -> None:
+    """Train with ``cfg`` until the process "dies" in the loss of micro-batch ``micro_batches + 1``."""
+    trainer = Trainer(cfg)
+    inner, calls = trainer.loss_fn, {"n": 0}
+
+    def dies(model, batch):
+        calls["n"] += 1
+        if calls["n"] > micro_batches:
+            raise Interrupt
+        return inner(model, batch)
+
+    trainer.loss_fn = dies
+    with pytest.raises(Interrupt):
+        trainer.train()
+
+
+def assert_same_weights(a: Trainer, b: Trainer) -> None:
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+
+
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     full = Trainer(make_cfg(tmp_path / "full", train={"grad_accum": 2}))
     full.train()
 
     cfg = make_cfg(tmp_path / "resumed", train={"grad_accum": 2})
-    first = Trainer(cfg)
-    calls = {"n": 0}
-    inner = first.loss_fn
-
-    def dies_after_three_steps(model, batch):
-        calls["n"] += 1
-        if calls["n"] > 3 * 2:  # 3 optimizer steps x 2 micro-batches, checkpoint at step 3
-            raise Interrupt
-        return inner(model, batch)
-
-    first.loss_fn = dies_after_three_steps
-    with pytest.raises(Interrupt):
-        first.train()
+    train_until_interrupted(cfg, 3 * 2)  # 3 optimizer steps x 2 micro-batches, checkpoint at step 3
     assert ckpt.latest_checkpoint(tmp_path / "resumed").name == "step_000003"
 
     second = Trainer(cfg)
     second.train(resume=True)
     assert second.resumed_from == 3 and second.step == 6
-    for (name, a), (_, b) in zip(full.model.state_dict().items(), second.model.state_dict().items(),
-                                 strict=True):
-        assert torch.equal(a, b), name
+    assert_same_weights(full, second)
     runs = [r for r in map(json.loads, (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines())
             if r["type"] == "run"]
     assert [r["resumed_from_step"] for r in runs] == [None, 3]
@@ -232,3 +239,20 @@ def test_low_precision_recipe_trains_switches_and_resumes(tmp_path):
     assert resumed.step == 7
     with pytest.raises(ValueError, match="unknown precision recipe"):
         Trainer(make_cfg(tmp_path / "bad", precision={"recipe": "fp5"}))
+
+
+def test_nvfp4_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, one_thread):
+    """The stochastic-rounding stream is part of the checkpoint: without it the resumed run rounds
+    its gradients with fresh draws and drifts from the uninterrupted one."""
+    precision = {"recipe": "nvfp4"}
+    full = Trainer(make_cfg(tmp_path / "full", precision=precision))
+    full.train()
+
+    cfg = make_cfg(tmp_path / "resumed", precision=precision)
+    train_until_interrupted(cfg, 3)  # checkpoint at step 3
+    rng = torch.load(ckpt.latest_checkpoint(tmp_path / "resumed") / "rng.pt", weights_only=True)
+    assert list(rng["generators"]) == ["stochastic_rounding/rank0"]
+    second = Trainer(cfg)
+    second.train(resume=True)
+    assert second.resumed_from == 3 and second.step == 6
+    assert_same_weights(full, second)

@@ -15,10 +15,11 @@ from kinetic.precision.recipe import (
     RecipeReport,
     apply_recipe,
     get_recipe,
+    quant_state,
     restore_high_precision,
 )
 
 __all__ = [
     "PRESETS", "GemmConfig", "PrecisionRecipe", "QuantExperts", "QuantLinear", "QuantState", "RecipeReport",
-    "apply_recipe", "formats", "fp8", "get_recipe", "nvfp4", "restore_high_precision",
+    "apply_recipe", "formats", "fp8", "get_recipe", "nvfp4", "quant_state", "restore_high_precision",
 ]

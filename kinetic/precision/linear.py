@@ -31,8 +31,19 @@ rows are mixed into their group of 16 but still cancel in the wgrad product (M M
 pads (or masks) the same way.
 
 Randomness (the RHT signs and the stochastic-rounding stream) lives in one ``QuantState`` shared by
-all wrapped layers of a model and seeded by the recipe; its generator state is not checkpointed, so a
-resumed run with stochastic rounding is statistically, not bitwise, the same as an uninterrupted one.
+all wrapped layers of a model and seeded by the recipe. The signs are a function of the seed; the
+stochastic-rounding generators advance with every gradient quantized, so their states are part of a
+training checkpoint (``QuantState.state_dict``; the trainer saves one per data-parallel rank) and a
+resumed run rounds exactly as an uninterrupted one.
+
+Data parallelism: with ``QuantState.reduce_amax`` (the recipe's default when torch.distributed runs
+more than one rank) the per-tensor amax of every activation and gradient operand is all-reduced (MAX)
+over the data-parallel group before its scale is computed, in the manner of Transformer Engine's
+amax reduction over a process group (``amax_reduction_group``). Every rank then quantizes with the
+scale of the global batch, so the FP8 scale and the NVFP4 per-tensor scale S_enc no longer depend on
+how tokens were split across ranks (NVFP4 block scales stay per block: a block never spans ranks).
+Weights are identical on every rank and use their own amax. The reduction is a collective, so every
+rank must run the same GEMMs: ``QuantExperts`` then also runs experts that received no tokens.
 
 Transformer Engine: ``te_status`` / ``resolve_backend`` are the capability-checked stub for a TE
 backend. The TE execution path is not implemented yet (nothing here can test it): ``backend="auto"``
@@ -46,6 +57,7 @@ import importlib.util
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -89,13 +101,24 @@ class GemmConfig:
 
 
 class QuantState:
-    """Randomness shared by every wrapped layer of one model: the RHT sign vector (drawn once for the
-    run, as TE does) and one stochastic-rounding generator per device."""
+    """What every wrapped layer of one model shares: the RHT sign vector (drawn once for the run, as
+    TE does), one stochastic-rounding generator per device, and whether (and over which process
+    group, None = the default group) activation and gradient amaxes are all-reduced."""
 
-    def __init__(self, seed: int = 0, rank: int = 0) -> None:
+    def __init__(self, seed: int = 0, rank: int = 0, reduce_amax: bool = False, group=None) -> None:
         self.seed, self.rank = seed, rank
+        self.reduce_amax, self.group = reduce_amax, group
         self.signs = nvfp4.rht_signs(torch.Generator().manual_seed(seed))  # the same on every rank
         self._generators: dict[torch.device, torch.Generator] = {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The stochastic-rounding generators' states by device name: uint8 CPU tensors, safe for
+        ``torch.load(weights_only=True)``. The signs need no saving: they follow from the seed."""
+        return {str(device): g.get_state() for device, g in self._generators.items()}
+
+    def load_state_dict(self, states: dict[str, torch.Tensor]) -> None:
+        for name, state in states.items():
+            self.generator(torch.device(name)).set_state(state)
 
     def generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -121,20 +144,35 @@ def quantize_operand(x: torch.Tensor, cfg: GemmConfig, role: str, state: QuantSt
     """
     assert role in ("weight", "act", "grad") and x.dim() == 2, (role, x.shape)
     x = x.detach().float()
-    if x.numel() == 0:
-        return x.clone()
     if cfg.fmt == "bf16":
         return x.to(torch.bfloat16).float()
+    amax = reduced_amax(x, role, state)  # before the empty-tensor exit: every rank joins the collective
+    if x.numel() == 0:
+        return x.clone()
     stochastic = role == "grad" and cfg.stochastic_rounding
     rounding = "stochastic" if stochastic else "nearest"
     gen = state.generator(x.device) if stochastic else None
     if cfg.fmt == "fp8":
         fmt = cfg.fp8_grad_format if role == "grad" else cfg.fp8_format
-        return fp8.quantize(x, fmt, rounding, gen).dequantize()
+        return fp8.quantize(x, fmt, rounding, gen, amax=amax).dequantize()
     block = tuple(cfg.weight_block) if role == "weight" else (1, BLOCK)
-    padded = _pad_to(x, block[0], block[1])
-    q = nvfp4.quantize(padded, block, rounding, gen).dequantize()
+    padded = _pad_to(x, block[0], block[1])  # zeros change no amax
+    q = nvfp4.quantize(padded, block, rounding, gen, global_amax=amax).dequantize()
     return q[: x.shape[0], : x.shape[1]]
+
+
+def reduced_amax(x: torch.Tensor, role: str, state: QuantState) -> torch.Tensor | None:
+    """The per-tensor amax of an activation or gradient operand all-reduced (MAX) over
+    ``state.group`` when ``state.reduce_amax``; None (each tensor uses its own amax) otherwise, and
+    for weights, which are the same on every rank."""
+    if role == "weight" or not state.reduce_amax:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("reduce_amax=True needs an initialized torch.distributed process group; "
+                           "set the recipe's reduce_amax=False (or leave it None) for a single process")
+    amax = x.abs().amax() if x.numel() else torch.zeros((), device=x.device)
+    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=state.group)
+    return amax
 
 
 def wgrad_operands(dy: torch.Tensor, x: torch.Tensor, cfg: GemmConfig,
@@ -211,7 +249,8 @@ class QuantLinear(nn.Module):
 class QuantExperts(Experts):
     """The MoE expert stack with each expert's two GEMMs quantized on its own token slice (per-expert
     scales, as a grouped GEMM quantizes each group). Reuses ``Experts.forward``'s dispatch through
-    its per-expert ``_loop``; experts that received no tokens are skipped and get zero gradients."""
+    its per-expert ``_loop``; experts that received no tokens are skipped (run on 0 tokens when amaxes
+    are reduced across ranks) and get zero gradients."""
 
     def __init__(self, experts: Experts, cfg: GemmConfig, state: QuantState) -> None:
         nn.Module.__init__(self)  # Experts.__init__ would allocate fresh parameters
@@ -223,9 +262,11 @@ class QuantExperts(Experts):
 
     def _loop(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         ups, downs = self.up_proj.unbind(0), self.down_proj.unbind(0)
+        # with amax reduction an idle expert still runs (on 0 tokens), so all ranks join its collectives
+        everyone = self.state.reduce_amax
         outs = [quant_linear(relu2(quant_linear(chunk, ups[e], None, self.cfg, self.state)), downs[e],
                              None, self.cfg, self.state)
-                for e, chunk in enumerate(xs.split(counts)) if counts[e]]
+                for e, chunk in enumerate(xs.split(counts)) if counts[e] or everyone]
         return torch.cat(outs) if outs else xs
 
     def extra_repr(self) -> str:

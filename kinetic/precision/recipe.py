@@ -16,6 +16,11 @@ NVIDIA's defaults (``get_recipe("nvfp4")``, resolved per model by ``PrecisionRec
   attention projections. NVIDIA singles out the Mamba output projection as well; here it is the
   opt-in ``keep_mamba_out_proj``.
 
+Data parallelism: ``reduce_amax`` (default: on when torch.distributed runs more than one rank)
+all-reduces the per-tensor amax of activation and gradient operands across the data-parallel group,
+like Transformer Engine's amax reduction over a process group, so all ranks quantize with the same
+scales.
+
 Master weights, gradients and optimizer state stay FP32: the swapped modules hold the model's own
 Parameter objects, so an optimizer built before ``apply_recipe`` is unaffected. "High precision" in
 this emulation means the model's dtype (float32 on CPU); on GPU with bf16 autocast it is BF16. The
@@ -30,6 +35,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch.distributed as dist
 from torch import nn
 
 from kinetic.config import ModelConfig
@@ -71,6 +77,7 @@ class PrecisionRecipe:
     keep_patterns: tuple[str, ...] = ()  # fnmatch patterns of module names kept high precision
     switch_to_bf16_at: float | None = None  # fraction of steps after which all layers run high precision
     seed: int = 0  # RHT sign vector and stochastic-rounding stream
+    reduce_amax: bool | None = None  # all-reduce act/grad amaxes across ranks (None = when world > 1)
     backend: str = "auto"  # "auto" | "emulated" | "te" (TE is a capability-checked stub)
 
     def __post_init__(self) -> None:
@@ -98,13 +105,15 @@ class PrecisionRecipe:
         return dataclasses.replace(self, **changes)
 
     def resolve(self, config: ModelConfig) -> PrecisionRecipe:
-        """The recipe with every ``None`` replaced by NVIDIA's default for ``config``'s kind."""
+        """The recipe with every ``None`` replaced by NVIDIA's default for ``config``'s kind, and
+        ``reduce_amax`` by whether this process is one of several torch.distributed ranks."""
         depth = len(config.hybrid_override_pattern)
         latent = config.moe_latent_size is not None
         auto = {
             "keep_first_blocks": _round(depth * NVIDIA_KEEP_FIRST / NVIDIA_DEPTH),
             "keep_last_blocks": _round(depth * NVIDIA_KEEP_LAST / NVIDIA_DEPTH),
             "keep_latent_proj": latent, "keep_mtp": latent, "keep_attention": latent,
+            "reduce_amax": dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1,
         }
         return self.replace(**{k: v for k, v in auto.items() if getattr(self, k) is None})
 
@@ -255,12 +264,15 @@ def keep_reason(layer: LinearLayer, recipe: PrecisionRecipe, depth: int) -> str 
     return None
 
 
-def apply_recipe(model: nn.Module, recipe: PrecisionRecipe | str, rank: int = 0) -> RecipeReport:
+def apply_recipe(model: nn.Module, recipe: PrecisionRecipe | str, rank: int = 0,
+                 group: dist.ProcessGroup | None = None) -> RecipeReport:
     """Swap the quantized layers of a built NemotronH model in place; returns what was swapped/kept.
 
     Call it once, after construction and before (or after) building the optimizer: parameters are
     neither copied nor replaced. A model that already carries a recipe is refused. ``rank`` (the
     data-parallel rank) gives each rank its own stochastic-rounding stream; the RHT signs are shared.
+    ``group`` is the data-parallel process group that amaxes are reduced over (None = the default
+    group) when the resolved recipe has ``reduce_amax``.
     """
     if isinstance(recipe, str):
         recipe = get_recipe(recipe)
@@ -273,7 +285,7 @@ def apply_recipe(model: nn.Module, recipe: PrecisionRecipe | str, rank: int = 0)
                          "restore_high_precision(model) before applying another")
     resolved = recipe.resolve(config)
     backend, note = resolve_backend(resolved.backend, resolved.format)
-    gemm, state = resolved.gemm_config(), QuantState(resolved.seed, rank)
+    gemm, state = resolved.gemm_config(), QuantState(resolved.seed, rank, resolved.reduce_amax, group)
     depth = len(config.hybrid_override_pattern)
     report = RecipeReport(resolved, backend, note)
     counted = kept_gemms = all_params = kept_params = 0
@@ -292,6 +304,15 @@ def apply_recipe(model: nn.Module, recipe: PrecisionRecipe | str, rank: int = 0)
     report.kept_fraction = kept_gemms / max(counted, 1)
     report.kept_param_fraction = kept_params / max(all_params, 1)
     return report
+
+
+def quant_state(model: nn.Module) -> QuantState | None:
+    """The ``QuantState`` shared by a model's quantized modules (None if it has none): its stochastic-
+    rounding generators belong in a training checkpoint."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear | QuantExperts):
+            return module.state
+    return None
 
 
 def restore_high_precision(model: nn.Module, to: str = "native") -> list[str]:

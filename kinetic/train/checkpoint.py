@@ -4,7 +4,10 @@ mid-save leaves the previous checkpoint intact and pointed to.
 
 Layout of ``<run>/checkpoints/step_000123/``: the model in the Hugging Face layout (config.json +
 model.safetensors), ``optimizer.pt`` and ``rng.pt`` (tensors only, read with weights_only=True),
-and ``state.json`` (step, tokens seen, data-loader position, schedule).
+and ``state.json`` (step, tokens seen, data-loader position, schedule). ``rng.pt`` holds the torch
+(and CUDA) RNG states and, under ``generators``, any further generator states the trainer passes,
+e.g. a precision recipe's stochastic-rounding streams as ``{"stochastic_rounding/rank0": uint8
+tensor, ...}``.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict[str, Any],
-                    keep: int = 2) -> Path:
+                    keep: int = 2, generators: dict[str, torch.Tensor] | None = None) -> Path:
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
@@ -51,7 +54,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict[str,
     save_pretrained(model, tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     rng = rng_state()
-    torch.save({"torch": rng["torch"], **({"cuda": rng["cuda"]} if "cuda" in rng else {})}, tmp / "rng.pt")
+    torch.save({"torch": rng["torch"], **({"cuda": rng["cuda"]} if "cuda" in rng else {}),
+                "generators": dict(generators or {})}, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "python_rng": _py_rng_to_json(rng["python"])},
                                                indent=2))
     final = root / name
@@ -67,7 +71,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict[str,
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:
-    """Restore model weights, optimizer, RNG states; return the saved trainer state."""
+    """Restore model weights, optimizer, RNG states; return the saved trainer state, with the extra
+    generator states saved beside the RNG under ``"generators"`` (restoring those is the caller's)."""
     loaded = load_pretrained(path)
     model.load_state_dict(loaded.state_dict())
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
@@ -77,6 +82,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:
         torch.cuda.set_rng_state_all(rng["cuda"])
     state = json.loads((path / "state.json").read_text())
     random.setstate(_py_rng_from_json(state.pop("python_rng")))
+    state["generators"] = rng.get("generators", {})
     return state
 
 

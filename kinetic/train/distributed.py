@@ -64,3 +64,14 @@ def all_reduce_mean(value: float) -> float:
         dist.all_reduce(t)
         return float(t.item()) / dist.get_world_size()
     return value
+
+
+def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's copy of ``t`` (same shape and dtype on all ranks), in rank order, on t's device;
+    ``[t]`` without a process group. NCCL gathers through the current CUDA device."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [t]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    parts = [torch.empty_like(t, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.to(device))
+    return [part.to(t.device) for part in parts]

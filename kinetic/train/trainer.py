@@ -24,7 +24,7 @@ from kinetic.model import NemotronHForCausalLM
 from kinetic.train import checkpoint as ckpt
 from kinetic.train.balance import ExpertBalancer
 from kinetic.train.config import TrainConfig
-from kinetic.train.distributed import DistInfo, all_reduce_mean, all_reduce_sum, unwrap, wrap
+from kinetic.train.distributed import DistInfo, all_gather, all_reduce_mean, all_reduce_sum, unwrap, wrap
 from kinetic.train.report import MetricsWriter, plot_run
 from kinetic.train.schedule import wsd_lr
 from kinetic.train.sources import BatchSource, SyntheticSource
@@ -75,12 +75,14 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         self.model = model if model is not None else NemotronHForCausalLM(model_config_from(config))
         self.precision = None  # kinetic.precision RecipeReport when a low-precision recipe is on
+        self.quant_state = None  # its QuantState: stochastic-rounding streams to checkpoint
         self._switch_step = None
         if config.precision.recipe:
-            from kinetic.precision import apply_recipe, get_recipe
+            from kinetic.precision import apply_recipe, get_recipe, quant_state
 
             recipe = get_recipe(config.precision.recipe, **config.precision.overrides)
             self.precision = apply_recipe(self.model, recipe, rank=self.info.rank)
+            self.quant_state = quant_state(self.model)
             self._switch_step = self.precision.recipe.switch_step(config.train.steps)
         self.net = wrap(self.model, self.info)
         o = config.optim
@@ -117,16 +119,38 @@ class Trainer:
         state = ckpt.load_checkpoint(path, self.model, self.optimizer)
         self.step, self.tokens, self.skipped = state["step"], state["tokens"], state.get("skipped", 0)
         self.train_source.load_state_dict(state["data"])
+        self._load_generators(state["generators"])
         self.resumed_from = self.step
         return True
 
+    def _generator_states(self) -> dict[str, torch.Tensor]:
+        """Every rank's stochastic-rounding generator state (the generator on the model's device) as
+        ``{"stochastic_rounding/rank<r>": uint8 tensor}``; a collective, all ranks call it. Empty
+        without a quantized model."""
+        if self.quant_state is None:
+            return {}
+        mine = self.quant_state.generator(next(self.model.parameters()).device).get_state()
+        return {f"stochastic_rounding/rank{r}": state for r, state in enumerate(all_gather(mine))}
+
+    def _load_generators(self, states: dict[str, torch.Tensor]) -> None:
+        if self.quant_state is None:
+            return
+        mine = states.get(f"stochastic_rounding/rank{self.info.rank}")
+        if mine is None:  # an older checkpoint, or more ranks than were saved
+            if self.info.is_main or states:
+                print(f"rank {self.info.rank}: the checkpoint holds no stochastic-rounding state for this "
+                      "rank; its stream restarts from the recipe seed")
+            return
+        self.quant_state.generator(next(self.model.parameters()).device).set_state(mine)
+
     def save(self) -> Path | None:
         path = None
+        generators = self._generator_states()
         if self.info.is_main:
             state = {"step": self.step, "tokens": self.tokens, "skipped": self.skipped,
                      "data": self.train_source.state_dict()}
             path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
-                                        keep=self.cfg.run.keep_checkpoints)
+                                        keep=self.cfg.run.keep_checkpoints, generators=generators)
         if self.info.enabled:
             torch.distributed.barrier()
         return path
