@@ -4,6 +4,8 @@ gives the logits of ordinary InferenceCache decoding for every layer type; misus
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import CONFIGS, make_config, randomize
@@ -59,3 +61,21 @@ def test_static_cache_refuses_misuse():
     with pytest.warns(UserWarning, match="CUDA graph"):
         out = model.generate(ids, max_new_tokens=5, eos_token_id=None, cuda_graph=True)
     assert torch.equal(out, model.generate(ids, max_new_tokens=5, eos_token_id=None))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+@torch.no_grad()
+def test_compiled_decode_equals_eager_and_is_reused(one_thread):
+    """torch.compile of the fixed-shape step (the CPU fast path): same tokens as eager decoding,
+    and a second call in the same capacity bucket reuses the compiled step."""
+    torch.manual_seed(0)
+    model = randomize(NemotronHForCausalLM(make_config("latent-grouped-mtp")), seed=3, dt_bias=0.5).eval()
+    ids = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(4))
+    eager = model.generate(ids, max_new_tokens=20, eos_token_id=None)
+    assert torch.equal(model.generate(ids, max_new_tokens=20, eos_token_id=None, compile=True), eager)
+    compiled = model.__dict__["_compiled_decode_step"]
+    longer = torch.cat([ids, eager[:, 12:17]], dim=1)
+    out = model.generate(longer, max_new_tokens=15, eos_token_id=None, compile=True)
+    assert torch.equal(out, model.generate(longer, max_new_tokens=15, eos_token_id=None))
+    assert model.__dict__["_compiled_decode_step"] is compiled

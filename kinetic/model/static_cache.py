@@ -14,7 +14,8 @@ replays fixed memory addresses and cannot read values back to the host, so the s
 
 :class:`StaticCache` works eagerly on any device, which is how its equality with
 :class:`~kinetic.model.cache.InferenceCache` decoding is tested on CPU; :class:`CUDAGraphDecoder`
-captures one single-token step on CUDA and replays it.
+captures one single-token step on CUDA and replays it, and :class:`CompiledDecoder` compiles the
+same fixed-shape step with ``torch.compile`` (the fast path on CPU, where graphs do not exist).
 """
 
 from __future__ import annotations
@@ -84,6 +85,49 @@ class StaticCache:
 
     def state_tensors(self) -> list[torch.Tensor]:
         return [*self.conv.values(), *self.ssm.values(), self.pos]
+
+
+def _static_step(model: torch.nn.Module, tokens: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+    logits = model(tokens, cache, return_mtp=False).logits[:, -1]
+    cache.advance()
+    return logits
+
+
+class CompiledDecoder:
+    """A single-token decode step compiled by ``torch.compile`` (Inductor fuses the step's few
+    hundred small operators into a handful of C++/Triton kernels). The static cache's fixed shapes
+    make one compilation serve every step; it is kept on the model and reused by later calls with
+    the same batch size and cache capacity (round capacities up, e.g. to powers of two, to share it).
+    The first call compiles, which takes seconds."""
+
+    def __init__(self, model: torch.nn.Module, cache: StaticCache) -> None:
+        self.model, self.cache = model, cache
+        compiled = model.__dict__.get("_compiled_decode_step")
+        if compiled is None:
+            compiled = torch.compile(_static_step, dynamic=False)
+            model.__dict__["_compiled_decode_step"] = compiled
+        self._fn = compiled
+        self._first = compiled is not _static_step
+        self._length = cache.length
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self._length >= self.cache.capacity:
+            raise ValueError(f"the static cache is full ({self.cache.capacity} tokens)")
+        if self._first:  # the first step of a new compiled function compiles it
+            self._first = False
+            try:
+                out = self._fn(self.model, tokens, self.cache)
+            except Exception as err:  # no C++ compiler, unsupported backend...: decode eagerly
+                import warnings
+
+                warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); decoding "
+                              "eagerly", stacklevel=3)
+                self._fn = self.model.__dict__["_compiled_decode_step"] = _static_step
+                out = self._fn(self.model, tokens, self.cache)
+            self._length += 1
+            return out
+        self._length += 1
+        return self._fn(self.model, tokens, self.cache)
 
 
 class CUDAGraphDecoder:
