@@ -4,7 +4,11 @@ gating and the SSM state all matter to the logits."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import socket
+import threading
+import time
 
 import pytest
 import torch
@@ -75,3 +79,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """Serve an ASGI ``app`` with uvicorn on a free loopback port in a background thread; yields its
+    base URL and stops the server afterwards."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

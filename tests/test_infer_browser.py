@@ -12,13 +12,11 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import socket
-import threading
-import time
 from dataclasses import replace
 
 import pytest
 import torch
+from conftest import live_server
 
 from kinetic import NemotronHForCausalLM, preset
 from kinetic.data.tokenizer import train_tokenizer
@@ -67,20 +65,9 @@ def served():
     torch.manual_seed(0)
     model = NemotronHForCausalLM(replace(preset("tiny"), vocab_size=tok.get_vocab_size()))
     ref = Engine(copy.deepcopy(model), tok, max_context=CONTEXT)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
     app = create_app(Engine(model, tok, max_context=CONTEXT), MODEL, Limits(max_tokens=64))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", ref
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with live_server(app) as url:
+        yield url, ref
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -19,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import live_server
 
 from kinetic import NemotronHForCausalLM, preset
 from kinetic.data.tokenizer import save_tokenizer, train_tokenizer
@@ -46,22 +46,10 @@ def served():
     model = NemotronHForCausalLM(replace(preset("tiny"), vocab_size=tok.get_vocab_size()))
     engine = Engine(model, tok, max_context=CONTEXT)
     ref = Engine(copy.deepcopy(model), tok, max_context=CONTEXT)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
     app = create_app(engine, MODEL, LIMITS)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
-    yield SimpleNamespace(url=url, ref=ref, client=client, app=app, tok=tok)
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with live_server(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+        yield SimpleNamespace(url=url, ref=ref, client=client, app=app, tok=tok)
 
 
 def greedy(ref: Engine, prompt, max_tokens: int, chat: bool = False, **params):
