@@ -75,8 +75,8 @@ class InferenceCache:
 
     def _grow(self, key: str, capacity: int) -> None:
         old_k, old_v, n = self._k[key], self._v[key], self._len.get(key, 0)
-        k = old_k.new_empty(*old_k.shape[:2], capacity, old_k.shape[3])
-        v = old_v.new_empty(k.shape)
+        k = old_k.new_zeros(*old_k.shape[:2], capacity, old_k.shape[3])
+        v = old_v.new_zeros(k.shape)
         k[:, :, :n] = old_k[:, :, :n]
         v[:, :, :n] = old_v[:, :, :n]
         self._k[key], self._v[key] = k, v
@@ -92,8 +92,10 @@ class InferenceCache:
         buf_k = self._k.get(key)
         if buf_k is None:
             cap = max(new, self._reserved, 16)
-            self._k[key] = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
-            self._v[key] = v.new_empty(self._k[key].shape)
+            # zeros, not empty: a static cache attends over the unwritten tail (masked), and masked
+            # garbage that happens to be NaN would still poison the output (0 * NaN)
+            self._k[key] = k.new_zeros(k.shape[0], k.shape[1], cap, k.shape[3])
+            self._v[key] = v.new_zeros(self._k[key].shape)
         elif buf_k.shape[2] < new:
             self._grow(key, max(new, 2 * buf_k.shape[2], self._reserved))
         self._k[key][:, :, old:new] = k.detach()
