@@ -224,8 +224,8 @@ def make_sources(cfg, info):
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from kinetic.train import Trainer, load_config
-    from kinetic.train.distributed import init_from_env
+    from kinetic.train import load_config
+    from kinetic.train.distributed import init_from_env, shutdown
 
     overrides = list(args.set)
     if args.precision:
@@ -235,6 +235,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
     info = init_from_env()
+    code = _pretrain(args, cfg, info)
+    shutdown()  # only after success: a failing rank must exit so torchrun stops the others
+    return code
+
+
+def _pretrain(args: argparse.Namespace, cfg, info) -> int:
+    from kinetic.train import Trainer
+
     try:
         train_src, val_src = make_sources(cfg, info)
     except ValueError as err:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -294,7 +293,7 @@ def _reduce_amax_worker(out: Path) -> None:
 
     from kinetic.train import Trainer
     from kinetic.train.config import from_dict
-    from kinetic.train.distributed import init_from_env
+    from kinetic.train.distributed import init_from_env, shutdown
 
     torch.set_num_threads(1)
     info = init_from_env()
@@ -318,7 +317,7 @@ def _reduce_amax_worker(out: Path) -> None:
     results["trainer/reduce_amax"] = torch.tensor(trainer.quant_state.reduce_amax)
     results["trainer/sr_state"] = trainer.quant_state.state_dict()["cpu"]
     save_file({k: v.contiguous() for k, v in results.items()}, out / f"rank{rank}.safetensors")
-    dist.destroy_process_group()
+    shutdown()
 
 
 def test_amax_is_reduced_across_two_gloo_ranks(tmp_path):

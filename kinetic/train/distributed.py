@@ -41,6 +41,15 @@ def init_from_env() -> DistInfo:
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly: wait for every rank, then destroy it. Exiting with a live
+    gloo group lets its threads be torn down during interpreter exit, which sometimes aborts the
+    process ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
     if not info.enabled:
         return model
