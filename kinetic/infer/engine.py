@@ -369,7 +369,8 @@ class Engine:
             if self.speculative:
                 seq.spec = SpeculativeDecoder(
                     self.model, seq.cache, target_distribution(params.temperature, params.top_k,
-                                                               params.top_p), seq.generator)
+                                                               params.top_p), seq.generator,
+                    totals=self.spec_stats)
             token = prefill(self.model, seq.cache, seq.prompt_ids, self.prefill_chunk, seq.spec,
                             pick=lambda logits: sample_token(logits, params, seq.generator))
             return seq.advance(token)
@@ -379,10 +380,7 @@ class Engine:
             return seq.advance(sample_token(logits, params, seq.generator))
         done = len(seq.token_ids)
         room = min(params.max_new_tokens - done, self.max_context - len(seq.prompt_ids) - done)
-        before = replace(seq.spec.stats)
         tokens = seq.spec.round(max(0, min(self.draft_tokens, room - 1)))
-        self.spec_stats.add(SpecStats(*(getattr(seq.spec.stats, f) - getattr(before, f)
-                                        for f in ("rounds", "drafted", "accepted", "emitted"))))
         text, ids = [], []
         for token in tokens:  # a stop token or string may end the sequence inside the round
             delta = seq.advance(token)

@@ -137,13 +137,14 @@ class SpeculativeDecoder:
 
     def __init__(self, model: torch.nn.Module, cache: InferenceCache,
                  distribution: Callable[[torch.Tensor], torch.Tensor] | None,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, totals: SpecStats | None = None) -> None:
         self.model = model
         self.cache = cache
         self.drafter = MTPDrafter(model)
         self.distribution = distribution
         self.generator = generator
-        self.stats = SpecStats()
+        self.stats = SpecStats()  # this sequence's rounds
+        self.totals = totals  # also counted here (e.g. an engine's running totals)
         self.last_token: int | None = None  # known next token, not yet in the main cache
 
     def _pick(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
@@ -171,10 +172,10 @@ class SpeculativeDecoder:
         new = drafts[:n] + [nxt]
         self.drafter.commit(out.hidden_states[:, :1 + n], torch.tensor([new], device=dev))
         self.last_token = nxt
-        self.stats.rounds += 1
-        self.stats.drafted += len(drafts)
-        self.stats.accepted += n
-        self.stats.emitted += n + 1
+        this = SpecStats(rounds=1, drafted=len(drafts), accepted=n, emitted=n + 1)
+        self.stats.add(this)
+        if self.totals is not None:
+            self.totals.add(this)
         return new
 
     def cache_device(self) -> torch.device:
