@@ -243,6 +243,13 @@ def test_cmd_generate(engine, checkpoint, capsys):
         text = engine.generate([prompt], replace(GREEDY, max_new_tokens=8))[0].text
         assert f"--- {prompt!r}\n{prompt}{text}\n" in out
     assert cmd_generate(_args(add_generate_args, argv[:4] + ["--chat", "--max-new-tokens", "4"])) == 0
+    capsys.readouterr()
+    # the same greedy text without speculation; the budget is printed before the prompt runs
+    assert cmd_generate(_args(add_generate_args, argv + ["--no-speculative", "--show-budget"])) == 0
+    out = capsys.readouterr().out
+    text = engine.generate(["The quick"], replace(GREEDY, max_new_tokens=8))[0].text
+    assert f"--- 'The quick'\nThe quick{text}\n" in out and "cache budget for" in out
+    assert "speculative decoding:" not in out
     from kinetic.cli import UserError
 
     with pytest.raises(UserError, match="empty"):

@@ -481,12 +481,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat:
         params = replace(params, stop_token_ids=engine.chat_stop_token_ids)
     for prompt in args.prompt:
-        print(f"--- {prompt!r}\n{'' if args.chat else prompt}", end="", flush=True)
         try:
             ids = engine.encode_chat([{"role": "user", "content": prompt}]) if args.chat else prompt
             if args.show_budget:
                 n = len(ids) if not isinstance(ids, str) else len(engine.encode(ids))
                 print(f"[{engine.describe_budget(min(n + params.max_new_tokens, engine.max_context))}]")
+            print(f"--- {prompt!r}\n{'' if args.chat else prompt}", end="", flush=True)
             for delta in engine.stream(ids, params):
                 print(delta.text, end="", flush=True)
         except ValueError as err:
