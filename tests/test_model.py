@@ -241,6 +241,15 @@ def test_grouped_and_loop_expert_paths_agree_with_idle_experts():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert results[0][2][1].abs().sum() == 0  # an idle expert gets a zero gradient
     assert use_grouped_mm(x) == hasattr(torch, "_grouped_mm")
+    # inference on few assignments (decode/verify) gathers the chosen experts' weights instead;
+    # a static cache forces that path at any size
+    experts.grouped = True
+    with torch.no_grad():
+        for n in (1, 3, 10):
+            few = experts(x[:n], indices[:n], weights[:n])
+            torch.testing.assert_close(few, results[1][0][:n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(experts(x, indices, weights, static=True), results[1][0],
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_fused_loss_matches_cross_entropy_on_logits():

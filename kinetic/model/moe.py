@@ -69,6 +69,12 @@ class TopKRouter(nn.Module):
         return logits, weights * self.scaling, indices
 
 
+# Inference on at most this many (token, expert) assignments -- a decode or verification step --
+# gathers the chosen experts' weights and runs two batched matmuls, instead of visiting every expert
+# (a grouped GEMM over mostly empty groups costs a call per expert on CPU).
+GATHER_MAX = 32
+
+
 class Experts(nn.Module):
     """All routed experts as two 3-D parameters (experts, out, in); on disk each expert is stored
     as its own 2-D ``experts.{e}.up_proj.weight`` / ``down_proj.weight`` (see kinetic.hf)."""
@@ -86,7 +92,7 @@ class Experts(nn.Module):
         CUDA graph can capture it; meant for the few tokens of a decode step."""
         tokens, k = indices.shape
         flat = indices.reshape(-1)
-        if static:
+        if static or (self.grouped and tokens * k <= GATHER_MAX and not torch.is_grad_enabled()):
             xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # (tokens * k, width, 1)
             h = relu2(torch.bmm(self.up_proj[flat], xs))
             ys = torch.bmm(self.down_proj[flat], h).squeeze(-1)
