@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -264,3 +265,18 @@ def test_cmd_chat(checkpoint, capsys, monkeypatch):
     assert cmd_chat(args) == 0
     out = capsys.readouterr().out
     assert out.count("assistant> ") == 2 and "(history cleared)" in out
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_decode_engine_equals_plain(engine, tok):
+    """``compile_decode`` (``--compile``): greedy answers equal the eager engine's, sequences of one
+    capacity bucket share one compiled step, and it refuses to combine with speculative decoding."""
+    compiled = Engine(engine.model, tok, compile_decode=True)
+    assert not compiled.speculative
+    prompts = ["The quick brown", "def add(a, b):\n"]
+    params = replace(GREEDY, max_new_tokens=10, ignore_eos=True)
+    assert [r.token_ids for r in compiled.generate(prompts, params)] == \
+        [r.token_ids for r in Engine(engine.model, tok, speculative=False).generate(prompts, params)]
+    with pytest.raises(ValueError, match="speculative"):
+        Engine(engine.model, tok, compile_decode=True, speculative=True)

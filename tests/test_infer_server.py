@@ -295,7 +295,8 @@ def test_cmd_serve_runs_a_server_until_interrupted(served, tmp_path):
     code = ("import argparse, sys; from kinetic.infer.server import add_serve_args, cmd_serve; "
             "p = argparse.ArgumentParser(); add_serve_args(p); sys.exit(cmd_serve(p.parse_args()))")
     proc = subprocess.Popen([sys.executable, "-c", code, "--checkpoint", str(tmp_path / "ckpt"), "--port",
-                             str(port), "--log-level", "warning"], stderr=subprocess.PIPE, text=True)
+                             str(port), "--log-level", "warning", "--no-speculative", "--draft-tokens", "1"],
+                            stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while True:

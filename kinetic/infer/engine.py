@@ -24,6 +24,10 @@ layers: each step after the prefill drafts ``draft_tokens`` tokens with the MTP 
 in one pass, so a step can add several tokens. Greedy output is the plain greedy output token for
 token; sampled output has the same distribution (not the same draws) as plain sampling with that seed.
 
+``compile_decode=True`` (``--compile``) runs plain decode steps on a fixed-shape static cache instead:
+one CUDA graph per sequence on CUDA, a ``torch.compile``d step shared by all sequences on CPU (the
+first compilation takes seconds). It does not combine with speculative decoding yet, which it turns off.
+
 Prompts are prefilled in chunks of ``prefill_chunk`` tokens, so activation memory is bounded by the
 chunk; each sequence's KV buffers are reserved once at prompt + completion length
 (``Engine.memory_budget`` says how much that is before anything runs).
@@ -210,6 +214,7 @@ class GenerationSequence:
         self.emitted = 0  # characters of ``text`` already returned in deltas
         self.finish_reason: str | None = FINISH_LENGTH if params.max_new_tokens == 0 else None
         self.spec: SpeculativeDecoder | None = None  # set at prefill when decoding speculatively
+        self.decoder = None  # a compiled/graph decode step, set at prefill with compile_decode
         self._detok = Detokenizer(tokenizer)
         self._longest_stop = max(map(len, params.stop_strings), default=0)
 
@@ -270,7 +275,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, *, max_context: int | None = None,
                  chat_template: ChatTemplate | None = None, speculative: bool | None = None,
-                 draft_tokens: int = 3, prefill_chunk: int = 8192) -> None:
+                 draft_tokens: int = 2, prefill_chunk: int = 8192, compile_decode: bool = False) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.vocab_size = model.config.vocab_size
@@ -284,7 +289,11 @@ class Engine:
         if speculative and not has_mtp:
             raise ValueError("speculative=True needs a checkpoint with MTP layers (config "
                              "num_nextn_predict_layers >= 1); this one has none")
-        self.speculative = has_mtp if speculative is None else bool(speculative)
+        if speculative and compile_decode:
+            raise ValueError("speculative decoding does not run on compiled decode steps yet: choose "
+                             "speculative=True or compile_decode=True (--compile implies --no-speculative)")
+        self.compile_decode = bool(compile_decode)
+        self.speculative = (has_mtp and not compile_decode) if speculative is None else bool(speculative)
         if not _is_int(draft_tokens) or draft_tokens < 0:
             raise ValueError(f"draft_tokens={draft_tokens!r} must be an integer >= 0")
         if not _is_int(prefill_chunk) or prefill_chunk < 1:
@@ -355,8 +364,18 @@ class Engine:
         stop_ids = (() if params.ignore_eos else self.eos_token_ids) + params.stop_token_ids
         seq = GenerationSequence(ids, params, stop_ids, self.max_context, self.tokenizer, self.device)
         room = min(len(ids) + params.max_new_tokens, self.max_context)
+        if self.compile_decode:  # power-of-two capacities let sequences share a compiled step
+            room = max(256, 1 << (room - 1).bit_length())
         seq.cache.reserve(room + (self.draft_tokens + 1 if self.speculative else 0))
         return seq
+
+    def _static_decoder(self, seq: GenerationSequence):
+        from kinetic.model.static_cache import CompiledDecoder, CUDAGraphDecoder, StaticCache
+
+        static = StaticCache(seq.cache, seq.cache._reserved)
+        if self.device.type == "cuda":
+            return CUDAGraphDecoder(self.model, static)
+        return CompiledDecoder(self.model, static)
 
     # ---- running
     @torch.inference_mode()  # per thread: the server's worker thread needs it as much as the caller
@@ -373,7 +392,13 @@ class Engine:
                     totals=self.spec_stats)
             token = prefill(self.model, seq.cache, seq.prompt_ids, self.prefill_chunk, seq.spec,
                             pick=lambda logits: sample_token(logits, params, seq.generator))
-            return seq.advance(token)
+            delta = seq.advance(token)
+            if self.compile_decode and not seq.finished:
+                seq.decoder = self._static_decoder(seq)
+            return delta
+        if seq.decoder is not None:
+            ids = torch.tensor([seq.next_input()], device=self.device)
+            return seq.advance(sample_token(seq.decoder.step(ids)[0], params, seq.generator))
         if seq.spec is None:
             ids = torch.tensor([seq.next_input()], device=self.device)
             logits = self.model(ids, seq.cache, return_mtp=False, logits_to_keep=1).logits[0, -1]
@@ -433,12 +458,27 @@ def _add_common_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--max-context", type=int, default=None,
                    help="prompt + completion token limit (default: the config's max_position_embeddings)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--no-speculative", action="store_true",
-                   help="decode one token per step even if the checkpoint has MTP layers")
-    p.add_argument("--draft-tokens", type=int, default=3, help="MTP draft tokens per speculative step")
-    p.add_argument("--prefill-chunk", type=int, default=8192, help="prompt tokens per prefill pass")
+    add_decode_args(p)
     p.add_argument("--show-budget", action="store_true",
                    help="print the memory budget (cache + weights) for each prompt before running it")
+
+
+def add_decode_args(p: argparse.ArgumentParser) -> None:
+    """Decoding flags shared by ``kinetic generate``, ``chat`` and ``serve``."""
+    p.add_argument("--no-speculative", action="store_true",
+                   help="decode one token per step even if the checkpoint has MTP layers")
+    p.add_argument("--draft-tokens", type=int, default=2, help="MTP draft tokens per speculative step")
+    p.add_argument("--prefill-chunk", type=int, default=8192, help="prompt tokens per prefill pass")
+    p.add_argument("--compile", action="store_true",
+                   help="compiled decode steps (torch.compile on CPU, CUDA graphs on GPU); implies "
+                   "--no-speculative")
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """Engine keyword arguments from the decoding flags."""
+    return dict(speculative=False if (args.no_speculative or args.compile) else None,
+                draft_tokens=args.draft_tokens, prefill_chunk=args.prefill_chunk,
+                compile_decode=args.compile)
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -464,8 +504,7 @@ def _user_error(message: str) -> Exception:
 def _engine_and_params(args: argparse.Namespace) -> tuple[Engine, SamplingParams]:
     try:
         engine = Engine.from_pretrained(args.checkpoint, device=args.device, max_context=args.max_context,
-                                        speculative=False if args.no_speculative else None,
-                                        draft_tokens=args.draft_tokens, prefill_chunk=args.prefill_chunk)
+                                        **engine_options(args))
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                 stop_strings=tuple(args.stop))

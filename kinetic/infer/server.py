@@ -41,7 +41,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from kinetic.infer.engine import Delta, Engine, GenerationSequence, SamplingParams
+from kinetic.infer.engine import (
+    Delta,
+    Engine,
+    GenerationSequence,
+    SamplingParams,
+    add_decode_args,
+    engine_options,
+)
 
 log = logging.getLogger("kinetic.serve")
 STATIC = Path(__file__).parent / "static"
@@ -526,11 +533,12 @@ def _chat_chunks(job: Job, meta: dict, prompts, options) -> AsyncIterator[str]:
 # ---------------------------------------------------------------------- running
 def run(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, *, model_name: str | None = None,
         limits: Limits | None = None, max_context: int | None = None, device: str = "cpu",
-        log_level: str = "info") -> None:
-    """Load ``checkpoint`` and serve it with uvicorn until interrupted."""
+        log_level: str = "info", **engine_options) -> None:
+    """Load ``checkpoint`` and serve it with uvicorn until interrupted; ``engine_options`` go to
+    :class:`Engine` (speculative, draft_tokens, prefill_chunk, compile_decode)."""
     import uvicorn
 
-    engine = Engine.from_pretrained(checkpoint, device=device, max_context=max_context)
+    engine = Engine.from_pretrained(checkpoint, device=device, max_context=max_context, **engine_options)
     name = model_name or Path(checkpoint).resolve().name
     print(f"kinetic serve: {checkpoint} as model {name!r}; API http://{host}:{port}/v1, chat page "
           f"http://{host}:{port}/", file=sys.stderr, flush=True)
@@ -553,6 +561,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-active", type=int, default=d.max_active, help="sequences generated together")
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes)
     p.add_argument("--device", default="cpu")
+    add_decode_args(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -567,7 +576,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(**{n: getattr(args, n) for n in names})
     try:
         run(args.checkpoint, args.host, args.port, model_name=args.model_name, limits=limits,
-            max_context=args.max_context, device=args.device, log_level=args.log_level)
+            max_context=args.max_context, device=args.device, log_level=args.log_level,
+            **engine_options(args))
     except ValueError as err:  # a bad checkpoint config or --max-context
         raise UserError(str(err)) from None
     return 0
