@@ -76,3 +76,19 @@ def test_cuda_graph_generate_equals_eager(dtype):
         want = model(tok, ref, return_mtp=False).logits[:, -1]
         tol = 1e-4 if dtype == torch.float32 else 5e-2
         assert (got - want).abs().max() <= tol * want.abs().max()
+
+
+def test_engine_graph_decode_equals_eager_on_cuda():
+    from dataclasses import replace
+
+    from kinetic.data.tokenizer import train_tokenizer
+    from kinetic.infer import Engine, SamplingParams
+
+    tok = train_tokenizer(["The quick brown fox jumps over the lazy dog. " * 20], vocab_size=300)
+    torch.manual_seed(0)
+    model = NemotronHForCausalLM(replace(preset("tiny"), vocab_size=tok.get_vocab_size())).cuda()
+    params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+    prompts = ["The quick", "lazy dog"]
+    graph = Engine(model, tok, compile_decode=True).generate(prompts, params)
+    eager = Engine(model, tok, speculative=False).generate(prompts, params)
+    assert [r.token_ids for r in graph] == [r.token_ids for r in eager]
