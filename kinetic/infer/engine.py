@@ -52,6 +52,7 @@ from kinetic.data.tokenizer import encode
 from kinetic.infer.chat_template import ChatTemplate, check_unicode
 from kinetic.infer.speculative import SpecStats, SpeculativeDecoder, prefill, target_distribution
 from kinetic.model.cache import InferenceCache, cache_budget, format_budget
+from kinetic.model.static_cache import bucket_capacity, static_decoder
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
 
@@ -215,6 +216,7 @@ class GenerationSequence:
         self.finish_reason: str | None = FINISH_LENGTH if params.max_new_tokens == 0 else None
         self.spec: SpeculativeDecoder | None = None  # set at prefill when decoding speculatively
         self.decoder = None  # a compiled/graph decode step, set at prefill with compile_decode
+        self.capacity = 0  # tokens its cache is reserved for (set by Engine.start)
         self._detok = Detokenizer(tokenizer)
         self._longest_stop = max(map(len, params.stop_strings), default=0)
 
@@ -364,18 +366,12 @@ class Engine:
         stop_ids = (() if params.ignore_eos else self.eos_token_ids) + params.stop_token_ids
         seq = GenerationSequence(ids, params, stop_ids, self.max_context, self.tokenizer, self.device)
         room = min(len(ids) + params.max_new_tokens, self.max_context)
-        if self.compile_decode:  # power-of-two capacities let sequences share a compiled step
-            room = max(256, 1 << (room - 1).bit_length())
-        seq.cache.reserve(room + (self.draft_tokens + 1 if self.speculative else 0))
+        if self.compile_decode:  # bucketed capacities let sequences share a compiled step
+            room = bucket_capacity(room)
+        seq.capacity = room + (self.draft_tokens + 1 if self.speculative else 0)
+        seq.cache.reserve(seq.capacity)
         return seq
 
-    def _static_decoder(self, seq: GenerationSequence):
-        from kinetic.model.static_cache import CompiledDecoder, CUDAGraphDecoder, StaticCache
-
-        static = StaticCache(seq.cache, seq.cache._reserved)
-        if self.device.type == "cuda":
-            return CUDAGraphDecoder(self.model, static)
-        return CompiledDecoder(self.model, static)
 
     # ---- running
     @torch.inference_mode()  # per thread: the server's worker thread needs it as much as the caller
@@ -394,7 +390,7 @@ class Engine:
                             pick=lambda logits: sample_token(logits, params, seq.generator))
             delta = seq.advance(token)
             if self.compile_decode and not seq.finished:
-                seq.decoder = self._static_decoder(seq)
+                seq.decoder = static_decoder(self.model, seq.cache, seq.capacity)
             return delta
         if seq.decoder is not None:
             ids = torch.tensor([seq.next_input()], device=self.device)

@@ -162,8 +162,10 @@ class NemotronHForCausalLM(nn.Module):
         self.eval()
         cache = InferenceCache()
         capacity = input_ids.shape[1] + max_new_tokens
-        if compile:  # a power-of-two capacity lets later calls reuse the compiled step
-            capacity = max(256, 1 << (capacity - 1).bit_length())
+        if compile:  # a bucketed capacity lets later calls reuse the compiled step
+            from kinetic.model.static_cache import bucket_capacity
+
+            capacity = bucket_capacity(capacity)
         cache.reserve(capacity)
         ids = input_ids
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -173,7 +175,9 @@ class NemotronHForCausalLM(nn.Module):
         decoder = None
         for i in range(max_new_tokens):
             if i == 1 and (graph or compile):
-                decoder = self._static_decoder(cache, capacity, ids.shape[0], graph)
+                from kinetic.model.static_cache import static_decoder
+
+                decoder = static_decoder(self, cache, capacity, ids.shape[0], graph)
             if decoder is not None:
                 logits = decoder.step(step_input)
             else:
@@ -188,19 +192,6 @@ class NemotronHForCausalLM(nn.Module):
             step_input = token[:, None]
         self.train(was_training)
         return ids
-
-    def _static_decoder(self, cache: InferenceCache, capacity: int, batch: int, graph: bool):
-        import warnings
-
-        from kinetic.model.static_cache import CompiledDecoder, CUDAGraphDecoder, StaticCache
-
-        if graph:
-            try:
-                return CUDAGraphDecoder(self, StaticCache(cache, capacity), batch)
-            except (RuntimeError, ValueError) as err:
-                warnings.warn(f"CUDA graph decoding unavailable ({err}); decoding eagerly", stacklevel=3)
-                return None
-        return CompiledDecoder(self, StaticCache(cache, capacity))
 
     @staticmethod
     def _pick(logits, do_sample, temperature, top_k, generator) -> torch.Tensor:

@@ -169,3 +169,26 @@ class CUDAGraphDecoder:
         self.graph.replay()
         self._length += 1
         return self.logits
+
+
+def bucket_capacity(tokens: int) -> int:
+    """A static cache's capacity for ``tokens`` tokens, rounded up to a power of two (at least 256),
+    so that caches of similar sizes share one compiled step."""
+    return max(256, 1 << (max(tokens, 1) - 1).bit_length())
+
+
+def static_decoder(model: torch.nn.Module, cache: InferenceCache, capacity: int, batch: int = 1,
+                   graph: bool | None = None):
+    """A fast single-token decoder continuing a prefilled ``cache``: a CUDA graph (``graph``, default on
+    CUDA) or a ``torch.compile``d step. If graph capture fails it warns and returns None (decode
+    eagerly)."""
+    static = StaticCache(cache, capacity)
+    if graph if graph is not None else static.pos.is_cuda:
+        try:
+            return CUDAGraphDecoder(model, static, batch)
+        except (RuntimeError, ValueError) as err:
+            import warnings
+
+            warnings.warn(f"CUDA graph decoding unavailable ({err}); decoding eagerly", stacklevel=3)
+            return None
+    return CompiledDecoder(model, static)
