@@ -380,7 +380,10 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None) ->
     async def health():
         if not scheduler.alive:
             return JSONResponse({"status": "error", "message": "the worker thread is not running"}, 503)
-        return {"status": "ok", "model": model_name, **scheduler.stats()}
+        out = {"status": "ok", "model": model_name, **scheduler.stats()}
+        if engine.speculative:  # MTP drafts so far: acceptance rate and tokens per model pass
+            out["speculative"] = engine.spec_stats.as_dict()
+        return out
 
     @app.get("/v1/models")
     async def list_models():
