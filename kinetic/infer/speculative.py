@@ -133,7 +133,8 @@ class SpeculativeDecoder:
     """Drafts with MTP and verifies with the main model, for one sequence (batch 1).
 
     ``distribution(logits)`` maps logits (..., vocab) to sampling probabilities (None = greedy).
-    The caller prefills the main cache and calls :meth:`start`, then :meth:`round` per step."""
+    :func:`prefill` fills the main cache, commits the prompt's MTP positions and picks the first
+    token; then :meth:`round` runs per step."""
 
     def __init__(self, model: torch.nn.Module, cache: InferenceCache,
                  distribution: Callable[[torch.Tensor], torch.Tensor] | None,
@@ -147,7 +148,7 @@ class SpeculativeDecoder:
         self.totals = totals  # also counted here (e.g. an engine's running totals)
         self.last_token: int | None = None  # known next token, not yet in the main cache
 
-    def _pick(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    def pick(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
         if self.distribution is None:
             return int(logits.argmax()), None
         dist = self.distribution(logits)
@@ -161,7 +162,7 @@ class SpeculativeDecoder:
         """One draft + verify round; returns the new tokens (1 .. max_drafts + 1). The last of
         them becomes ``last_token`` (not yet in the cache)."""
         m, dev = self.model, self.cache_device()
-        drafts, q = self.drafter.draft(max_drafts, self._pick) if max_drafts > 0 else ([], None)
+        drafts, q = self.drafter.draft(max_drafts, self.pick) if max_drafts > 0 else ([], None)
         ids = torch.tensor([[self.last_token, *drafts]], device=dev)
         with self.cache.tracking():
             out = m(ids, self.cache, return_mtp=False)
@@ -238,7 +239,7 @@ def prefill(model: torch.nn.Module, cache: InferenceCache, prompt: list[int], ch
             pending = out.hidden_states[:, -1:]
     logits = out.logits[0, -1]
     if dec is not None:
-        token, _ = dec._pick(logits)
+        token, _ = dec.pick(logits)
         dec.commit_prompt(pending, torch.tensor([[token]], device=dev))
         dec.last_token = token
         return token
