@@ -49,6 +49,52 @@ def test_ssd_scan_matches_recurrence(seqlen, chunk, with_state):
     torch.testing.assert_close(final, final_ref, atol=1e-4, rtol=1e-4)
 
 
+
+@pytest.mark.parametrize("chunk", [8, 64])
+def test_ssd_scan_with_strong_decay_matches_recurrence(chunk):
+    """Heads that forget fast (log-decays far below -60 within a chunk, where the scan clamps its
+    exponents) still give the recurrence's outputs, final state and gradients."""
+    g = torch.Generator().manual_seed(61)
+    b, seqlen, h, p, n, groups = 2, 70, 4, 3, 5, 2
+    x = torch.randn(b, seqlen, h, p, generator=g, requires_grad=True)
+    dt = (F.softplus(torch.randn(b, seqlen, h, generator=g)) + 0.5).requires_grad_()
+    A = torch.tensor([-0.05, -2.0, -30.0, -200.0], requires_grad=True)
+    B = torch.randn(b, seqlen, groups, n, generator=g, requires_grad=True)
+    C = torch.randn(b, seqlen, groups, n, generator=g, requires_grad=True)
+    init = torch.randn(b, h, p, n, generator=g, requires_grad=True)
+    inputs = (x, dt, A, B, C, init)
+    y, final = ssd_scan(x, dt, A, B, C, chunk, init)
+    y_ref, final_ref = naive_scan(x, dt, A, B, C, init)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(final, final_ref, atol=1e-4, rtol=1e-4)
+    wy, wf = torch.randn(b, seqlen, h, p, generator=g), torch.randn(b, h, p, n, generator=g)
+    grads = torch.autograd.grad((y * wy).sum() + (final * wf).sum(), inputs)
+    ref = torch.autograd.grad((y_ref * wy).sum() + (final_ref * wf).sum(), inputs)
+    for name, a, r in zip(["x", "dt", "A", "B", "C", "init"], grads, ref, strict=True):
+        torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_rms_norm_matches_composite_reference(dtype):
+    from kinetic.model.norm import GatedRMSNorm
+
+    g = torch.Generator().manual_seed(62)
+    norm = GatedRMSNorm(12, 4, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(12, generator=g) + 0.5)
+    base = torch.randn(2, 7, 20, generator=g).to(dtype).requires_grad_()
+    x = torch.randn(2, 7, 12, generator=g).to(dtype).requires_grad_()
+    gate = base[..., 3:15]  # a strided slice, as the in_proj split produces
+    out_grad = torch.randn(2, 7, 12, generator=g).to(dtype)
+    mine, ref = norm(x, gate), norm.reference(x, gate)
+    assert mine.dtype == ref.dtype == dtype
+    tol = {} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(mine, ref, **tol)
+    for a, r in zip(torch.autograd.grad(mine, (x, base, norm.weight), out_grad),
+                    torch.autograd.grad(ref, (x, base, norm.weight), out_grad), strict=True):
+        assert a.dtype == r.dtype
+        torch.testing.assert_close(a, r, **({"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else tol))
+
 def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """Per-token loop straight from the NemotronH description."""
     gate = moe.gate
@@ -290,8 +336,7 @@ def test_labels_give_shifted_losses_for_main_and_mtp_heads():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_fused_activation_and_conv_match_autograd_references():
-    from kinetic.model.conv import causal_conv1d_silu
+def test_fused_relu2_matches_autograd_reference():
     from kinetic.model.mlp import relu2
 
     g = torch.Generator().manual_seed(50)
@@ -301,15 +346,24 @@ def test_fused_activation_and_conv_match_autograd_references():
     ref = torch.autograd.grad(F.relu(x).pow(2), x, out_grad)[0]
     torch.testing.assert_close(ours, ref)
 
-    base = torch.randn(3, 11, 12, generator=g, requires_grad=True)
+@pytest.mark.parametrize("seqlen, with_bias", [(11, True), (11, False), (2, True), (1, False)])
+def test_causal_conv_matches_conv1d(seqlen, with_bias):
+    """Values and all three gradients, including sequences shorter than the kernel."""
+    from kinetic.model.conv import causal_conv1d_silu
+
+    g = torch.Generator().manual_seed(51)
+    base = torch.randn(3, seqlen, 12, generator=g, requires_grad=True)
     weight = torch.randn(7, 1, 4, generator=g, requires_grad=True)
-    bias = torch.randn(7, generator=g, requires_grad=True)
+    bias = torch.randn(7, generator=g, requires_grad=True) if with_bias else None
+    out_grad = torch.randn(3, seqlen, 7, generator=g)
     xs = base[..., 2:9]  # a strided slice, as the in_proj split produces
     mine = causal_conv1d_silu(xs, weight, bias)
-    ref = F.silu(F.conv1d(xs.transpose(1, 2), weight, bias, padding=3, groups=7)[..., :11]).transpose(1, 2)
+    ref = F.conv1d(xs.transpose(1, 2), weight, bias, padding=3, groups=7)[..., :seqlen]
+    ref = F.silu(ref).transpose(1, 2)
     torch.testing.assert_close(mine, ref)
-    for a, b in zip(torch.autograd.grad(mine, (base, weight, bias), out_grad),
-                    torch.autograd.grad(ref, (base, weight, bias), out_grad), strict=True):
+    inputs = (base, weight, bias) if with_bias else (base, weight)
+    for a, b in zip(torch.autograd.grad(mine, inputs, out_grad),
+                    torch.autograd.grad(ref, inputs, out_grad), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 

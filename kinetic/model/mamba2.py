@@ -35,13 +35,21 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
     return x.cumsum(-2).masked_fill(~torch.tril(ones), -math.inf)
 
 
+# Log-decays below this are evaluated at it: exp(-60) ~ 8.8e-27, far below float32 resolution next to
+# the decay-free diagonal term, and it keeps exp out of the underflow range (results near or below
+# the smallest normal float), where x86 CPUs take a slow path for exp and for every product with a
+# subnormal -- several times slower for the whole scan on long-decaying heads.
+MIN_LOG_DECAY = -60.0
+
+
 class _DecayedScores(torch.autograd.Function):
     """``cb[:, :, None] * exp(a_cs[..., l] - a_cs[..., s])`` for s <= l, 0 above the diagonal.
 
     This is the per-head L x L matrix of the SSD's within-chunk term, the largest tensor of the
     scan. The difference of cumulative sums is what the mamba_ssm kernels use within a chunk. A
     hand-written backward touches that tensor three times instead of the eight passes autograd
-    makes through sub/masked_fill/exp/mul.
+    makes through sub/masked_fill/exp/mul. Exponents are clamped to [MIN_LOG_DECAY, 0] (see there),
+    which also keeps exp away from -inf and overflow above the diagonal, zeroed afterwards.
     """
 
     @staticmethod
@@ -49,7 +57,8 @@ class _DecayedScores(torch.autograd.Function):
         # cb: (b, g, c, L, L); a_cs: (b, g, r, c, L) -> (b, g, r, c, L, L)
         L = a_cs.shape[-1]
         above = torch.ones(L, L, dtype=torch.bool, device=a_cs.device).triu(1)
-        decay = (a_cs.unsqueeze(-1) - a_cs.unsqueeze(-2)).masked_fill_(above, -math.inf).exp_()
+        decay = (a_cs.unsqueeze(-1) - a_cs.unsqueeze(-2)).clamp_(MIN_LOG_DECAY, 0.0)
+        decay = decay.exp_().masked_fill_(above, 0.0)
         if not any(ctx.needs_input_grad):  # inference: reuse the buffer, keep nothing for backward
             return decay.mul_(cb.unsqueeze(2))
         ctx.save_for_backward(cb, decay)
@@ -63,6 +72,24 @@ class _DecayedScores(torch.autograd.Function):
         t = u.mul_(cb.unsqueeze(2))  # d out / d (a_cs[l] - a_cs[s]) = out
         grad_a = t.sum(-1) - t.sum(-2)
         return grad_cb, grad_a
+
+
+def _carry(states: torch.Tensor, chunk_log_decay: torch.Tensor,
+           initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass states across chunks with one (c+1) x c decay-matrix product (no Python loop).
+
+    states (b, g, c, r, p, n): what each chunk adds by its end; chunk_log_decay (b, g, r, c): its
+    total log-decay. Returns the state entering every chunk (b, g, r, c, p, n) and the final state
+    (b, g, r, p, n)."""
+    b, g, c, r, p, n = states.shape
+    log_carry = segsum(F.pad(chunk_log_decay, (1, 0))).clamp(min=MIN_LOG_DECAY)
+    carry = torch.exp(log_carry).tril()  # (b, g, r, c+1, c+1); -inf above the diagonal -> 0
+    flat = states.permute(0, 1, 3, 2, 4, 5).reshape(b, g, r, c, p * n)
+    incoming = carry[..., 1:] @ flat  # (b, g, r, c+1, p*n): state entering chunk z, then final
+    if initial_state is not None:
+        incoming = incoming + carry[..., :1] * initial_state.float().reshape(b, g, r, 1, p * n)
+    incoming = incoming.view(b, g, r, c + 1, p, n)
+    return incoming[:, :, :, :-1], incoming[:, :, :, -1]
 
 
 def ssd_scan(
@@ -99,23 +126,19 @@ def ssd_scan(
     y = scores @ xdt  # (b, g, r, c, L, p)
 
     # 2. the state each chunk adds by its end: sum_l decay(l -> end) * x_l dt_l B_l^T
-    to_end = torch.exp(a_cs[..., -1:] - a_cs).unsqueeze(-1)  # (b, g, r, c, L, 1)
+    to_end = torch.exp((a_cs[..., -1:] - a_cs).clamp_(min=MIN_LOG_DECAY)).unsqueeze(-1)  # (b, g, r, c, L, 1)
     xd = (xdt * to_end).permute(0, 1, 3, 2, 5, 4).reshape(b, g, c, r * p, L)
-    states = (xd @ B).view(b, g, c, r, p * n).permute(0, 1, 3, 2, 4)  # (b, g, r, c, p*n)
+    states = (xd @ B).view(b, g, c, r, p, n)
 
-    # 3. carry states across chunks with a (c+1) x c decay matrix (cheap, no Python loop)
-    carry = torch.exp(segsum(F.pad(a_cs[..., -1], (1, 0))))  # (b, g, r, c+1, c+1)
-    incoming = carry[..., 1:] @ states  # (b, g, r, c+1, p*n): state entering chunk z, then final
-    if initial_state is not None:
-        init = initial_state.float().reshape(b, g, r, 1, p * n)
-        incoming = incoming + carry[..., :1] * init
-    final = incoming[:, :, :, -1].reshape(b, h, p, n)
+    # 3. the state entering each chunk, and the final state
+    s_in, final = _carry(states, a_cs[..., -1], initial_state)  # (b, g, r, c, p, n), (b, g, r, p, n)
+    final = final.reshape(b, h, p, n)
 
-    # 4. what each chunk's incoming state contributes to its outputs
-    s_in = incoming[:, :, :, :-1].reshape(b, g, r, c, p, n).permute(0, 1, 3, 5, 2, 4)
-    y_off = (C @ s_in.reshape(b, g, c, n, r * p)).view(b, g, c, L, r, p).permute(0, 1, 4, 2, 3, 5)
-    y = y + y_off * torch.exp(a_cs).unsqueeze(-1)
-    y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * L, h, p)
+    # 4. what each chunk's incoming state contributes to its outputs, added into y in place:
+    #    y_l += exp(a_cs_l) C_l . s_in
+    c_in = C.unsqueeze(2) * torch.exp(a_cs.clamp(min=MIN_LOG_DECAY)).unsqueeze(-1)  # (b, g, r, c, L, n)
+    y = torch.baddbmm(y.view(-1, L, p), c_in.view(-1, L, n), s_in.reshape(-1, p, n).transpose(1, 2))
+    y = y.view(b, g, r, c, L, p).permute(0, 3, 4, 1, 2, 5).reshape(b, c * L, h, p)
     return y[:, :seqlen], final
 
 
