@@ -40,6 +40,7 @@ Run (about 40 s on a quiet 2-core CPU with the defaults, of which model setup is
 
     python benchmarks/model_speed.py                      # preset small, batch 4 x seq 512
     python benchmarks/model_speed.py --batch 2 --seq 256 --iters 3 --json /tmp/speed.json
+    python benchmarks/model_speed.py --breakdown          # + forward ms per kind of layer, both libraries
 """
 
 from __future__ import annotations
@@ -127,6 +128,48 @@ def bench(models: dict[str, tuple[torch.nn.Module, bool]], ids: torch.Tensor, mo
     return times
 
 
+# forward time per kind of layer: the classes of each implementation that make up one kind
+COMPONENTS = {
+    "mamba": ("Mamba2Mixer", "NemotronHMamba2Mixer"),
+    "moe": ("MoE", "NemotronHMoE"),
+    "attention": ("Attention", "NemotronHAttention"),
+}
+
+
+def breakdown(model: torch.nn.Module, ids: torch.Tensor, is_kinetic: bool, iters: int) -> dict[str, float]:
+    """Median forward milliseconds spent in each kind of mixer (all layers of that kind together),
+    in ``lm_head``, and in everything else (embedding, norms, residual adds, dense MLP layers),
+    timed with module hooks in ``eval()`` mode under ``torch.no_grad()``."""
+    kind_of = {cls: kind for kind, classes in COMPONENTS.items() for cls in classes}
+    spent: dict[str, float] = {}
+    started: dict[int, float] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        kind = "lm_head" if name == "lm_head" else kind_of.get(type(module).__name__)
+        if kind is None:
+            continue
+        hooks.append(module.register_forward_pre_hook(
+            lambda mod, args: started.__setitem__(id(mod), time.perf_counter())))
+        hooks.append(module.register_forward_hook(
+            lambda mod, args, out, kind=kind: spent.__setitem__(
+                kind, spent.get(kind, 0.0) + time.perf_counter() - started[id(mod)])))
+    runs: list[dict[str, float]] = []
+    model.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(iters + 1):  # the first is a warm-up
+                spent.clear()
+                t0 = time.perf_counter()
+                _logits(model, ids, is_kinetic)
+                total = time.perf_counter() - t0
+                runs.append({**spent, "other": total - sum(spent.values()), "total": total})
+    finally:
+        for h in hooks:
+            h.remove()
+    keys = [*COMPONENTS, "lm_head", "other", "total"]
+    return {k: statistics.median(r.get(k, 0.0) for r in runs[1:]) * 1e3 for k in keys}
+
+
 def load_transformers(model: kinetic.NemotronHForCausalLM) -> torch.nn.Module | None:
     """The same weights as a transformers NemotronHForCausalLM, or None if transformers is missing."""
     if importlib.util.find_spec("transformers") is None:
@@ -156,6 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-repeats", type=int, default=10)
     p.add_argument("--no-transformers", action="store_true", help="benchmark kinetic alone")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the forward pass per kind of layer (Mamba, MoE, attention, lm_head)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     return p.parse_args(argv)
 
@@ -220,6 +265,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         best_ratios = {mode: results["transformers"][mode]["best_s"] / results["kinetic"][mode]["best_s"]
                        for mode in MODES}
 
+    parts = ({name: breakdown(m, ids, is_k, args.iters) for name, (m, is_k) in models.items()}
+             if args.breakdown else {})
+
     # ------------------------------------------------------------------ report
     print(f"\nNemotronH speed: preset={args.preset} (no MTP), batch={args.batch} x seq={args.seq} "
           f"= {tokens} tokens, fp32, {threads} torch threads, {platform.processor() or platform.machine()}")
@@ -254,6 +302,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if ratios:
         print("\nratio = kinetic tokens/s / transformers tokens/s at the median iteration; best = the same "
               "ratio for the fastest iteration of each")
+    if parts:
+        print(f"\nforward ms per kind of layer (all layers of a kind, module hooks, median of {args.iters})")
+        names = list(parts)
+        print(f"{'part':<10} " + " ".join(f"{n:>13}" for n in names) + ("   ratio" if len(names) > 1 else ""))
+        for key in parts[names[0]]:
+            vals = [parts[n][key] for n in names]
+            ratio = f" {vals[1] / vals[0]:>6.2f}x" if len(vals) > 1 and vals[0] > 0 else ""
+            print(f"{key:<10} " + " ".join(f"{v:>13.1f}" for v in vals) + ratio)
     noisy = [f"{name} {mode}" for name, per_mode in results.items() for mode, r in per_mode.items()
              if r["median_s"] > 1.25 * min(r["times_s"])]
     if noisy:
@@ -268,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peak_before_gflops_per_s": peak_before, "peak_after_gflops_per_s": peak_after,
         "peak_size": args.peak_size, "load_average_before": load_before, "param_counts": counts,
         "matmul_params": matmul_params(cfg), "flops_per_token": flops, "max_logit_diff": max_diff,
-        "results": results, "ratio": ratios, "ratio_best": best_ratios,
+        "results": results, "ratio": ratios, "ratio_best": best_ratios, "forward_breakdown_ms": parts,
     }
     if args.json:
         with open(args.json, "w") as f:

@@ -345,6 +345,10 @@ def test_fused_relu2_matches_autograd_reference():
     ours = torch.autograd.grad(relu2(x), x, out_grad)[0]
     ref = torch.autograd.grad(F.relu(x).pow(2), x, out_grad)[0]
     torch.testing.assert_close(ours, ref)
+    with torch.no_grad():  # the in-place inference path leaves its input alone
+        before = x.clone()
+        torch.testing.assert_close(relu2(x), F.relu(x).pow(2))
+        assert torch.equal(x, before)
 
 @pytest.mark.parametrize("seqlen, with_bias", [(11, True), (11, False), (2, True), (1, False)])
 def test_causal_conv_matches_conv1d(seqlen, with_bias):
