@@ -401,3 +401,27 @@ def test_labels_one_token_longer_use_every_position():
     torch.testing.assert_close(out.mtp_losses[0], ref_mtp)
     with pytest.raises(ValueError, match="labels shape"):
         model(window[:, :-1], labels=window[:, :5])
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_cpu_chunk_attention_over_a_cache_needs_no_mask(monkeypatch, dtype, tol):
+    """A prefill chunk after cached tokens (and a few-token verification step) equals attention over
+    the whole sequence at once, and on CPU never builds a (chunk, context) mask."""
+    from kinetic.model import attention
+    from kinetic.model.attention import Attention
+
+    config = make_config("latent-grouped-mtp")
+    assert config.num_attention_heads > config.num_key_value_heads  # grouped-query heads
+    layer = randomize(Attention(config, cache_key="a"), seed=63).to(dtype)
+    x = torch.randn(2, 45, config.hidden_size, generator=torch.Generator().manual_seed(64)).to(dtype)
+    with torch.no_grad():
+        full = layer(x)
+
+        def no_mask(*args):
+            raise AssertionError("a mask was built")
+
+        monkeypatch.setattr(attention, "_lower_right_causal", no_mask)
+        cache = InferenceCache()
+        cache.reserve(64)
+        parts = [layer(x[:, a:b], cache) for a, b in ((0, 17), (17, 40), (40, 41), (41, 45))]
+    torch.testing.assert_close(torch.cat(parts, 1).float(), full.float(), atol=tol, rtol=tol)

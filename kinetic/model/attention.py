@@ -41,16 +41,46 @@ class Attention(nn.Module):
             past = cache.kv_length(self.cache_key)
             k, v = cache.append_kv(self.cache_key, k, v)
         mask, causal = None, q_len > 1 and past == 0
-        if q_len > 1 and past > 0:  # new queries see all cached keys plus a causal block
-            mask = _lower_right_causal(q_len, past + q_len, q)
-        out = _sdpa(q, k, v, mask, causal)
+        if q_len > 1 and past > 0 and not q.is_cuda and _FLASH_CPU is not None:
+            out = _chunk_after_past_cpu(q, k, v, past)
+        else:
+            if q_len > 1 and past > 0:  # new queries see all cached keys plus a causal block
+                mask = _lower_right_causal(q_len, past + q_len, q)
+            out = _sdpa(q, k, v, mask, causal)
         return self.o_proj(out.transpose(1, 2).reshape(b, q_len, self.num_heads * self.head_dim))
+
+
+# CPU flash attention that also returns the log-sum-exp of each query's scores (private ATen op; when
+# a torch build lacks it, chunks fall back to an explicit mask)
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _chunk_after_past_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+    """Queries of a prefill chunk, q (b, heads, s, d), over ``past`` cached keys plus the chunk's own s
+    keys causally, as two flash passes merged by their log-sum-exp -- no (s, past + s) mask, so a
+    chunk's memory does not grow with the context. In the pass over the cache every query sees every
+    key, so the query heads sharing a KV head are stacked as its rows (each cached key read once)."""
+    b, heads, s, d = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    o_past, lse_past = _FLASH_CPU(q.reshape(b, kv_heads, group * s, d), k[:, :, :past], v[:, :, :past])
+    o_past, lse_past = o_past.reshape(b, heads, s, d), lse_past.reshape(b, heads, s, 1)
+    k_new, v_new = k[:, :, past:], v[:, :, past:]
+    if group > 1:  # chunk-sized copies only
+        k_new, v_new = k_new.repeat_interleave(group, 1), v_new.repeat_interleave(group, 1)
+    o_new, lse_new = _FLASH_CPU(q, k_new, v_new, 0.0, True)
+    lse_new = lse_new.unsqueeze(-1)
+    top = torch.maximum(lse_past, lse_new)
+    w_past, w_new = (lse_past - top).exp_(), (lse_new - top).exp_()
+    out = (o_past.float() * w_past).add_(o_new.float() * w_new).div_(w_past + w_new)
+    return out.to(q.dtype)
 
 
 def _lower_right_causal(q_len: int, kv_len: int, q: torch.Tensor):
     """Mask for queries at the last ``q_len`` of ``kv_len`` positions. On CUDA in half precision a
     ``CausalBias`` lets SDPA run a flash kernel without building the (q_len, kv_len) mask, so a chunk
-    of a long prefill needs memory for the chunk only; elsewhere the boolean mask is built."""
+    of a long prefill needs memory for the chunk only; elsewhere (CUDA float32) the boolean mask is
+    built. CPU chunks take ``_chunk_after_past_cpu`` and need no mask."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         from torch.nn.attention.bias import causal_lower_right
 
@@ -67,7 +97,21 @@ _CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SD
 
 
 def _sdpa(q, k, v, mask, causal):
+    b, heads, q_len, dim = q.shape
+    kv_heads = k.shape[1]
+    if (q_len == 1 and heads > kv_heads and not causal and not q.is_cuda
+            and (mask is None or mask.shape[-2] == 1)):
+        # one query per head (CPU decode): the query heads that share a KV head become that head's
+        # rows, so each cached key/value is read once per step instead of once per query head -- at
+        # long context the step is bound by reading the KV cache. Not on CUDA, where it leaves the
+        # float32 kernel a block per KV head (measured 3x slower at 128K on an H200).
+        out = _sdpa_kernel(q.reshape(b, kv_heads, heads // kv_heads, dim), k, v, mask, False, False)
+        return out.reshape(b, heads, 1, dim)
+    return _sdpa_kernel(q, k, v, mask, causal, True)
+
+
+def _sdpa_kernel(q, k, v, mask, causal, gqa):
     if q.is_cuda:
         with sdpa_kernel(_CUDA_BACKENDS):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
