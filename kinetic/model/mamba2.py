@@ -83,7 +83,7 @@ def _carry(states: torch.Tensor, chunk_log_decay: torch.Tensor,
     (b, g, r, p, n)."""
     b, g, c, r, p, n = states.shape
     log_carry = segsum(F.pad(chunk_log_decay, (1, 0))).clamp(min=MIN_LOG_DECAY)
-    carry = torch.exp(log_carry).tril()  # (b, g, r, c+1, c+1); -inf above the diagonal -> 0
+    carry = torch.exp(log_carry).tril()  # (b, g, r, c+1, c+1), zero above the diagonal
     flat = states.permute(0, 1, 3, 2, 4, 5).reshape(b, g, r, c, p * n)
     incoming = carry[..., 1:] @ flat  # (b, g, r, c+1, p*n): state entering chunk z, then final
     if initial_state is not None:
