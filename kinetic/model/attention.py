@@ -40,13 +40,13 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.kv_length(self.cache_key)
             k, v = cache.append_kv(self.cache_key, k, v)
-        mask, causal = None, q_len > 1 and past == 0
-        if q_len > 1 and past > 0 and not q.is_cuda and _FLASH_CPU is not None:
-            out = _chunk_after_past_cpu(q, k, v, past)
+        if q_len > 1 and past > 0:  # new queries see all cached keys plus a causal block
+            if not q.is_cuda and _FLASH_CPU is not None:
+                out = _chunk_after_past_cpu(q, k, v, past)
+            else:
+                out = _sdpa(q, k, v, _lower_right_causal(q_len, past + q_len, q), False)
         else:
-            if q_len > 1 and past > 0:  # new queries see all cached keys plus a causal block
-                mask = _lower_right_causal(q_len, past + q_len, q)
-            out = _sdpa(q, k, v, mask, causal)
+            out = _sdpa(q, k, v, None, q_len > 1)
         return self.o_proj(out.transpose(1, 2).reshape(b, q_len, self.num_heads * self.head_dim))
 
 
