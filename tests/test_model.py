@@ -425,3 +425,46 @@ def test_cpu_chunk_attention_over_a_cache_needs_no_mask(monkeypatch, dtype, tol)
         cache.reserve(64)
         parts = [layer(x[:, a:b], cache) for a, b in ((0, 17), (17, 40), (40, 41), (41, 45))]
     torch.testing.assert_close(torch.cat(parts, 1).float(), full.float(), atol=tol, rtol=tol)
+
+
+def test_peak_tensor_memory_counts_tensors_alive_at_once():
+    from kinetic.infer.memory import PeakTensorMemory
+
+    mib = 2**20
+    before = torch.ones(mib)  # alive before: not counted, and freeing it does not lower the count
+    with PeakTensorMemory() as mem:
+        a = torch.empty(4 * mib, dtype=torch.uint8)
+        b = torch.empty(2 * mib, dtype=torch.uint8)
+        del a, before
+        c = torch.empty(mib, dtype=torch.uint8)  # 3 MiB alive now, 6 MiB at the peak
+        del b, c
+    assert 6 * mib <= mem.peak_bytes < 6 * mib + 64 * 1024
+    with PeakTensorMemory() as again:  # a second session starts from zero again
+        d = torch.empty(mib, dtype=torch.uint8)
+    del d
+    assert mib <= again.peak_bytes < mib + 64 * 1024
+
+
+def test_chunked_prefill_memory_is_the_cache_plus_a_chunk_of_activations():
+    """Peak tensor memory of a chunked prefill = the cache + activations bounded by the chunk: the
+    excess over the cache budget is the same at 2K and 8K tokens of context, and grows with the
+    chunk (a (chunk, context) mask would add chunk x context bytes at 8K)."""
+    from kinetic.infer.memory import PeakTensorMemory
+    from kinetic.model.cache import cache_budget
+
+    config = make_config("latent-grouped-mtp").replace(max_position_embeddings=8192)
+    model = randomize(NemotronHForCausalLM(config), seed=71).eval()
+    ids = torch.randint(0, config.vocab_size, (1, 8192), generator=torch.Generator().manual_seed(72))
+
+    def excess(tokens: int, chunk: int) -> int:
+        with torch.no_grad(), PeakTensorMemory() as mem:
+            cache = InferenceCache()
+            cache.reserve(tokens)
+            for start in range(0, tokens, chunk):
+                model(ids[:, start:start + chunk], cache, return_mtp=False, logits_to_keep=1)
+        return mem.peak_bytes - cache_budget(config, tokens)["total"]
+
+    short, long, wide = excess(2048, 64), excess(8192, 64), excess(8192, 128)
+    assert short > 0
+    assert abs(long - short) <= 16 * 1024
+    assert long < wide < 3 * long
