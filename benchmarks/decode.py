@@ -6,7 +6,7 @@
 2. MTP speculative decoding vs plain decoding on a checkpoint trained with MTP (the quickstart
    checkpoint when it exists, else a tiny MTP model trained here on a synthetic Markov language),
    for several draft lengths: tokens/s, speed-up, acceptance rate and mean accepted length, and a
-   check that the greedy tokens are identical;
+   check that the greedy tokens are identical; eager, and with ``--compile`` also both compiled;
 3. per-token decode latency as the context grows (1K .. 128K by default): long prompts are prefilled
    in chunks through ``InferenceCache`` (KV buffers reserved once), then single-token steps are timed.
    The hybrid's Mamba layers keep a constant state; only its few attention layers read a growing
@@ -134,25 +134,30 @@ def trained_checkpoint(path: Path | None, device, dtype, steps: int = 300, patte
 
 
 @torch.no_grad()
-def speculative_speed(model, prompts, new_tokens: int, draft_lengths, repeats: int, device) -> dict:
+def speculative_speed(model, prompts, new_tokens: int, draft_lengths, repeats: int, device,
+                      compiled: bool = False) -> dict:
     """Greedy tokens/s over all prompts: plain cached decode vs MTP speculative decoding, both eager
-    (speculative decoding does not use CUDA graphs yet; on CUDA the graph-replayed plain decode is
-    reported beside them)."""
+    (on CUDA the graph-replayed plain decode is reported beside them). ``compiled`` adds both on
+    their ``torch.compile`` paths (fixed-shape rounds for speculative decoding); the compilation is
+    done by a warm-up call, not timed."""
 
-    def plain(graph: bool = False):
+    def plain(graph: bool = False, compile: bool = False):
         return [model.generate(torch.tensor([p], device=device), max_new_tokens=new_tokens,
-                               eos_token_id=None, cuda_graph=graph)[0, len(p):].tolist() for p in prompts]
+                               eos_token_id=None, cuda_graph=graph, compile=compile)[0, len(p):].tolist()
+                for p in prompts]
 
     ref = plain()
     plain_s = _best(plain, repeats, device)
     total = new_tokens * len(prompts)
     graph_tps = total / _best(lambda: plain(True), repeats, device) if device.type == "cuda" else None
+    compiled_s = _best(lambda: plain(False, True), repeats, device) if compiled else None
     rows = []
-    def spec(k: int, stats: list):
+
+    def spec(k: int, stats: list, compile: bool = False):
         stats.clear()
         outs = []
         for p in prompts:
-            toks, st = speculative_generate(model, p, new_tokens, draft_tokens=k)
+            toks, st = speculative_generate(model, p, new_tokens, draft_tokens=k, compile=compile)
             outs.append(toks)
             stats.append(st)
         return outs
@@ -165,11 +170,19 @@ def speculative_speed(model, prompts, new_tokens: int, draft_lengths, repeats: i
         accepted = sum(s.accepted for s in stats)
         rounds = sum(s.rounds for s in stats)
         emitted = sum(s.emitted for s in stats)
-        rows.append({"draft_tokens": k, "tokens_per_s": total / spec_s, "speedup": plain_s / spec_s,
-                     "acceptance_rate": accepted / max(drafted, 1),
-                     "mean_accepted_length": emitted / max(rounds, 1), "identical_tokens": same})
+        row = {"draft_tokens": k, "tokens_per_s": total / spec_s, "speedup": plain_s / spec_s,
+               "acceptance_rate": accepted / max(drafted, 1),
+               "mean_accepted_length": emitted / max(rounds, 1), "identical_tokens": same}
+        if compiled:
+            fixed: list = []
+            same_compiled = spec(k, fixed, True) == ref
+            fixed_s = _best(lambda k=k, fixed=fixed: spec(k, fixed, True), repeats, device)
+            row.update(compiled_tokens_per_s=total / fixed_s, compiled_speedup=compiled_s / fixed_s,
+                       identical_tokens=same and same_compiled)
+        rows.append(row)
     return {"prompts": len(prompts), "new_tokens": new_tokens, "plain_tokens_per_s": total / plain_s,
-            "plain_cuda_graph_tokens_per_s": graph_tps, "rows": rows}
+            "plain_cuda_graph_tokens_per_s": graph_tps,
+            "plain_compiled_tokens_per_s": total / compiled_s if compiled else None, "rows": rows}
 
 
 # ---------------------------------------------------------------------- 3. latency vs context
@@ -216,6 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--draft-tokens", type=int, nargs="+", default=[1, 2, 3, 5, 7])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true",
+                        help="section 2 also on the torch.compile paths (compiles per draft length)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -248,20 +263,26 @@ def main(argv: list[str] | None = None) -> dict:
     if "speculative" in args.sections:
         trained, prompts, what = trained_checkpoint(args.checkpoint, device, dtype,
                                                     pattern=args.train_pattern)
-        spec = speculative_speed(trained, prompts, args.new_tokens, args.draft_tokens, args.repeats, device)
+        spec = speculative_speed(trained, prompts, args.new_tokens, args.draft_tokens, args.repeats, device,
+                                 compiled=args.compile)
         spec["checkpoint"] = what
         report["speculative"] = spec
         graph_note = ("" if spec["plain_cuda_graph_tokens_per_s"] is None else
                       f" (with CUDA graphs {spec['plain_cuda_graph_tokens_per_s']:.1f} tok/s)")
-        print(f"2. MTP speculative decoding, greedy, eager, {what}\n   {spec['prompts']} prompts x "
+        compiled_tps = spec["plain_compiled_tokens_per_s"]
+        compiled_note = "" if compiled_tps is None else f"; plain compiled decode {compiled_tps:.1f} tok/s"
+        print(f"2. MTP speculative decoding, greedy, {what}\n   {spec['prompts']} prompts x "
               f"{spec['new_tokens']} tokens; plain eager decode {spec['plain_tokens_per_s']:.1f} tok/s"
-              f"{graph_note}\n")
+              f"{graph_note}{compiled_note}\n")
+        extra = f" {'compiled tok/s':>15} {'vs compiled plain':>18}" if compiled_tps else ""
         print(f"{'draft k':>8} {'tok/s':>8} {'vs plain':>9} {'accept rate':>12} {'mean accepted len':>18} "
-              f"{'identical':>10}")
+              f"{'identical':>10}{extra}")
         for r in spec["rows"]:
+            extra = (f" {r['compiled_tokens_per_s']:>15.1f} {r['compiled_speedup']:>17.2f}x"
+                     if compiled_tps else "")
             print(f"{r['draft_tokens']:>8} {r['tokens_per_s']:>8.1f} {r['speedup']:>8.2f}x "
                   f"{r['acceptance_rate']:>11.0%} {r['mean_accepted_length']:>18.2f} "
-                  f"{str(r['identical_tokens']):>10}")
+                  f"{str(r['identical_tokens']):>10}{extra}")
         print()
 
     if "latency" in args.sections:

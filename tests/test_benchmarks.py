@@ -1,6 +1,7 @@
-"""The model-speed benchmark runs end to end on the tiny preset (a smoke test of the script, not a
-timing assertion): both implementations compute the same logits, every mode reports a rate, and the
-per-layer-kind forward breakdown accounts for the whole forward."""
+"""Benchmarks run end to end on the tiny preset (smoke tests of the scripts, not timing assertions):
+model_speed (both implementations compute the same logits, every mode reports a rate, the per-kind
+forward breakdown accounts for the whole forward), long_context (tensor peak and resident-set growth
+reported) and decode (speculative rows with identical tokens, latency rows)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,37 @@ def test_model_speed_runs_and_breaks_down_the_forward(tmp_path, capsys):
         assert inside <= parts["total"]
     assert json.loads(out.read_text())["forward_breakdown_ms"] == report["forward_breakdown_ms"]
     assert "forward ms per kind of layer" in capsys.readouterr().out
+
+
+def test_long_context_reports_tensor_peak_and_rss(tmp_path, capsys):
+    import long_context
+
+    out = tmp_path / "lc.json"
+    report = long_context.main(["--tokens", "2048", "--chunk", "256", "--decode-steps", "2",
+                                "--json", str(out)])
+    assert report["cache_bytes"] >= report["budget_bytes"] - 64 * 1024  # KV buffers of the budget
+    # tensors: at least cache + weights (that the excess is constant in the context is tested in
+    # test_model.py)
+    expected = report["budget_bytes"] + report["weights_bytes"]
+    assert expected <= report["peak_bytes"]
+    assert report["peak_over_budget"] == report["peak_bytes"] / expected - 1
+    assert report["rss_growth_bytes"] is not None and report["decode_ms"] > 0
+    assert json.loads(out.read_text())["peak_bytes"] == report["peak_bytes"]
+    assert "peak tensor memory" in capsys.readouterr().out
+
+
+def test_decode_benchmark_speculative_and_latency_sections():
+    import decode
+    import torch
+
+    from kinetic import NemotronHForCausalLM, preset
+
+    torch.manual_seed(0)
+    model = NemotronHForCausalLM(preset("tiny")).eval()
+    prompts = [list(range(3, 12)), list(range(20, 26))]
+    spec = decode.speculative_speed(model, prompts, 8, [1, 2], 1, torch.device("cpu"))
+    assert [r["draft_tokens"] for r in spec["rows"]] == [1, 2]
+    assert all(r["identical_tokens"] and r["tokens_per_s"] > 0 for r in spec["rows"])
+    assert spec["plain_compiled_tokens_per_s"] is None
+    row = decode.step_latency(model, 300, 2, 128, torch.device("cpu"))
+    assert row["context"] == 300 and row["step_ms"] > 0

@@ -89,9 +89,13 @@ def test_engine_graph_decode_equals_eager_on_cuda():
     model = NemotronHForCausalLM(replace(preset("tiny"), vocab_size=tok.get_vocab_size())).cuda()
     params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
     prompts = ["The quick", "lazy dog"]
-    graph = Engine(model, tok, compile_decode=True).generate(prompts, params)
+    graphs = Engine(model, tok, compile_decode=True)
+    assert not graphs.speculative  # CUDA graphs decode plain steps only
+    graph = graphs.generate(prompts, params)
     eager = Engine(model, tok, speculative=False).generate(prompts, params)
     assert [r.token_ids for r in graph] == [r.token_ids for r in eager]
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        Engine(model, tok, compile_decode=True, speculative=True)
 
 
 def test_training_step_on_cuda_matches_cpu():

@@ -270,13 +270,20 @@ def test_cmd_chat(checkpoint, capsys, monkeypatch):
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_decode_engine_equals_plain(engine, tok):
-    """``compile_decode`` (``--compile``): greedy answers equal the eager engine's, sequences of one
-    capacity bucket share one compiled step, and it refuses to combine with speculative decoding."""
-    compiled = Engine(engine.model, tok, compile_decode=True)
-    assert not compiled.speculative
+    """``compile_decode`` (``--compile``) on CPU: greedy answers equal the eager engine's, plain and
+    speculative (fixed-shape rounds, on by default with MTP), and sequences of one capacity bucket
+    share the compiled functions; sampled speculative rounds run too (stepwise). (That CUDA graphs
+    refuse speculative decoding is checked in test_cuda.py.)"""
     prompts = ["The quick brown", "def add(a, b):\n"]
     params = replace(GREEDY, max_new_tokens=10, ignore_eos=True)
-    assert [r.token_ids for r in compiled.generate(prompts, params)] == \
-        [r.token_ids for r in Engine(engine.model, tok, speculative=False).generate(prompts, params)]
-    with pytest.raises(ValueError, match="speculative"):
-        Engine(engine.model, tok, compile_decode=True, speculative=True)
+    want = [r.token_ids for r in Engine(engine.model, tok, speculative=False).generate(prompts, params)]
+    plain = Engine(engine.model, tok, compile_decode=True, speculative=False)
+    assert [r.token_ids for r in plain.generate(prompts, params)] == want
+    fixed = Engine(engine.model, tok, compile_decode=True, draft_tokens=3)
+    assert fixed.speculative
+    assert [r.token_ids for r in fixed.generate(prompts, params)] == want
+    assert fixed.spec_stats.rounds > 0 and fixed.spec_stats.drafted == 3 * fixed.spec_stats.rounds
+    compiled = engine.model.__dict__["_compiled_speculative"][3]
+    sampled = fixed.generate(prompts, replace(params, temperature=0.8, seed=3))
+    assert [len(r.token_ids) for r in sampled] == [10, 10]
+    assert engine.model.__dict__["_compiled_speculative"][3] is compiled

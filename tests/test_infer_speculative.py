@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -207,6 +208,123 @@ def test_speculative_greedy_equals_plain_greedy_trained(trained, one_thread):
     assert out == ref
     assert stats.acceptance_rate > 0.5, stats.as_dict()  # the MTP layer learned to draft
     assert stats.mean_accepted_length > 2.5
+
+
+# ---------------------------------------------------------------------- fixed shapes (compile path)
+def _static_decoder(model, prompt, k, capacity, compile=False, fused=None):
+    from kinetic.infer.speculative import prefill
+    from kinetic.infer.static_speculative import StaticSpeculativeDecoder
+
+    cache = InferenceCache()
+    dec = SpeculativeDecoder(model, cache, None)
+    first = prefill(model, cache, prompt, 0, dec)
+    return first, StaticSpeculativeDecoder(dec, k, capacity, compile=compile, fused=fused)
+
+
+@pytest.mark.parametrize("name", ["latent-grouped-mtp", "mtp-two-depths"])
+def test_fixed_shape_speculative_greedy_equals_plain_greedy(name, one_thread):
+    """The fixed-shape rounds (StaticCache tracking, padded MTP commit, drafts undone by resetting
+    the MTP position and Mamba states -- "mtp-two-depths" has a Mamba layer in its MTP pattern)."""
+    model = _model(name)
+    prompt = _prompt(model, 17, seed=3)
+    ref = _plain_greedy(model, prompt, 30)
+    for k in (1, 3, 6):
+        out, stats = speculative_generate(model, prompt, 30, draft_tokens=k, static=True)
+        assert out == ref, k
+        assert stats.drafted > 0 and stats.emitted >= 29
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("name", ["latent-grouped-mtp", "mtp-two-depths", "trained"])
+def test_fixed_shape_drafts_equal_dynamic_drafts(name, fused, trained, one_thread):
+    """Round by round the fixed-shape decoder proposes the very drafts of the dynamic one: its MTP
+    commit (padded to k+1 positions) and the undoing of each round's drafts leave the MTP cache as
+    the dynamic decoder's. (Greedy output is the same whatever the drafts; this checks the drafts.)
+    Stepwise rounds pick each draft on the host; fused rounds (one call, accepted on the device)
+    hand over the next round's drafts in ``ids``."""
+    from kinetic.infer.speculative import prefill
+
+    model, prompt = (trained[0], trained[1].repeat(2).tolist()[:19]) if name == "trained" else \
+        (_model(name), None)
+    prompt = prompt or _prompt(model, 13, seed=5)
+    k, seen = 3, {"dynamic": [], "fixed": []}
+
+    def recorder(pick, into):
+        def wrapped(logits):
+            token, dist = pick(logits)
+            into.append(token)
+            return token, dist
+        return wrapped
+
+    cache = InferenceCache()
+    dec = SpeculativeDecoder(model, cache, None)
+    prefill(model, cache, prompt, 0, dec)
+    dec.pick = recorder(dec.pick, seen["dynamic"])
+    first, fixed = _static_decoder(model, prompt, k, capacity=len(prompt) + 80, fused=fused)
+    fixed.pick = recorder(fixed.pick, seen["fixed"])
+    for _ in range(12):
+        assert dec.round(k) == fixed.round()
+        if fused:
+            seen["fixed"] += fixed.ids[0, 1:].tolist()  # the next round's (the first k were picked)
+    seen["fixed"] = seen["fixed"][:12 * k]
+    assert seen["fixed"] == seen["dynamic"] and len(seen["fixed"]) == 12 * k
+    assert fixed.dec.stats.as_dict() == dec.stats.as_dict()
+
+
+def test_fixed_shape_rounds_roll_back_every_accept_length(one_thread):
+    """An oracle drafter that is right for 0..k tokens in turn: every accept length, and the MTP
+    commit of the kept positions, leave both caches as plain decoding would."""
+    model = _model()
+    prompt = _prompt(model, 11, seed=4)
+    ref = _plain_greedy(model, prompt, 60)
+    k = 3
+    first, fixed = _static_decoder(model, prompt, k, capacity=len(prompt) + 60 + k + 1, fused=False)
+    out, rounds, accepted = [first], itertools.count(), []
+    while len(out) < 60:
+        bad, j, done = next(rounds) % (k + 1), itertools.count(), len(out)
+
+        def oracle(logits, bad=bad, j=j, done=done):
+            i = next(j)
+            token = ref[done + i] if done + i < len(ref) else 0
+            return (token if i < bad else (token + 1) % model.config.vocab_size), None
+
+        fixed.pick = oracle
+        new = fixed.round()
+        accepted.append(len(new) - 1)
+        out += new
+    assert out[:60] == ref
+    assert set(accepted) == set(range(k + 1))
+
+
+def test_fixed_shape_speculative_trained_and_sampling(trained, one_thread):
+    model, pattern = trained
+    prompt = pattern.repeat(2).tolist()[:19]
+    ref = _plain_greedy(model, prompt, 40)
+    out, stats = speculative_generate(model, prompt, 40, draft_tokens=4, static=True)
+    assert out == ref
+    assert stats.mean_accepted_length > 2.5, stats.as_dict()
+    # sampling: the same rounds as the dynamic decoder draw the same random numbers, so up to the
+    # last round (where the dynamic one drafts fewer) the samples are the same
+    kw = dict(draft_tokens=3, temperature=0.8, top_k=20)
+    a, _ = speculative_generate(model, prompt, 40, generator=torch.Generator().manual_seed(9), **kw)
+    b, _ = speculative_generate(model, prompt, 40, generator=torch.Generator().manual_seed(9), static=True,
+                                **kw)
+    assert a[:40 - 4] == b[:40 - 4]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_speculative_equals_plain_greedy(trained, one_thread):
+    model, pattern = trained
+    prompt = pattern.repeat(2).tolist()[:19]
+    ref = _plain_greedy(model, prompt, 40)
+    out, stats = speculative_generate(model, prompt, 40, draft_tokens=2, compile=True)
+    assert out == ref
+    assert stats.mean_accepted_length > 2.0, stats.as_dict()
+    compiled = model.__dict__["_compiled_speculative"][2]
+    out, _ = speculative_generate(model, prompt[:15], 25, draft_tokens=2, compile=True)
+    assert out == _plain_greedy(model, prompt[:15], 25)
+    assert model.__dict__["_compiled_speculative"][2] is compiled  # reused, not rebuilt
 
 
 # ---------------------------------------------------------------------- sampling is lossless

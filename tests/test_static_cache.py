@@ -38,6 +38,40 @@ def test_static_cache_decoding_equals_dynamic(name, one_thread):
     assert static.length == 15
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@torch.no_grad()
+def test_static_tracked_forward_and_keep_equal_dynamic(name, one_thread):
+    """The fixed-address version of speculative verification: a tracked forward of several tokens
+    and ``keep(n)`` (n as an int or a device tensor) leave the same state as InferenceCache's, so
+    the logits of that forward and of the steps after it agree."""
+    torch.manual_seed(0)
+    model = randomize(NemotronHForCausalLM(make_config(name)), seed=3, dt_bias=0.5).eval()
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(model.config.vocab_size, (1, 7), generator=g)
+    ref, cache = InferenceCache(), InferenceCache()
+    model(prompt, ref, return_mtp=False)
+    cache.reserve(32)
+    model(prompt, cache, return_mtp=False)
+    static = StaticCache(cache, capacity=32, track=4)
+    for n, as_tensor in ((2, False), (4, True), (1, False), (3, True)):
+        block = torch.randint(model.config.vocab_size, (1, 4), generator=g)
+        with ref.tracking():
+            want = model(block, ref, return_mtp=False).logits
+        with static.tracking():
+            got = model(block, static, return_mtp=False).logits
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        ref.keep(n)
+        static.keep(torch.tensor([n]) if as_tensor else n)
+        step = torch.randint(model.config.vocab_size, (1, 1), generator=g)
+        want = model(step, ref, return_mtp=False).logits
+        got = model(step, static, return_mtp=False).logits
+        static.advance()
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert static.length == 7 + 10 + 4
+    with pytest.raises(ValueError, match="track"), static.tracking():
+        model(torch.zeros(1, 5, dtype=torch.long), static, return_mtp=False)
+
+
 def test_count_per_expert_matches_bincount():
     flat = torch.randint(0, 7, (50,), generator=torch.Generator().manual_seed(0))
     assert torch.equal(count_per_expert(flat, 9), torch.bincount(flat, minlength=9))

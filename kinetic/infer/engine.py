@@ -24,9 +24,11 @@ layers: each step after the prefill drafts ``draft_tokens`` tokens with the MTP 
 in one pass, so a step can add several tokens. Greedy output is the plain greedy output token for
 token; sampled output has the same distribution (not the same draws) as plain sampling with that seed.
 
-``compile_decode=True`` (``--compile``) runs plain decode steps on a fixed-shape static cache instead:
-one CUDA graph per sequence on CUDA, a ``torch.compile``d step shared by all sequences on CPU (the
-first compilation takes seconds). It does not combine with speculative decoding yet, which it turns off.
+``compile_decode=True`` (``--compile``) runs decode steps on a fixed-shape static cache instead: on
+CPU ``torch.compile``d steps shared by all sequences of a capacity bucket -- plain steps, or with
+speculative decoding whole fixed-shape rounds (:mod:`kinetic.infer.static_speculative`; the first
+compilation takes seconds); on CUDA one CUDA graph per sequence, plain steps only (speculative
+decoding is turned off there).
 
 Prompts are prefilled in chunks of ``prefill_chunk`` tokens, so activation memory is bounded by the
 chunk; each sequence's KV buffers are reserved once at prompt + completion length
@@ -51,6 +53,7 @@ from tokenizers import Tokenizer
 from kinetic.data.tokenizer import encode
 from kinetic.infer.chat_template import ChatTemplate, check_unicode
 from kinetic.infer.speculative import SpecStats, SpeculativeDecoder, prefill, target_distribution
+from kinetic.infer.static_speculative import StaticSpeculativeDecoder
 from kinetic.model.cache import InferenceCache, cache_budget, format_budget
 from kinetic.model.static_cache import bucket_capacity, static_decoder
 
@@ -291,11 +294,12 @@ class Engine:
         if speculative and not has_mtp:
             raise ValueError("speculative=True needs a checkpoint with MTP layers (config "
                              "num_nextn_predict_layers >= 1); this one has none")
-        if speculative and compile_decode:
-            raise ValueError("speculative decoding does not run on compiled decode steps yet: choose "
-                             "speculative=True or compile_decode=True (--compile implies --no-speculative)")
+        graphs = bool(compile_decode) and self.device.type == "cuda"
+        if speculative and graphs:
+            raise ValueError("speculative decoding does not run on CUDA graphs yet: choose speculative=True "
+                             "or compile_decode=True on CUDA (there --compile implies --no-speculative)")
         self.compile_decode = bool(compile_decode)
-        self.speculative = (has_mtp and not compile_decode) if speculative is None else bool(speculative)
+        self.speculative = (has_mtp and not graphs) if speculative is None else bool(speculative)
         if not _is_int(draft_tokens) or draft_tokens < 0:
             raise ValueError(f"draft_tokens={draft_tokens!r} must be an integer >= 0")
         if not _is_int(prefill_chunk) or prefill_chunk < 1:
@@ -390,8 +394,13 @@ class Engine:
                             pick=lambda logits: sample_token(logits, params, seq.generator))
             delta = seq.advance(token)
             if self.compile_decode and not seq.finished:
-                seq.decoder = static_decoder(self.model, seq.cache, seq.capacity)
+                if seq.spec is not None and self.draft_tokens > 0:  # fixed-shape compiled rounds
+                    seq.decoder = StaticSpeculativeDecoder(seq.spec, self.draft_tokens, seq.capacity)
+                else:
+                    seq.decoder = static_decoder(self.model, seq.cache, seq.capacity)
             return delta
+        if isinstance(seq.decoder, StaticSpeculativeDecoder):
+            return self._advance_all(seq, seq.decoder.round())
         if seq.decoder is not None:
             ids = torch.tensor([seq.next_input()], device=self.device)
             return seq.advance(sample_token(seq.decoder.step(ids)[0], params, seq.generator))
@@ -401,9 +410,14 @@ class Engine:
             return seq.advance(sample_token(logits, params, seq.generator))
         done = len(seq.token_ids)
         room = min(params.max_new_tokens - done, self.max_context - len(seq.prompt_ids) - done)
-        tokens = seq.spec.round(max(0, min(self.draft_tokens, room - 1)))
+        return self._advance_all(seq, seq.spec.round(max(0, min(self.draft_tokens, room - 1))))
+
+    @staticmethod
+    def _advance_all(seq: GenerationSequence, tokens: list[int]) -> Delta:
+        """Feed a speculative round's tokens to ``seq``; a stop token or string, or the length limit,
+        may end it inside the round (the rest are dropped)."""
         text, ids = [], []
-        for token in tokens:  # a stop token or string may end the sequence inside the round
+        for token in tokens:
             delta = seq.advance(token)
             text.append(delta.text)
             ids += delta.token_ids
@@ -466,13 +480,13 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-tokens", type=int, default=2, help="MTP draft tokens per speculative step")
     p.add_argument("--prefill-chunk", type=int, default=8192, help="prompt tokens per prefill pass")
     p.add_argument("--compile", action="store_true",
-                   help="compiled decode steps (torch.compile on CPU, CUDA graphs on GPU); implies "
-                   "--no-speculative")
+                   help="compiled decode steps: torch.compile on CPU (speculative rounds too), CUDA graphs "
+                   "on GPU (there it implies --no-speculative)")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
     """Engine keyword arguments from the decoding flags."""
-    return dict(speculative=False if (args.no_speculative or args.compile) else None,
+    return dict(speculative=False if args.no_speculative else None,
                 draft_tokens=args.draft_tokens, prefill_chunk=args.prefill_chunk,
                 compile_decode=args.compile)
 
