@@ -14,8 +14,11 @@ every step has one shape for the whole generation:
 * draft: one MTP position at a time, fed its own block output (as in the dynamic version); the MTP
   cache's position and any Mamba states of the MTP pattern are put back afterwards.
 
-Three compiled functions serve every round (compiled once per model and draft length, on first
-use). The last round may produce more tokens than asked; the caller truncates.
+Greedy rounds are one call (``_greedy_round``): the accept rule runs on the device too, so the host
+reads the round's tokens once, and ``torch.compile`` fuses the whole round. Sampled rounds run verify,
+commit and the draft steps as separate calls, with the speculative-sampling rule on the host. The
+compiled functions are kept on the model, one set per draft length, and compiled on first use. The
+last round may produce more tokens than asked; the caller truncates.
 """
 
 from __future__ import annotations
