@@ -23,6 +23,9 @@ One round, with T tokens already in the main model's cache and the next token x_
    been fed (Mamba conv/SSM states from the tracked per-position states, KV lengths cut); the MTP
    cache is restored to its bookmark and then commits the accepted positions, whose output drafts the
    next round.
+
+:mod:`kinetic.infer.static_speculative` runs the same rounds on fixed shapes for ``torch.compile``
+(``speculative_generate(compile=True)``, ``Engine(compile_decode=True)`` on CPU).
 """
 
 from __future__ import annotations
