@@ -200,10 +200,15 @@ def trained():
     return model.eval(), pattern
 
 
-def test_speculative_greedy_equals_plain_greedy_trained(trained, one_thread):
+def _trained_case(trained, new_tokens=40):
+    """The trained model, a prompt of its pattern and plain greedy's continuation."""
     model, pattern = trained
     prompt = pattern.repeat(2).tolist()[:19]
-    ref = _plain_greedy(model, prompt, 40)
+    return model, prompt, _plain_greedy(model, prompt, new_tokens)
+
+
+def test_speculative_greedy_equals_plain_greedy_trained(trained, one_thread):
+    model, prompt, ref = _trained_case(trained)
     out, stats = speculative_generate(model, prompt, 40, draft_tokens=4)
     assert out == ref
     assert stats.acceptance_rate > 0.5, stats.as_dict()  # the MTP layer learned to draft
@@ -297,9 +302,7 @@ def test_fixed_shape_rounds_roll_back_every_accept_length(one_thread):
 
 
 def test_fixed_shape_speculative_trained_and_sampling(trained, one_thread):
-    model, pattern = trained
-    prompt = pattern.repeat(2).tolist()[:19]
-    ref = _plain_greedy(model, prompt, 40)
+    model, prompt, ref = _trained_case(trained)
     out, stats = speculative_generate(model, prompt, 40, draft_tokens=4, static=True)
     assert out == ref
     assert stats.mean_accepted_length > 2.5, stats.as_dict()
@@ -315,9 +318,7 @@ def test_fixed_shape_speculative_trained_and_sampling(trained, one_thread):
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_speculative_equals_plain_greedy(trained, one_thread):
-    model, pattern = trained
-    prompt = pattern.repeat(2).tolist()[:19]
-    ref = _plain_greedy(model, prompt, 40)
+    model, prompt, ref = _trained_case(trained)
     out, stats = speculative_generate(model, prompt, 40, draft_tokens=2, compile=True)
     assert out == ref
     assert stats.mean_accepted_length > 2.0, stats.as_dict()
