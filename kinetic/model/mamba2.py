@@ -151,20 +151,23 @@ def ssd_states(
     initial_state: torch.Tensor | None = None,  # (b, h, p, n)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The SSM state after every position, for short inputs (speculative verification): returns
-    y (b, l, h, p) without the D skip, and states (b, l, h, p, n). Costs O(l^2) and l full states,
-    so it is meant for a handful of positions; ``ssd_scan`` is the general path."""
+    y (b, l, h, p) without the D skip, and states (b, l, h, p, n). The recurrence of ``step``, one
+    fused multiply-add per position (for the few positions of a verification that is fewer and
+    cheaper operations than the chunked scan's quadratic form); ``ssd_scan`` is the general path."""
     b, seqlen, h, p = x.shape
-    r = h // B.shape[2]
-    a_cs = (dt * A).cumsum(1).transpose(1, 2)  # (b, h, l)
-    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=x.device).tril()
-    decay = (a_cs.unsqueeze(-1) - a_cs.unsqueeze(-2)).masked_fill(~causal, -math.inf).exp()  # (b,h,l,s)
-    Bh, Ch = B.repeat_interleave(r, dim=2), C.repeat_interleave(r, dim=2)  # (b, l, h, n)
-    contrib = (x * dt.unsqueeze(-1)).unsqueeze(-1) * Bh.unsqueeze(-2)  # (b, s, h, p, n)
-    states = torch.einsum("bhls,bshq->blhq", decay, contrib.flatten(3)).view(b, seqlen, h, p, -1)
-    if initial_state is not None:
-        states = states + a_cs.transpose(1, 2).exp()[..., None, None] * initial_state.float().unsqueeze(1)
-    y = torch.einsum("blhpn,blhn->blhp", states, Ch)
-    return y, states
+    g, n = B.shape[2], B.shape[3]
+    r = h // g
+    decay = torch.exp(dt * A).view(b, seqlen, h, 1, 1)
+    Bh = B.view(b, seqlen, g, 1, 1, n).expand(b, seqlen, g, r, 1, n).reshape(b, seqlen, h, 1, n)
+    inputs = (x * dt.unsqueeze(-1)).unsqueeze(-1) * Bh  # (b, l, h, p, n): x_t dt_t B_t^T
+    state = None if initial_state is None else initial_state.float()
+    states = []
+    for t in range(seqlen):  # s_t = s_{t-1} * exp(dt_t A) + x_t dt_t B_t^T
+        state = inputs[:, t] if state is None else torch.addcmul(inputs[:, t], state, decay[:, t])
+        states.append(state)
+    states = torch.stack(states, 1)
+    Ch = C.view(b, seqlen, g, 1, n).expand(b, seqlen, g, r, n).reshape(b, seqlen, h, n, 1)
+    return torch.matmul(states, Ch).squeeze(-1), states
 
 
 class Mamba2Mixer(nn.Module):
