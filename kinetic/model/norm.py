@@ -22,6 +22,18 @@ class RMSNorm(nn.Module):
         return out.to(x.dtype)
 
 
+def _gated_normalize(x, gate, group_size: int, eps: float):
+    """float32 x, gate, silu(gate), rmsnorm_groups(x * silu(gate)) and its 1/rms per group."""
+    *prefix, width = x.shape
+    xf, gf = x.float(), gate.float()
+    sg = F.silu(gf)
+    h = (xf * sg).view(*prefix, width // group_size, group_size)
+    sq = torch.linalg.vector_norm(h, dim=-1, keepdim=True).square_()
+    rstd = sq.div_(group_size).add_(eps).rsqrt_()  # (..., groups, 1)
+    normed = h.mul_(rstd).view(*prefix, width)  # h is a fresh product, normalized in place
+    return xf, gf, sg, normed, rstd
+
+
 class _GatedRMSNormFn(torch.autograd.Function):
     """``weight * rmsnorm_groups(x * silu(gate))`` with a hand-written backward: a few fused passes
     over the activations instead of the dozen or so autograd records through silu, mul, pow, mean,
@@ -29,13 +41,7 @@ class _GatedRMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate, weight, group_size: int, eps: float):
-        *prefix, width = x.shape
-        xf, gf = x.float(), gate.float()
-        sg = F.silu(gf)
-        h = (xf * sg).view(*prefix, width // group_size, group_size)
-        sq = torch.linalg.vector_norm(h, dim=-1, keepdim=True).square_()
-        rstd = sq.div_(group_size).add_(eps).rsqrt_()  # (..., groups, 1)
-        normed = h.mul_(rstd).view(*prefix, width)  # h is a fresh product, normalized in place
+        xf, gf, sg, normed, rstd = _gated_normalize(x, gate, group_size, eps)
         ctx.save_for_backward(xf, gf, sg, normed, rstd, weight)
         ctx.group_size, ctx.dtypes = group_size, (x.dtype, gate.dtype)
         return weight * normed.to(x.dtype)
@@ -68,6 +74,9 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # inference: the same math without autograd.Function's overhead
+            normed = _gated_normalize(x, gate, self.group_size, self.eps)[3]
+            return self.weight * normed.to(x.dtype)
         return _GatedRMSNormFn.apply(x, gate, self.weight, self.group_size, self.eps)
 
     def reference(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
