@@ -50,6 +50,20 @@ def test_speculative_greedy_equals_plain_greedy_on_cuda():
         assert out == plain and stats.rounds > 0
 
 
+@torch.no_grad()
+def test_speculative_cuda_graph_rounds_equal_plain_greedy():
+    """Fixed-shape greedy rounds (verify, accept, MTP commit, drafts) replayed as one CUDA graph each."""
+    model = _model(torch.float32)
+    prompt = torch.randint(3, model.config.vocab_size, (19,), device="cuda",
+                           generator=torch.Generator(device="cuda").manual_seed(1)).tolist()
+    ref = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=40,
+                         eos_token_id=None, cuda_graph=False)[0, len(prompt):].tolist()
+    for k in (1, 3):
+        out, stats = speculative_generate(model, prompt, 40, draft_tokens=k, cuda_graph=True)
+        assert out == ref, k
+        assert stats.rounds > 0 and stats.drafted == k * stats.rounds
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
 def test_cuda_graph_generate_equals_eager(dtype):

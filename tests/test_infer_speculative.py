@@ -301,6 +301,24 @@ def test_fixed_shape_rounds_roll_back_every_accept_length(one_thread):
     assert set(accepted) == set(range(k + 1))
 
 
+def test_fixed_shape_options_are_checked(one_thread):
+    from kinetic.infer.speculative import prefill
+    from kinetic.infer.static_speculative import StaticSpeculativeDecoder
+
+    model = _model()
+    prompt = _prompt(model, 9, seed=6)
+    for distribution, fused, graph, match in ((None, None, True, "CUDA device"),
+                                               (target_distribution(0.7), True, False, "greedy"),
+                                               (target_distribution(0.7), None, True, "greedy"),
+                                               (None, None, False, "draft_tokens")):
+        cache = InferenceCache()
+        dec = SpeculativeDecoder(model, cache, distribution)
+        prefill(model, cache, prompt, 0, dec)
+        with pytest.raises(ValueError, match=match):
+            StaticSpeculativeDecoder(dec, 0 if match == "draft_tokens" else 2, 64, compile=False,
+                                     fused=fused, graph=graph)
+
+
 def test_fixed_shape_speculative_trained_and_sampling(trained, one_thread):
     model, prompt, ref = _trained_case(trained)
     out, stats = speculative_generate(model, prompt, 40, draft_tokens=4, static=True)

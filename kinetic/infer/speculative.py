@@ -204,17 +204,18 @@ def target_distribution(temperature: float, top_k: int = 0, top_p: float = 1.0
 def speculative_generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, *,
                          draft_tokens: int = 3, temperature: float = 0.0, top_k: int = 0,
                          top_p: float = 1.0, generator: torch.Generator | None = None,
-                         prefill_chunk: int = 0, compile: bool = False,
-                         static: bool | None = None) -> tuple[list[int], SpecStats]:
+                         prefill_chunk: int = 0, compile: bool = False, static: bool | None = None,
+                         cuda_graph: bool = False) -> tuple[list[int], SpecStats]:
     """Up to ``max_new_tokens`` new tokens for one prompt (no stop tokens), drafting with MTP.
     A model-only entry point for tests and benchmarks; :class:`kinetic.infer.Engine` uses the same
     :class:`SpeculativeDecoder` with text, stop conditions and streaming.
 
     ``compile=True`` runs the rounds on fixed shapes through ``torch.compile``
     (:mod:`kinetic.infer.static_speculative`; the first call compiles, which takes seconds);
-    ``static=True`` uses those fixed-shape rounds without compiling them."""
+    ``static=True`` uses those fixed-shape rounds without compiling them, and ``cuda_graph=True``
+    (greedy, on CUDA) replays each round as one captured CUDA graph."""
     model.eval()
-    static = compile if static is None else static
+    static = (compile or cuda_graph) if static is None else static
     capacity = len(prompt) + max_new_tokens + draft_tokens + 1
     cache = InferenceCache()
     cache.reserve(capacity)
@@ -228,7 +229,8 @@ def speculative_generate(model: torch.nn.Module, prompt: list[int], max_new_toke
         from kinetic.model.static_cache import bucket_capacity
 
         capacity = bucket_capacity(capacity)  # one compiled shape for prompts of similar lengths
-        fixed = StaticSpeculativeDecoder(dec, draft_tokens, capacity, compile=compile)
+        fixed = StaticSpeculativeDecoder(dec, draft_tokens, capacity, compile=compile and not cuda_graph,
+                                         graph=cuda_graph)
         while len(out) < max_new_tokens:
             out += fixed.round()
         return out[:max_new_tokens], dec.stats

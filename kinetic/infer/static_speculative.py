@@ -108,7 +108,7 @@ class StaticSpeculativeDecoder:
     it, so round it up (``bucket_capacity``) to share them between prompts."""
 
     def __init__(self, dec: SpeculativeDecoder, draft_tokens: int, capacity: int,
-                 compile: bool = True, fused: bool | None = None) -> None:
+                 compile: bool = True, fused: bool | None = None, graph: bool = False) -> None:
         if draft_tokens < 1:
             raise ValueError(f"draft_tokens must be >= 1 for fixed-shape speculative decoding, got "
                              f"{draft_tokens}")
@@ -129,6 +129,15 @@ class StaticSpeculativeDecoder:
         if self.fused and dec.distribution is not None:
             raise ValueError("fused rounds are greedy: sampling needs fused=False")
         self.ids: torch.Tensor | None = None  # fused: [next token, its k drafts]
+        # graph=True: the fused round is captured once as a CUDA graph and replayed (not yet run on a
+        # GPU in this project's tests at the time of writing: see tests/test_cuda.py)
+        if graph and not self.fused:
+            raise ValueError("CUDA graphs capture greedy (fused) rounds only; sampling needs graph=False")
+        if graph and self.main.pos.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model and caches on a CUDA device")
+        self.graph = graph
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_out: torch.Tensor | None = None  # [n, the round's k+1 tokens]
 
     def _call(self, name: str, *args):
         fn = getattr(self, name)
@@ -155,12 +164,44 @@ class StaticSpeculativeDecoder:
         if self.ids is None:  # the first drafts come from the prefill's MTP output
             drafts, _ = self._draft_tokens(eager=True)  # once: not worth compiling the draft step
             self.ids = torch.tensor([[dec.last_token, *drafts]], device=self.main.pos.device)
-        tokens, n, self.ids = self._call("round_fn", self.ids, self.main, self.mtp)
-        n = int(n)
-        new = tokens[:n + 1].tolist()
+        if self.graph:
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()  # also writes the next round's ids into self.ids
+            out = self._graph_out.tolist()  # the round's one read back
+            n, new = out[0], out[1:out[0] + 2]
+        else:
+            tokens, n, self.ids = self._call("round_fn", self.ids, self.main, self.mtp)
+            n = int(n)
+            new = tokens[:n + 1].tolist()
         dec.last_token = new[-1]
         self._count(n)
         return new
+
+    def _capture(self, warmup: int = 2) -> None:
+        """Capture one fused round reading and rewriting ``self.ids`` (as CUDAGraphDecoder does for
+        a plain step: warm-up rounds on a side stream, whose state changes are then undone)."""
+        device = self.main.pos.device
+        state = [*self.main.state_tensors(), *self.mtp.state_tensors()]
+        saved = [t.clone() for t in state]
+        ids = self.ids.clone()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        try:
+            with torch.cuda.stream(stream), torch.inference_mode():
+                for _ in range(warmup):
+                    _greedy_round(self.model, self.ids, self.main, self.mtp)
+        finally:
+            torch.cuda.current_stream(device).wait_stream(stream)
+            for t, s in zip(state, saved, strict=True):
+                t.copy_(s)
+            self.ids.copy_(ids)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            tokens, n, nxt = _greedy_round(self.model, self.ids, self.main, self.mtp)
+            self.ids.copy_(nxt)
+            self._graph_out = torch.cat([n.view(1), tokens])
+        self._graph = graph
 
     def _count(self, accepted: int) -> None:
         this = SpecStats(rounds=1, drafted=self.k, accepted=accepted, emitted=accepted + 1)
