@@ -26,6 +26,8 @@ class _ReLU2(torch.autograd.Function):
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
     """Squared ReLU, NemotronH's MLP activation."""
+    if not torch.is_grad_enabled():  # inference: in place, without autograd.Function's overhead
+        return F.relu(x).square_()
     return _ReLU2.apply(x)
 
 
