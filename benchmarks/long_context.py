@@ -111,6 +111,11 @@ def run(tokens: int, chunk: int, device: torch.device, dtype: torch.dtype, prese
     if peak is not None:
         print(f"peak tensor memory (weights, cache, activations) {peak / mib:,.1f} MiB -> "
               f"{out['peak_over_budget']:+.1%} over budget + weights (target within 10%)")
+        excess = peak - expected  # one chunk's activations: proportional to the chunk, not the context
+        if excess > 0.1 * expected:
+            per_token = excess / min(chunk, tokens)
+            print(f"  activations ~{per_token / 1024:,.1f} KiB per chunk token: a chunk of at most "
+                  f"{int(0.1 * expected / per_token):,} tokens keeps this context within 10%")
     if rss_growth is not None:
         print(f"peak resident-set growth {rss_growth / mib:,.1f} MiB -> {out['rss_over_budget']:+.1%} "
               f"(an upper bound: also the C allocator's slack)")
