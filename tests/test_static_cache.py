@@ -72,6 +72,19 @@ def test_static_tracked_forward_and_keep_equal_dynamic(name, one_thread):
         model(torch.zeros(1, 5, dtype=torch.long), static, return_mtp=False)
 
 
+def test_bucket_capacity_shares_shapes_and_bounds_padding():
+    from kinetic.model.static_cache import bucket_capacity
+
+    assert [bucket_capacity(n) for n in (0, 1, 256, 257, 5000, 8192)] == [256, 256, 256, 512, 8192, 8192]
+    assert bucket_capacity(8193) == 10240 and bucket_capacity(131_072) == 131_072
+    assert bucket_capacity(131_073) == 163_840
+    sizes = range(8193, 300_000, 997)
+    caps = [bucket_capacity(n) for n in sizes]
+    assert all(n <= c <= 1.25 * n for n, c in zip(sizes, caps, strict=True))
+    assert caps == sorted(caps)
+    assert len({bucket_capacity(n) for n in range(131_073, 262_145, 512)}) == 4  # per doubling
+
+
 def test_count_per_expert_matches_bincount():
     flat = torch.randint(0, 7, (50,), generator=torch.Generator().manual_seed(0))
     assert torch.equal(count_per_expert(flat, 9), torch.bincount(flat, minlength=9))

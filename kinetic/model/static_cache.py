@@ -231,9 +231,17 @@ class CUDAGraphDecoder:
 
 
 def bucket_capacity(tokens: int) -> int:
-    """A static cache's capacity for ``tokens`` tokens, rounded up to a power of two (at least 256),
-    so that caches of similar sizes share one compiled step."""
-    return max(256, 1 << (max(tokens, 1) - 1).bit_length())
+    """A static cache's capacity for ``tokens`` tokens, rounded up so that caches of similar sizes
+    share one compiled step: to a power of two up to 8192 (at least 256), above that to a multiple of
+    an eighth of the next power of two. A static step attends over its whole capacity, so this keeps
+    a long context's padding under 25% (131,073 tokens -> 163,840, not 262,144) at four shapes per
+    doubling."""
+    tokens = max(tokens, 1)
+    power = 1 << (tokens - 1).bit_length()
+    if power <= 8192:
+        return max(256, power)
+    step = power // 8
+    return -(-tokens // step) * step
 
 
 def static_decoder(model: torch.nn.Module, cache: InferenceCache, capacity: int, batch: int = 1,
