@@ -439,6 +439,14 @@ def test_engine_speculative_by_default_and_equal_to_plain(tok, one_thread):
     budget = spec.memory_budget(100)
     assert budget["weights"] == sum(p.numel() * 4 for p in model.parameters())
     assert "cache budget for 100 tokens" in spec.describe_budget(100)
+    # the budget --show-budget prints is what a sequence's main cache really holds after its prefill
+    for engine in (spec, plain, Engine(model, tok, compile_decode=True)):
+        seq = engine.start("The quick brown fox", replace(params, max_new_tokens=40))
+        engine.step(seq)
+        reserved = engine.capacity(len(seq.prompt_ids), 40)
+        assert seq.capacity == reserved
+        assert seq.cache.allocated_bytes() == cache_budget(model.config, reserved)["total"]
+    assert Engine(model, tok, compile_decode=True).capacity(5, 40) == 256 + 3  # bucket + k + 1
 
 
 def test_engine_speculative_options_are_checked(tok):

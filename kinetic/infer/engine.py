@@ -369,12 +369,18 @@ class Engine:
                              "tokens (prompt + completion)")
         stop_ids = (() if params.ignore_eos else self.eos_token_ids) + params.stop_token_ids
         seq = GenerationSequence(ids, params, stop_ids, self.max_context, self.tokenizer, self.device)
-        room = min(len(ids) + params.max_new_tokens, self.max_context)
-        if self.compile_decode:  # bucketed capacities let sequences share a compiled step
-            room = bucket_capacity(room)
-        seq.capacity = room + (self.draft_tokens + 1 if self.speculative else 0)
+        seq.capacity = self.capacity(len(ids), params.max_new_tokens)
         seq.cache.reserve(seq.capacity)
         return seq
+
+    def capacity(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """Tokens a sequence's cache is reserved for: prompt + completion (within the context limit),
+        rounded up to a capacity bucket with ``compile_decode`` (sequences of one bucket share a
+        compiled step), plus the positions a speculative verification writes past the last token."""
+        room = min(prompt_tokens + max_new_tokens, self.max_context)
+        if self.compile_decode:
+            room = bucket_capacity(room)
+        return room + (self.draft_tokens + 1 if self.speculative else 0)
 
 
     # ---- running
@@ -535,7 +541,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             ids = engine.encode_chat([{"role": "user", "content": prompt}]) if args.chat else prompt
             if args.show_budget:
                 n = len(ids) if not isinstance(ids, str) else len(engine.encode(ids))
-                print(f"[{engine.describe_budget(min(n + params.max_new_tokens, engine.max_context))}]")
+                print(f"[{engine.describe_budget(engine.capacity(n, params.max_new_tokens))}]")
             print(f"--- {prompt!r}\n{'' if args.chat else prompt}", end="", flush=True)
             for delta in engine.stream(ids, params):
                 print(delta.text, end="", flush=True)
