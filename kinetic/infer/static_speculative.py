@@ -67,8 +67,7 @@ def _greedy_round(model, ids: torch.Tensor, main: StaticCache, mtp: StaticCache)
     mtp.is_tracking = False
     mtp.keep(n + 1)
     x, normed = x.index_select(1, n.view(1)), normed.index_select(1, n.view(1))
-    pos = mtp.pos.clone()
-    saved = [(key, mtp.conv[key].clone(), mtp.ssm[key].clone()) for key in mtp.ssm]
+    saved = mtp.snapshot()  # the drafts below are undone
     token = model.lm_head(normed[:, -1]).argmax(-1, keepdim=True)  # (1, 1)
     nexts = [nxt.view(1, 1), token]
     for _ in range(k - 1):
@@ -76,10 +75,7 @@ def _greedy_round(model, ids: torch.Tensor, main: StaticCache, mtp: StaticCache)
         mtp.advance()
         token = model.lm_head(normed[:, -1]).argmax(-1, keepdim=True)
         nexts.append(token)
-    mtp.pos.copy_(pos)
-    for key, conv, ssm in saved:
-        mtp.conv[key].copy_(conv)
-        mtp.ssm[key].copy_(ssm)
+    mtp.restore(saved)
     return tokens, n, torch.cat(nexts, dim=1)
 
 
@@ -122,7 +118,6 @@ class StaticSpeculativeDecoder:
         self.verify_fn, self.commit_fn, self.draft_fn, self.round_fn = _functions(
             self.model, draft_tokens, compile, self.main.pos.device)
         self._compile = compile
-        self._mamba = list(self.mtp.ssm)  # MTP Mamba layers (if any): drafting must put them back
         self.pick = dec.pick  # logits -> (draft token, its distribution or None)
         # greedy: each round is one call (_greedy_round); else verify, commit and k-1 draft steps
         self.fused = dec.distribution is None if fused is None else fused
@@ -182,8 +177,7 @@ class StaticSpeculativeDecoder:
         """Capture one fused round reading and rewriting ``self.ids`` (as CUDAGraphDecoder does for
         a plain step: warm-up rounds on a side stream, whose state changes are then undone)."""
         device = self.main.pos.device
-        state = [*self.main.state_tensors(), *self.mtp.state_tensors()]
-        saved = [t.clone() for t in state]
+        saved = self.main.snapshot(), self.mtp.snapshot()
         ids = self.ids.clone()
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
@@ -193,8 +187,8 @@ class StaticSpeculativeDecoder:
                     _greedy_round(self.model, self.ids, self.main, self.mtp)
         finally:
             torch.cuda.current_stream(device).wait_stream(stream)
-            for t, s in zip(state, saved, strict=True):
-                t.copy_(s)
+            self.main.restore(saved[0])
+            self.mtp.restore(saved[1])
             self.ids.copy_(ids)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.inference_mode():
@@ -213,8 +207,7 @@ class StaticSpeculativeDecoder:
         """k drafts from the MTP state after the last commit (one step each); the MTP cache is put
         back afterwards."""
         k, dev = self.k, self.main.pos.device
-        pos = self.mtp.pos.clone()
-        saved = [(self.mtp.conv[key].clone(), self.mtp.ssm[key].clone()) for key in self._mamba]
+        saved = self.mtp.snapshot()
         x, logits = self.x, self.logits
         drafts, dists = [], []
         for j in range(k):
@@ -225,10 +218,7 @@ class StaticSpeculativeDecoder:
                 token = torch.tensor([[token]], device=dev)
                 x, logits = (_draft(self.model, _fresh(x), token, self.mtp) if eager
                              else self._call("draft_fn", _fresh(x), token, self.mtp))
-        self.mtp.pos.copy_(pos)
-        for key, (conv, ssm) in zip(self._mamba, saved, strict=True):
-            self.mtp.conv[key].copy_(conv)
-            self.mtp.ssm[key].copy_(ssm)
+        self.mtp.restore(saved)
         return drafts, (torch.stack(dists) if dists[0] is not None else None)
 
     def _stepwise_round(self) -> list[int]:

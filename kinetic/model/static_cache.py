@@ -137,6 +137,15 @@ class StaticCache:
     def state_tensors(self) -> list[torch.Tensor]:
         return [*self.conv.values(), *self.ssm.values(), self.pos]
 
+    def snapshot(self) -> list[torch.Tensor]:
+        """Copies of the Mamba states and the position (KV entries past ``pos`` are masked and later
+        overwritten, so they need no copy); ``restore`` writes them back in place."""
+        return [t.clone() for t in self.state_tensors()]
+
+    def restore(self, snap: list[torch.Tensor]) -> None:
+        for t, saved in zip(self.state_tensors(), snap, strict=True):
+            t.copy_(saved)
+
 
 def _static_step(model: torch.nn.Module, tokens: torch.Tensor, cache: StaticCache) -> torch.Tensor:
     logits = model(tokens, cache, return_mtp=False).logits[:, -1]
@@ -200,7 +209,7 @@ class CUDAGraphDecoder:
         if device.type != "cuda":
             raise ValueError("CUDA graphs need the model and cache on a CUDA device")
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        saved = [t.clone() for t in cache.state_tensors()]
+        saved = cache.snapshot()
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         try:
@@ -209,8 +218,7 @@ class CUDAGraphDecoder:
                     self._forward()
         finally:
             torch.cuda.current_stream(device).wait_stream(stream)
-            for t, s in zip(cache.state_tensors(), saved, strict=True):  # undo the warm-up's updates
-                t.copy_(s)
+            cache.restore(saved)  # undo the warm-up's updates
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.inference_mode():
             self.logits = self._forward()
