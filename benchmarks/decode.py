@@ -7,7 +7,9 @@
    checkpoint when it exists, else a tiny MTP model trained here on a synthetic Markov language),
    for several draft lengths: tokens/s, speed-up, acceptance rate and mean accepted length, and a
    check that the greedy tokens are identical; eager, and with ``--compile`` also both on their fast
-   paths (``torch.compile`` on CPU, CUDA graphs on CUDA);
+   paths (``torch.compile`` on CPU, CUDA graphs on CUDA); then what an eager round costs, phase by
+   phase, in plain decode steps -- the speed-up is the mean accepted length over that cost, and
+   the verification pass alone bounds it (meaningful on CPU, where the phases are timed exactly);
 3. per-token decode latency as the context grows (1K .. 128K by default): long prompts are prefilled
    in chunks through ``InferenceCache`` (KV buffers reserved once), then single-token steps are timed.
    The hybrid's Mamba layers keep a constant state; only its few attention layers read a growing
@@ -178,6 +180,12 @@ def speculative_speed(model, prompts, new_tokens: int, draft_lengths, repeats: i
         row = {"draft_tokens": k, "tokens_per_s": total / spec_s, "speedup": plain_s / spec_s,
                "acceptance_rate": accepted / max(drafted, 1),
                "mean_accepted_length": emitted / max(rounds, 1), "identical_tokens": same}
+        # a round's cost in plain decode steps (so speed-up = mean accepted length / round), split
+        # into its phases in the proportions the last run timed them (the best run is not known)
+        row["round_steps"] = (spec_s / max(rounds, 1)) / (plain_s / total)
+        phases = {ph: sum(getattr(s, f"{ph}_s") for s in stats) for ph in ("verify", "draft", "commit")}
+        for ph, t in phases.items():
+            row[f"{ph}_steps"] = row["round_steps"] * t / max(sum(phases.values()), 1e-12)
         if compiled:
             fixed: list = []
             same_compiled = spec(k, fixed, True) == ref
@@ -214,6 +222,36 @@ def step_latency(model, context: int, steps: int, chunk: int, device, seed: int 
         times.append(time.perf_counter() - t)
     return {"context": context, "prefill_s": prefill, "prefill_tokens_per_s": context / prefill,
             "step_ms": 1e3 * statistics.median(times), "cache_mib": cache.nbytes() / 2**20}
+
+
+def print_speculative(spec: dict, device: torch.device) -> None:
+    """Section 2's tables: speed per draft length, then each eager round's cost by phase."""
+    what = spec["checkpoint"]
+    graph_note = ("" if spec["plain_cuda_graph_tokens_per_s"] is None else
+                  f" (with CUDA graphs {spec['plain_cuda_graph_tokens_per_s']:.1f} tok/s)")
+    compiled_tps = spec["plain_compiled_tokens_per_s"]
+    fast = "CUDA-graph" if device.type == "cuda" else "compiled"
+    compiled_note = "" if compiled_tps is None else f"; plain {fast} decode {compiled_tps:.1f} tok/s"
+    print(f"2. MTP speculative decoding, greedy, {what}\n   {spec['prompts']} prompts x "
+          f"{spec['new_tokens']} tokens; plain eager decode {spec['plain_tokens_per_s']:.1f} tok/s"
+          f"{graph_note}{compiled_note}\n")
+    extra = f" {fast + ' tok/s':>15} {'vs ' + fast + ' plain':>20}" if compiled_tps else ""
+    print(f"{'draft k':>8} {'tok/s':>8} {'vs plain':>9} {'accept rate':>12} {'mean accepted len':>18} "
+          f"{'identical':>10}{extra}")
+    for r in spec["rows"]:
+        extra = (f" {r['compiled_tokens_per_s']:>15.1f} {r['compiled_speedup']:>19.2f}x"
+                 if compiled_tps else "")
+        print(f"{r['draft_tokens']:>8} {r['tokens_per_s']:>8.1f} {r['speedup']:>8.2f}x "
+              f"{r['acceptance_rate']:>11.0%} {r['mean_accepted_length']:>18.2f} "
+              f"{str(r['identical_tokens']):>10}{extra}")
+    print("\n   where an eager round's time goes, in plain decode steps (speed-up = mean accepted length /"
+          "\n   round cost; the ceiling with free drafting and committing = mean accepted length / verify)\n")
+    print(f"{'draft k':>8} {'verify':>8} {'draft':>8} {'commit':>8} {'round':>8} {'ceiling':>8}")
+    for r in spec["rows"]:
+        print(f"{r['draft_tokens']:>8} {r['verify_steps']:>8.2f} {r['draft_steps']:>8.2f} "
+              f"{r['commit_steps']:>8.2f} {r['round_steps']:>8.2f} "
+              f"{r['mean_accepted_length'] / r['verify_steps']:>7.2f}x")
+    print()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -273,24 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  compiled=args.compile)
         spec["checkpoint"] = what
         report["speculative"] = spec
-        graph_note = ("" if spec["plain_cuda_graph_tokens_per_s"] is None else
-                      f" (with CUDA graphs {spec['plain_cuda_graph_tokens_per_s']:.1f} tok/s)")
-        compiled_tps = spec["plain_compiled_tokens_per_s"]
-        fast = "CUDA-graph" if device.type == "cuda" else "compiled"
-        compiled_note = "" if compiled_tps is None else f"; plain {fast} decode {compiled_tps:.1f} tok/s"
-        print(f"2. MTP speculative decoding, greedy, {what}\n   {spec['prompts']} prompts x "
-              f"{spec['new_tokens']} tokens; plain eager decode {spec['plain_tokens_per_s']:.1f} tok/s"
-              f"{graph_note}{compiled_note}\n")
-        extra = f" {fast + ' tok/s':>15} {'vs ' + fast + ' plain':>20}" if compiled_tps else ""
-        print(f"{'draft k':>8} {'tok/s':>8} {'vs plain':>9} {'accept rate':>12} {'mean accepted len':>18} "
-              f"{'identical':>10}{extra}")
-        for r in spec["rows"]:
-            extra = (f" {r['compiled_tokens_per_s']:>15.1f} {r['compiled_speedup']:>19.2f}x"
-                     if compiled_tps else "")
-            print(f"{r['draft_tokens']:>8} {r['tokens_per_s']:>8.1f} {r['speedup']:>8.2f}x "
-                  f"{r['acceptance_rate']:>11.0%} {r['mean_accepted_length']:>18.2f} "
-                  f"{str(r['identical_tokens']):>10}{extra}")
-        print()
+        print_speculative(spec, device)
 
     if "latency" in args.sections:
         rows = [step_latency(model, n, args.steps, args.chunk, device) for n in args.contexts]

@@ -55,7 +55,7 @@ def test_long_context_reports_tensor_peak_and_rss(tmp_path, capsys):
     assert "keeps this context within 10%" in printed  # 2K tokens: a 256-token chunk is too big
 
 
-def test_decode_benchmark_speculative_and_latency_sections():
+def test_decode_benchmark_speculative_and_latency_sections(capsys):
     import decode
     import torch
 
@@ -68,5 +68,13 @@ def test_decode_benchmark_speculative_and_latency_sections():
     assert [r["draft_tokens"] for r in spec["rows"]] == [1, 2]
     assert all(r["identical_tokens"] and r["tokens_per_s"] > 0 for r in spec["rows"])
     assert spec["plain_compiled_tokens_per_s"] is None
+    for r in spec["rows"]:  # a round's cost split into its three phases, each timed
+        phases = r["verify_steps"] + r["draft_steps"] + r["commit_steps"]
+        assert min(r["verify_steps"], r["draft_steps"], r["commit_steps"]) > 0
+        assert phases == pytest.approx(r["round_steps"])
+    spec["checkpoint"] = "random tiny"
+    decode.print_speculative(spec, torch.device("cpu"))
+    printed = capsys.readouterr().out
+    assert "where an eager round's time goes" in printed and "ceiling" in printed
     row = decode.step_latency(model, 300, 2, 128, torch.device("cpu"))
     assert row["context"] == 300 and row["step_ms"] > 0

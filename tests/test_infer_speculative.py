@@ -19,6 +19,7 @@ from kinetic.data.tokenizer import EOS_ID, train_tokenizer
 from kinetic.infer import Engine, SamplingParams
 from kinetic.infer.speculative import (
     MTPDrafter,
+    SpecStats,
     SpeculativeDecoder,
     accept_drafts,
     speculative_generate,
@@ -138,6 +139,13 @@ def test_speculative_greedy_equals_plain_greedy_random_weights(name, one_thread)
         out, stats = speculative_generate(model, prompt, 30, draft_tokens=k)
         assert out == ref, k
         assert stats.drafted > 0 and stats.emitted == 29
+        # every round's phases are timed and summed; the counts alone make up as_dict()
+        assert min(stats.draft_s, stats.verify_s, stats.commit_s) > 0
+        assert "verify_s" not in stats.as_dict()
+        twice = SpecStats()
+        twice.add(stats)
+        twice.add(stats)
+        assert twice.verify_s == pytest.approx(2 * stats.verify_s) and twice.rounds == 2 * stats.rounds
     out, _ = speculative_generate(model, prompt, 30, draft_tokens=3, prefill_chunk=5)
     assert out == ref
 

@@ -405,10 +405,12 @@ def test_labels_one_token_longer_use_every_position():
         model(window[:, :-1], labels=window[:, :5])
 
 
+@pytest.mark.parametrize("small_mask", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_cpu_chunk_attention_over_a_cache_needs_no_mask(monkeypatch, dtype, tol):
+def test_cpu_chunk_attention_over_a_cache(monkeypatch, dtype, tol, small_mask):
     """A prefill chunk after cached tokens (and a few-token verification step) equals attention over
-    the whole sequence at once, and on CPU never builds a (chunk, context) mask."""
+    the whole sequence at once. On CPU it never builds a (chunk, context) mask, except a small one
+    for a few queries over a short context (SMALL_MASK_*), which must be used there."""
     from kinetic.model import attention
     from kinetic.model.attention import Attention
 
@@ -418,15 +420,23 @@ def test_cpu_chunk_attention_over_a_cache_needs_no_mask(monkeypatch, dtype, tol)
     x = torch.randn(2, 45, config.hidden_size, generator=torch.Generator().manual_seed(64)).to(dtype)
     with torch.no_grad():
         full = layer(x)
+        masks = []
+        real = attention._lower_right_causal
 
-        def no_mask(*args):
-            raise AssertionError("a mask was built")
+        def spy(q_len, kv_len, q):
+            if not small_mask:
+                raise AssertionError("a mask was built")
+            assert q_len <= 16 and kv_len <= 1024
+            masks.append((q_len, kv_len))
+            return real(q_len, kv_len, q)
 
-        monkeypatch.setattr(attention, "_lower_right_causal", no_mask)
+        monkeypatch.setattr(attention, "_lower_right_causal", spy)
+        monkeypatch.setattr(attention, "SMALL_MASK_KEYS", 1024 if small_mask else 0)
         cache = InferenceCache()
         cache.reserve(64)
         parts = [layer(x[:, a:b], cache) for a, b in ((0, 17), (17, 40), (40, 41), (41, 45))]
     torch.testing.assert_close(torch.cat(parts, 1).float(), full.float(), atol=tol, rtol=tol)
+    assert masks == ([(4, 45)] if small_mask else [])  # the 4-token step; the 23-token chunk takes 2 passes
 
 
 def test_peak_tensor_memory_counts_tensors_alive_at_once():

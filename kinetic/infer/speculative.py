@@ -30,6 +30,7 @@ One round, with T tokens already in the main model's cache and the next token x_
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,6 +45,12 @@ class SpecStats:
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens accepted
     emitted: int = 0  # tokens produced by the rounds (accepted drafts + one target token each)
+    # host wall-clock seconds per phase of the step-by-step rounds (SpeculativeDecoder.round; fused
+    # fixed-shape rounds leave them 0). On CUDA, queued GPU work is counted in the phase that waits
+    # for it (verification reads the logits back), so these split the time meaningfully on CPU only.
+    draft_s: float = 0.0  # MTP drafting
+    verify_s: float = 0.0  # main-model pass over [last token, drafts], acceptance, cache rollback
+    commit_s: float = 0.0  # MTP pass over the accepted positions
 
     @property
     def acceptance_rate(self) -> float:
@@ -59,8 +66,12 @@ class SpecStats:
         self.drafted += other.drafted
         self.accepted += other.accepted
         self.emitted += other.emitted
+        self.draft_s += other.draft_s
+        self.verify_s += other.verify_s
+        self.commit_s += other.commit_s
 
     def as_dict(self) -> dict:
+        """The counts and the rates derived from them (not the phase times)."""
         return {"rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted,
                 "emitted": self.emitted, "acceptance_rate": self.acceptance_rate,
                 "mean_accepted_length": self.mean_accepted_length}
@@ -165,7 +176,9 @@ class SpeculativeDecoder:
         """One draft + verify round; returns the new tokens (1 .. max_drafts + 1). The last of
         them becomes ``last_token`` (not yet in the cache)."""
         m, dev = self.model, self.cache_device()
+        t0 = time.perf_counter()
         drafts, q = self.drafter.draft(max_drafts, self.pick) if max_drafts > 0 else ([], None)
+        t1 = time.perf_counter()
         ids = torch.tensor([[self.last_token, *drafts]], device=dev)
         with self.cache.tracking():
             out = m(ids, self.cache, return_mtp=False)
@@ -174,9 +187,11 @@ class SpeculativeDecoder:
         n, nxt = accept_drafts(drafts, p, q, logits, self.generator)
         self.cache.keep(1 + n)
         new = drafts[:n] + [nxt]
+        t2 = time.perf_counter()
         self.drafter.commit(out.hidden_states[:, :1 + n], torch.tensor([new], device=dev))
         self.last_token = nxt
-        this = SpecStats(rounds=1, drafted=len(drafts), accepted=n, emitted=n + 1)
+        this = SpecStats(rounds=1, drafted=len(drafts), accepted=n, emitted=n + 1, draft_s=t1 - t0,
+                         verify_s=t2 - t1, commit_s=time.perf_counter() - t2)
         self.stats.add(this)
         if self.totals is not None:
             self.totals.add(this)

@@ -41,7 +41,8 @@ class Attention(nn.Module):
             past = cache.kv_length(self.cache_key)
             k, v = cache.append_kv(self.cache_key, k, v)
         if q_len > 1 and past > 0:  # new queries see all cached keys plus a causal block
-            if not q.is_cuda and _FLASH_CPU is not None:
+            small = q_len <= SMALL_MASK_QUERIES and past + q_len <= SMALL_MASK_KEYS
+            if not q.is_cuda and _FLASH_CPU is not None and not small:
                 out = _chunk_after_past_cpu(q, k, v, past)
             else:
                 out = _sdpa(q, k, v, _lower_right_causal(q_len, past + q_len, q), False)
@@ -49,6 +50,13 @@ class Attention(nn.Module):
             out = _sdpa(q, k, v, None, q_len > 1)
         return self.o_proj(out.transpose(1, 2).reshape(b, q_len, self.num_heads * self.head_dim))
 
+
+# A few queries over a short context (a speculative verification, an MTP commit) take one SDPA call
+# with a small explicit mask: on CPU 2-3x faster than the two flash passes below up to ~1K keys
+# (measured: 23 vs 68 us for 4 queries over 44 keys), slower beyond, where the masked call reads the
+# cache once per query head.
+SMALL_MASK_QUERIES = 16
+SMALL_MASK_KEYS = 1024
 
 # CPU flash attention that also returns the log-sum-exp of each query's scores (private ATen op; when
 # a torch build lacks it, chunks fall back to an explicit mask)
@@ -80,7 +88,8 @@ def _lower_right_causal(q_len: int, kv_len: int, q: torch.Tensor):
     """Mask for queries at the last ``q_len`` of ``kv_len`` positions. On CUDA in half precision a
     ``CausalBias`` lets SDPA run a flash kernel without building the (q_len, kv_len) mask, so a chunk
     of a long prefill needs memory for the chunk only; elsewhere (CUDA float32) the boolean mask is
-    built. CPU chunks take ``_chunk_after_past_cpu`` and need no mask."""
+    built. CPU chunks take ``_chunk_after_past_cpu`` and need no mask, except the few queries over a
+    short context that ``SMALL_MASK_QUERIES`` / ``SMALL_MASK_KEYS`` bound."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         from torch.nn.attention.bias import causal_lower_right
 
