@@ -1,5 +1,6 @@
 """The CUDA paths, run only where a GPU is present (never in CI): chunked prefill through the cache
-(flash attention with a lower-right causal bias in half precision) equals a one-shot forward, cached
+(flash attention with a lower-right causal bias in half precision, two memory-efficient passes merged
+by their log-sum-exp in float32, no mask either way) equals a one-shot forward, cached
 decode equals the full forward, and speculative greedy equals plain greedy on the GPU."""
 
 from __future__ import annotations
@@ -21,7 +22,20 @@ def _model(dtype):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)])
 @torch.no_grad()
-def test_chunked_prefill_equals_one_shot(dtype, tol):
+def test_chunked_prefill_equals_one_shot(dtype, tol, monkeypatch):
+    """... and builds no (chunk, context) mask: half precision passes a lower-right CausalBias to
+    flash attention, float32 runs two memory-efficient passes merged by their log-sum-exp."""
+    from kinetic.model import attention
+
+    real, masks = attention._lower_right_causal, []
+
+    def spy(q_len, kv_len, q):
+        out = real(q_len, kv_len, q)
+        if isinstance(out, torch.Tensor):
+            masks.append((q_len, kv_len))
+        return out
+
+    monkeypatch.setattr(attention, "_lower_right_causal", spy)
     model = _model(dtype)
     ids = torch.randint(3, model.config.vocab_size, (1, 700), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(0))
@@ -32,6 +46,7 @@ def test_chunked_prefill_equals_one_shot(dtype, tol):
     chunked = torch.cat(parts, dim=1)
     scale = full.abs().max()
     assert (chunked - full).abs().max() <= tol * scale
+    assert masks == []
     # then single steps continue from the chunked cache as from a fresh full forward
     nxt = torch.randint(3, model.config.vocab_size, (1, 4), device="cuda")
     steps = torch.cat([model(nxt[:, i:i + 1], cache, return_mtp=False).logits for i in range(4)], dim=1)

@@ -42,8 +42,8 @@ class Attention(nn.Module):
             k, v = cache.append_kv(self.cache_key, k, v)
         if q_len > 1 and past > 0:  # new queries see all cached keys plus a causal block
             small = q_len <= SMALL_MASK_QUERIES and past + q_len <= SMALL_MASK_KEYS
-            if not q.is_cuda and _FLASH_CPU is not None and not small:
-                out = _chunk_after_past_cpu(q, k, v, past)
+            if _two_passes(q) and not small:
+                out = _chunk_after_past(q, k, v, past)
             else:
                 out = _sdpa(q, k, v, _lower_right_causal(q_len, past + q_len, q), False)
         else:
@@ -63,20 +63,42 @@ SMALL_MASK_KEYS = 1024
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def _chunk_after_past_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+def _two_passes(q: torch.Tensor) -> bool:
+    """Whether a chunk after cached tokens runs as two attention passes merged by their log-sum-exp
+    (no (chunk, context) mask): on CPU, and on CUDA in float32, where SDPA cannot take a lower-right
+    causal bias without building it (flash attention, which can, is half precision only)."""
+    if q.is_cuda:
+        return q.dtype == torch.float32
+    return _FLASH_CPU is not None
+
+
+def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool):
+    """Attention of q (b, h, s, d) over k, v with the same number of heads, and the log-sum-exp of
+    each query's scaled scores (b, h, s): the CPU flash kernel, or on CUDA the memory-efficient one
+    (float32 included; its log-sum-exp may be padded past s)."""
+    if q.is_cuda:
+        efficient = torch.ops.aten._scaled_dot_product_efficient_attention
+        out, lse = efficient(q, k, v, None, True, 0.0, causal)[:2]  # (attn_bias, compute_log_sumexp, ...)
+        return out, lse[..., :q.shape[2]]
+    out, lse = _FLASH_CPU(q, k, v, 0.0, causal)[:2]
+    return out, lse
+
+
+def _chunk_after_past(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
     """Queries of a prefill chunk, q (b, heads, s, d), over ``past`` cached keys plus the chunk's own s
-    keys causally, as two flash passes merged by their log-sum-exp -- no (s, past + s) mask, so a
+    keys causally, as two attention passes merged by their log-sum-exp -- no (s, past + s) mask, so a
     chunk's memory does not grow with the context. In the pass over the cache every query sees every
     key, so the query heads sharing a KV head are stacked as its rows (each cached key read once)."""
     b, heads, s, d = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    o_past, lse_past = _FLASH_CPU(q.reshape(b, kv_heads, group * s, d), k[:, :, :past], v[:, :, :past])
+    o_past, lse_past = _attention_lse(q.reshape(b, kv_heads, group * s, d), k[:, :, :past], v[:, :, :past],
+                                      False)
     o_past, lse_past = o_past.reshape(b, heads, s, d), lse_past.reshape(b, heads, s, 1)
     k_new, v_new = k[:, :, past:], v[:, :, past:]
     if group > 1:  # chunk-sized copies only
         k_new, v_new = k_new.repeat_interleave(group, 1), v_new.repeat_interleave(group, 1)
-    o_new, lse_new = _FLASH_CPU(q, k_new, v_new, 0.0, True)
+    o_new, lse_new = _attention_lse(q, k_new, v_new, True)
     lse_new = lse_new.unsqueeze(-1)
     top = torch.maximum(lse_past, lse_new)
     w_past, w_new = (lse_past - top).exp_(), (lse_new - top).exp_()
@@ -87,9 +109,9 @@ def _chunk_after_past_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pas
 def _lower_right_causal(q_len: int, kv_len: int, q: torch.Tensor):
     """Mask for queries at the last ``q_len`` of ``kv_len`` positions. On CUDA in half precision a
     ``CausalBias`` lets SDPA run a flash kernel without building the (q_len, kv_len) mask, so a chunk
-    of a long prefill needs memory for the chunk only; elsewhere (CUDA float32) the boolean mask is
-    built. CPU chunks take ``_chunk_after_past_cpu`` and need no mask, except the few queries over a
-    short context that ``SMALL_MASK_QUERIES`` / ``SMALL_MASK_KEYS`` bound."""
+    of a long prefill needs memory for the chunk only; elsewhere the boolean mask is built -- for the
+    few queries over a short context that ``SMALL_MASK_QUERIES`` / ``SMALL_MASK_KEYS`` bound, or where
+    ``_two_passes`` is false. Other chunks take ``_chunk_after_past`` and need no mask."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         from torch.nn.attention.bias import causal_lower_right
 
