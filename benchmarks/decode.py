@@ -11,7 +11,8 @@
    phase, in plain decode steps -- the speed-up is the mean accepted length over that cost, and
    the verification pass alone bounds it (meaningful on CPU, where the phases are timed exactly);
 3. per-token decode latency as the context grows (1K .. 128K by default): long prompts are prefilled
-   in chunks through ``InferenceCache`` (KV buffers reserved once), then single-token steps are timed.
+   in chunks through ``InferenceCache`` (KV buffers reserved once), then single-token steps are timed,
+   in blocks that take turns across the contexts (so drift of a shared machine hits all alike).
    The hybrid's Mamba layers keep a constant state; only its few attention layers read a growing
    KV cache.
 
@@ -202,26 +203,42 @@ def speculative_speed(model, prompts, new_tokens: int, draft_lengths, repeats: i
 @torch.no_grad()
 def step_latency(model, context: int, steps: int, chunk: int, device, seed: int = 0) -> dict:
     """Prefill ``context`` random tokens in chunks, then time ``steps`` single-token decode steps."""
+    return step_latencies(model, [context], steps, chunk, device, seed)[0]
+
+
+@torch.no_grad()
+def step_latencies(model, contexts: list[int], steps: int, chunk: int, device, seed: int = 0,
+                   block: int = 8) -> list[dict]:
+    """Prefill one cache per context (random tokens, in chunks), then time ``steps`` single-token
+    decode steps per context, in blocks of ``block`` steps that take turns across the contexts, so a
+    machine that speeds up or slows down during the run shifts every context alike; each row reports
+    the median step."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, model.config.vocab_size, (1, context), generator=g).to(device)
-    cache = InferenceCache()
-    cache.reserve(context + steps + 1)
-    _sync(device)
-    t0 = time.perf_counter()
-    for start in range(0, context, chunk):
-        logits = model(ids[:, start:start + chunk], cache, return_mtp=False, logits_to_keep=1).logits
-    _sync(device)
-    prefill = time.perf_counter() - t0
-    token = logits[:, -1].argmax(-1, keepdim=True)
-    times = []
-    for _ in range(steps):
+    runs = []
+    for context in contexts:
+        ids = torch.randint(3, model.config.vocab_size, (1, context), generator=g).to(device)
+        cache = InferenceCache()
+        cache.reserve(context + steps + 1)
         _sync(device)
-        t = time.perf_counter()
-        token = model(token, cache, return_mtp=False).logits[:, -1].argmax(-1, keepdim=True)
+        t0 = time.perf_counter()
+        for start in range(0, context, chunk):
+            logits = model(ids[:, start:start + chunk], cache, return_mtp=False, logits_to_keep=1).logits
         _sync(device)
-        times.append(time.perf_counter() - t)
-    return {"context": context, "prefill_s": prefill, "prefill_tokens_per_s": context / prefill,
-            "step_ms": 1e3 * statistics.median(times), "cache_mib": cache.nbytes() / 2**20}
+        runs.append({"context": context, "prefill_s": time.perf_counter() - t0, "cache": cache,
+                     "token": logits[:, -1].argmax(-1, keepdim=True), "times": []})
+    for first in range(0, steps, block):
+        for run in runs:
+            for _ in range(min(block, steps - first)):
+                _sync(device)
+                t = time.perf_counter()
+                logits = model(run["token"], run["cache"], return_mtp=False).logits
+                run["token"] = logits[:, -1].argmax(-1, keepdim=True)
+                _sync(device)
+                run["times"].append(time.perf_counter() - t)
+    return [{"context": r["context"], "prefill_s": r["prefill_s"],
+             "prefill_tokens_per_s": r["context"] / r["prefill_s"],
+             "step_ms": 1e3 * statistics.median(r["times"]), "steps": len(r["times"]),
+             "cache_mib": r["cache"].nbytes() / 2**20} for r in runs]
 
 
 def print_speculative(spec: dict, device: torch.device) -> None:
@@ -314,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
         print_speculative(spec, device)
 
     if "latency" in args.sections:
-        rows = [step_latency(model, n, args.steps, args.chunk, device) for n in args.contexts]
+        rows = step_latencies(model, args.contexts, args.steps, args.chunk, device)
         report["latency"] = rows
         print(f"3. decode latency vs context, random {args.preset} preset, prefill chunk {args.chunk}\n")
         print(f"{'context':>9} {'prefill tok/s':>14} {'decode ms/token':>16} {'cache MiB':>10} "

@@ -78,3 +78,7 @@ def test_decode_benchmark_speculative_and_latency_sections(capsys):
     assert "where an eager round's time goes" in printed and "ceiling" in printed
     row = decode.step_latency(model, 300, 2, 128, torch.device("cpu"))
     assert row["context"] == 300 and row["step_ms"] > 0
+    rows = decode.step_latencies(model, [200, 500], 5, 128, torch.device("cpu"), block=2)
+    assert [(r["context"], r["steps"]) for r in rows] == [(200, 5), (500, 5)]
+    assert min(r["step_ms"] for r in rows) > 0
+    assert rows[1]["cache_mib"] > rows[0]["cache_mib"]
