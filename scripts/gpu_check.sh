@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The project's CUDA checks in one run, for a session that is lent a GPU machine (CI never has one):
+#
+#   scripts/gpu_check.sh [MTP_CHECKPOINT]
+#
+# 1. env: torch, CUDA device, and whether transformers is importable;
+# 2. tests/test_cuda.py: chunked prefill == one-shot (no (chunk, context) mask in fp32 or bf16), cached
+#    and CUDA-graph decode == eager, speculative greedy == plain greedy (dynamic and CUDA-graph rounds),
+#    a training step on CUDA == on CPU;
+# 3. benchmarks/decode.py on CUDA with the fast paths (CUDA graphs): plain decode vs transformers,
+#    speculative vs plain on MTP_CHECKPOINT (else a tiny MTP model trained there), latency vs context;
+# 4. benchmarks/long_context.py: a 1M-token prompt in float32, peak memory vs cache budget + weights.
+#
+# Logs and JSON go to $OUT (default ./gpu-check); every step has its own time limit and a failing step
+# does not stop the next. Uses $PYTHON (default python3, the interpreter that holds a CUDA torch).
+# To stage the quickstart checkpoint for the machine, copy its config.json, model.safetensors and
+# tokenizer.json into a folder that git ignores and that travels with the run.
+set -u
+OUT=${OUT:-gpu-check}
+PY=${PYTHON:-python3}
+CKPT=${1:-}
+mkdir -p "$OUT"
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+: > "$OUT/summary.txt"
+
+step() {  # step NAME SECONDS COMMAND...: run, keep the log, print its tail and the exit status
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    echo "== $name: $*"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 30 "$OUT/$name.log"
+    echo "== $name: exit $rc after $((SECONDS - start)) s"
+    echo "$name exit=$rc seconds=$((SECONDS - start))" >> "$OUT/summary.txt"
+}
+
+step env 60 "$PY" -c "import importlib.util, torch
+print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())
+print('transformers', 'yes' if importlib.util.find_spec('transformers') else 'no')"
+step test_cuda 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step decode 300 "$PY" benchmarks/decode.py --device cuda --compile ${CKPT:+--checkpoint "$CKPT"} \
+    --draft-tokens 2 3 5 --json "$OUT/decode.json"
+step long_context_fp32 300 "$PY" benchmarks/long_context.py --device cuda --tokens 1048576 --chunk 1024 \
+    --json "$OUT/long_context_fp32.json"
+cat "$OUT/summary.txt"
+! grep -q -v "exit=0 " "$OUT/summary.txt"
