@@ -138,17 +138,25 @@ class MoE(nn.Module):
         else:
             self.fc1_latent_proj = self.fc2_latent_proj = None
         # Balancing hooks read by kinetic.train.balance: tokens routed to each expert by the last
-        # forward, and (when ``compute_balance_loss`` is set, in training) the sequence-level
-        # balance statistic sum_i f_i * P_i of DeepSeek-V3 / Nemotron 3, averaged over sequences.
-        self.last_tokens_per_expert: torch.Tensor | None = None
+        # forward (counted when read, from its routing), and (when ``compute_balance_loss`` is set, in
+        # training) the sequence-level balance statistic sum_i f_i * P_i of DeepSeek-V3 / Nemotron 3,
+        # averaged over sequences.
+        self._last_indices: torch.Tensor | None = None
         self.compute_balance_loss = False
         self.balance_loss: torch.Tensor | None = None
+
+    @property
+    def last_tokens_per_expert(self) -> torch.Tensor | None:
+        """Tokens routed to each expert by the last forward (None before the first)."""
+        if self._last_indices is None:
+            return None
+        return count_per_expert(self._last_indices.reshape(-1), self.gate.num_experts)
 
     def forward(self, hidden: torch.Tensor, cache=None) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         logits, weights, indices = self.gate(x)
-        self.last_tokens_per_expert = count_per_expert(indices.reshape(-1), self.gate.num_experts).detach()
+        self._last_indices = indices.detach()
         if self.training and self.compute_balance_loss and hidden.dim() == 3:
             self.balance_loss = sequence_balance_loss(logits, indices, shape[0])
         if self.fc1_latent_proj is not None:
