@@ -108,6 +108,9 @@ def ssd_scan(
     b, seqlen, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
+    # a sequence shorter than a chunk is one chunk of its own length: the result does not depend on
+    # the chunk size, and padding a short prompt to a whole chunk costs up to twice the time
+    chunk_size = max(1, min(chunk_size, seqlen))
     pad = (-seqlen) % chunk_size
     if pad:  # padded steps have dt = 0: no input and no decay, so the final state is unchanged
         x = F.pad(x, (0, 0, 0, 0, 0, pad))
