@@ -262,7 +262,9 @@ def print_speculative(spec: dict, device: torch.device) -> None:
               f"{r['acceptance_rate']:>11.0%} {r['mean_accepted_length']:>18.2f} "
               f"{str(r['identical_tokens']):>10}{extra}")
     print("\n   where an eager round's time goes, in plain decode steps (speed-up = mean accepted length /"
-          "\n   round cost; the ceiling with free drafting and committing = mean accepted length / verify)\n")
+          "\n   round cost; the ceiling with free drafting and committing = mean accepted length / verify)"
+          + ("\n   (on CUDA the split is approximate: queued GPU work is counted in the phase that waits)"
+             if device.type == "cuda" else "") + "\n")
     print(f"{'draft k':>8} {'verify':>8} {'draft':>8} {'commit':>8} {'round':>8} {'ceiling':>8}")
     for r in spec["rows"]:
         print(f"{r['draft_tokens']:>8} {r['verify_steps']:>8.2f} {r['draft_steps']:>8.2f} "
