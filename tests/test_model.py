@@ -97,6 +97,35 @@ def test_gated_rms_norm_matches_composite_reference(dtype):
     with torch.no_grad():  # inference takes a path without the autograd.Function
         torch.testing.assert_close(norm(x, gate), ref.detach(), **tol)
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_autograd_rms_norm(dtype):
+    """RMSNorm's hand-written backward gives autograd's F.rms_norm gradients (input and weight), the
+    same output in training and inference, and grads for a non-leaf strided input."""
+    from kinetic.model.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(65)
+    norm = RMSNorm(24, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(24, generator=g) + 0.5)
+    base = (torch.randn(3, 5, 30, generator=g) * 3).to(dtype).requires_grad_()
+    x = base[..., 2:26]  # strided, like a slice of a bigger activation
+    out_grad = torch.randn(3, 5, 24, generator=g).to(dtype)
+    mine = norm(x)
+    ref = (F.rms_norm(x.float(), (24,), norm.weight.float(), 1e-5)).to(dtype)
+    assert mine.dtype == dtype and mine.grad_fn is not None and "RMSNormFn" in type(mine.grad_fn).__name__
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(mine, ref, **tol)
+    for a, r in zip(torch.autograd.grad(mine, (base, norm.weight), out_grad),
+                    torch.autograd.grad(ref, (base, norm.weight), out_grad), strict=True):
+        assert a.dtype == r.dtype
+        torch.testing.assert_close(a, r, **tol)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), ref.detach(), **tol)
+    frozen = RMSNorm(24).to(dtype).requires_grad_(False)  # no grad anywhere: the plain path
+    assert frozen(x.detach()).grad_fn is None
+
+
 def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """Per-token loop straight from the NemotronH description."""
     gate = moe.gate
