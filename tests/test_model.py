@@ -434,6 +434,29 @@ def test_labels_one_token_longer_use_every_position():
         model(window[:, :-1], labels=window[:, :5])
 
 
+def test_training_attention_repeats_kv_heads_like_grouped_sdpa():
+    """On CPU in training the keys/values are repeated per query head before the flash kernel (its
+    grouped-head backward is slower); output and gradients equal SDPA's own grouped-query path."""
+    from kinetic.model.attention import Attention
+
+    config = make_config("latent-grouped-mtp")
+    layer = randomize(Attention(config), seed=66)
+    x = torch.randn(2, 19, config.hidden_size, generator=torch.Generator().manual_seed(67)).requires_grad_()
+    out = layer(x)
+    b, s, _ = x.shape
+    h, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    q = layer.q_proj(x).view(b, s, h, d).transpose(1, 2)
+    k = layer.k_proj(x).view(b, s, kvh, d).transpose(1, 2)
+    v = layer.v_proj(x).view(b, s, kvh, d).transpose(1, 2)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    ref = layer.o_proj(ref.transpose(1, 2).reshape(b, s, h * d))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    params = [x, layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight]
+    for a, r in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g), strict=True):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("small_mask", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_cpu_chunk_attention_over_a_cache(monkeypatch, dtype, tol, small_mask):

@@ -138,6 +138,11 @@ def _sdpa(q, k, v, mask, causal):
         # float32 kernel a block per KV head (measured 3x slower at 128K on an H200).
         out = _sdpa_kernel(q.reshape(b, kv_heads, heads // kv_heads, dim), k, v, mask, False, False)
         return out.reshape(b, heads, 1, dim)
+    if heads > kv_heads and not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
+        # training on CPU: the flash kernel's backward is slower with grouped heads than over keys and
+        # values repeated per query head (measured 38.6 vs 33.4 ms forward + backward, 4 x 8 heads x 512)
+        k, v = k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)
+        return _sdpa_kernel(q, k, v, mask, causal, False)
     return _sdpa_kernel(q, k, v, mask, causal, True)
 
 
