@@ -166,6 +166,29 @@ def test_moe_matches_per_token_reference(name):
     assert int(moe.last_tokens_per_expert.sum()) == 3 * 7 * config.num_experts_per_tok
 
 
+def test_both_ways_of_combining_expert_outputs_agree():
+    """The CPU's index_add combine and the GPUs' atomic-free unsort + sum both give each token the sum
+    of its k expert outputs, with the same gradient (both run here, so CI covers the GPU path too)."""
+    from kinetic.model.moe import combine_assignments
+
+    g = torch.Generator().manual_seed(68)
+    tokens, k, width = 11, 3, 5
+    flat = torch.randint(0, 4, (tokens * k,), generator=g)  # (token, slot) assignments to experts
+    order = flat.argsort(stable=True)
+    ys = torch.randn(tokens * k, width, generator=g, requires_grad=True)  # sorted by expert
+    ref = torch.zeros(tokens, width)
+    for row, assignment in enumerate(order.tolist()):  # row j is assignment order[j] of token order[j] // k
+        ref[assignment // k] += ys[row].detach()
+    weights = torch.randn(tokens, width, generator=g)
+    grads = []
+    for atomic_free in (False, True):
+        y = combine_assignments(ys, order, k, atomic_free)
+        torch.testing.assert_close(y, ref)
+        grads.append(torch.autograd.grad((y * weights).sum(), ys)[0])
+    torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(grads[0], weights[order // k])
+
+
 def test_router_respects_group_limit_and_bias_only_steers():
     config = make_config("latent-grouped-mtp")  # 8 experts, 4 groups of 2, 2 groups allowed
     model = randomize(NemotronHForCausalLM(config), seed=13)

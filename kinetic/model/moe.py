@@ -36,6 +36,17 @@ def count_per_expert(flat_indices: torch.Tensor, num_experts: int) -> torch.Tens
     return counts.scatter_add_(0, flat_indices, torch.ones_like(flat_indices))
 
 
+def combine_assignments(ys: torch.Tensor, order: torch.Tensor, k: int, atomic_free: bool) -> torch.Tensor:
+    """Sum the expert outputs ``ys`` (tokens * k, width), sorted by expert as ``order`` sorted the
+    flat (token, slot) assignments, back into their tokens -> (tokens, width). On CPU one index_add
+    into the tokens (one pass, MoE forward + backward 3-5% faster); ``atomic_free`` unsorts and sums
+    each token's k rows instead, which needs no atomic adds and so stays deterministic on GPUs."""
+    tokens = ys.shape[0] // k
+    if atomic_free:
+        return ys.index_select(0, order.argsort()).view(tokens, k, -1).sum(1)
+    return ys.new_zeros(tokens, ys.shape[-1]).index_add_(0, order // k, ys)
+
+
 class TopKRouter(nn.Module):
     """Sigmoid scores; ``e_score_correction_bias`` (the aux-loss-free balancing bias) only steers
     which experts are chosen, the combine weights come from the unbiased scores."""
@@ -110,11 +121,7 @@ class Experts(nn.Module):
         else:
             ys = self._loop(xs, counts.tolist())
         ys = ys.float() * weights.reshape(-1).index_select(0, order).unsqueeze(-1)
-        if ys.device.type == "cpu":  # add each assignment into its token: one pass, 3-5% faster fwd+bwd
-            combined = ys.new_zeros(tokens, ys.shape[-1]).index_add_(0, token_of, ys)
-        else:  # unsort, then sum each token's k rows: no atomics, so it stays deterministic on GPUs
-            combined = ys.index_select(0, order.argsort()).view(tokens, k, -1).sum(1)
-        return combined.to(x.dtype)
+        return combine_assignments(ys, order, k, atomic_free=ys.device.type != "cpu").to(x.dtype)
 
     def _loop(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """One matmul pair per expert over its contiguous slice (the portable reference path)."""
