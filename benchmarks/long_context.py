@@ -21,6 +21,7 @@ import json
 import resource
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -36,7 +37,8 @@ def _rss_bytes() -> int:
 
 
 def _prefill_and_decode(model, ids: torch.Tensor, chunk: int, decode_steps: int, device: torch.device,
-                        desc: str) -> tuple[InferenceCache, float, list[float]]:
+                        desc: str, phase_peaks: dict | None = None
+                        ) -> tuple[InferenceCache, float, list[float]]:
     cuda = device.type == "cuda"
     tokens = ids.shape[1]
     cache = InferenceCache()
@@ -48,6 +50,9 @@ def _prefill_and_decode(model, ids: torch.Tensor, chunk: int, decode_steps: int,
     if cuda:
         torch.cuda.synchronize(device)
     prefill_s = time.perf_counter() - t0
+    if phase_peaks is not None:  # CUDA: the prefill's peak, then count the decode steps' on their own
+        phase_peaks["prefill"] = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
     token = logits[:, -1].argmax(-1, keepdim=True)
     times = []
     for _ in range(decode_steps):
@@ -56,6 +61,8 @@ def _prefill_and_decode(model, ids: torch.Tensor, chunk: int, decode_steps: int,
         if cuda:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
+    if phase_peaks is not None:
+        phase_peaks["decode"] = torch.cuda.max_memory_allocated(device)
     return cache, prefill_s, times
 
 
@@ -82,10 +89,16 @@ def run(tokens: int, chunk: int, device: torch.device, dtype: torch.dtype, prese
     ids = torch.randint(3, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
     expected = budget["total"] + weights
     mib = 2**20
-    if cuda:  # one run, timed and measured by the caching allocator
-        with PeakTensorMemory(device) as mem:
-            cache, prefill_s, times = _prefill_and_decode(model, ids, chunk, decode_steps, device,
-                                                          f"prefill {tokens:,} tokens")
+    phases = None
+    if cuda:  # one run, timed and measured by the caching allocator, prefill and decode apart
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        cuda_peaks = {}
+        cache, prefill_s, times = _prefill_and_decode(model, ids, chunk, decode_steps, device,
+                                                      f"prefill {tokens:,} tokens", cuda_peaks)
+        phases = {name: value - start for name, value in cuda_peaks.items()}
+        mem = SimpleNamespace(peak_bytes=max(phases.values()))
         rss_growth = None
     else:  # timed run (its peak RSS is an upper bound), then a profiled run counting tensors
         cache, prefill_s, times = _prefill_and_decode(model, ids, chunk, decode_steps, device,
@@ -103,7 +116,9 @@ def run(tokens: int, chunk: int, device: torch.device, dtype: torch.dtype, prese
            "cache_bytes": cache.nbytes(), "peak_over_budget": None if peak is None else peak / expected - 1,
            "rss_over_budget": None if rss_growth is None else rss_growth / expected - 1,
            "prefill_s": prefill_s, "prefill_tokens_per_s": tokens / prefill_s,
-           "decode_ms": 1e3 * statistics.median(times) if times else None}
+           "decode_ms": 1e3 * statistics.median(times) if times else None,
+           "peak_prefill_bytes": None if phases is None else phases["prefill"] + weights,
+           "peak_decode_bytes": None if phases is None else phases["decode"] + weights}
     print(f"prefill {tokens:,} tokens in {prefill_s:.1f} s ({out['prefill_tokens_per_s']:,.0f} tok/s); "
           f"decode at that context {out['decode_ms']:.2f} ms/token")
     print(f"cache held {cache.nbytes() / mib:,.1f} MiB (budget {budget['total'] / mib:,.1f} MiB); "
@@ -111,8 +126,11 @@ def run(tokens: int, chunk: int, device: torch.device, dtype: torch.dtype, prese
     if peak is not None:
         print(f"peak tensor memory (weights, cache, activations) {peak / mib:,.1f} MiB -> "
               f"{out['peak_over_budget']:+.1%} over budget + weights (target within 10%)")
+        if phases is not None:
+            print(f"  of which: prefill {out['peak_prefill_bytes'] / mib:,.1f} MiB, decode steps "
+                  f"{out['peak_decode_bytes'] / mib:,.1f} MiB")
         excess = peak - expected  # one chunk's activations: proportional to the chunk, not the context
-        if excess > 0.1 * expected:
+        if excess > 0.1 * expected and (phases is None or phases["prefill"] >= phases["decode"]):
             per_token = excess / min(chunk, tokens)
             print(f"  activations ~{per_token / 1024:,.1f} KiB per chunk token: a chunk of at most "
                   f"{int(0.1 * expected / per_token):,} tokens keeps this context within 10%")

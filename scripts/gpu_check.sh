@@ -5,14 +5,16 @@
 #
 # 1. env: torch, CUDA device, and whether transformers is importable;
 # 2. tests/test_cuda.py: chunked prefill == one-shot (no (chunk, context) mask in fp32 or bf16), cached
-#    and CUDA-graph decode == eager, speculative greedy == plain greedy (dynamic and CUDA-graph rounds),
-#    a training step on CUDA == on CPU;
+#    and CUDA-graph decode == eager, fp32 decode at 16K context without copying the cache,
+#    speculative greedy == plain greedy (dynamic and CUDA-graph rounds), a training step on CUDA == CPU;
 # 3. benchmarks/decode.py on CUDA with the fast paths (CUDA graphs): plain decode vs transformers,
 #    speculative vs plain on MTP_CHECKPOINT (else a tiny MTP model trained there), latency vs context;
-# 4. benchmarks/long_context.py: a 1M-token prompt in float32, peak memory vs cache budget + weights.
+# 4. benchmarks/decode_attention.py: one query per head over up to 1M cached tokens (SDPA vs split-KV);
+# 5. benchmarks/long_context.py: a 1M-token prompt in float32, peak memory vs cache budget + weights.
 #
-# Logs and JSON go to $OUT (default ./gpu-check); every step has its own time limit and a failing step
-# does not stop the next. Uses $PYTHON (default python3, the interpreter that holds a CUDA torch).
+# Logs and JSON (8 files, as many as a lent machine returns) go to $OUT (default ./gpu-check); every
+# step has its own time limit and a failing step does not stop the next; the limits add up to under
+# 10 minutes, one call on a lent machine. Uses $PYTHON (default python3, the one with a CUDA torch).
 # To stage the quickstart checkpoint for the machine, copy its config.json, model.safetensors and
 # tokenizer.json into a folder that git ignores and that travels with the run.
 set -u
@@ -38,10 +40,11 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the log, print its tail and 
 step env 60 "$PY" -c "import importlib.util, torch
 print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())
 print('transformers', 'yes' if importlib.util.find_spec('transformers') else 'no')"
-step test_cuda 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
-step decode 300 "$PY" benchmarks/decode.py --device cuda --compile ${CKPT:+--checkpoint "$CKPT"} \
+step test_cuda 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step decode 180 "$PY" benchmarks/decode.py --device cuda --compile ${CKPT:+--checkpoint "$CKPT"} \
     --draft-tokens 2 3 5 --json "$OUT/decode.json"
-step long_context_fp32 300 "$PY" benchmarks/long_context.py --device cuda --tokens 1048576 --chunk 1024 \
+step decode_attention 60 "$PY" benchmarks/decode_attention.py --device cuda
+step long_context_fp32 120 "$PY" benchmarks/long_context.py --device cuda --tokens 1048576 --chunk 1024 \
     --json "$OUT/long_context_fp32.json"
 cat "$OUT/summary.txt"
 ! grep -q -v "exit=0 " "$OUT/summary.txt"

@@ -25,13 +25,15 @@ def _model(dtype):
 def test_chunked_prefill_equals_one_shot(dtype, tol, monkeypatch):
     """... and builds no (chunk, context) mask: half precision passes a lower-right CausalBias to
     flash attention, float32 runs two memory-efficient passes merged by their log-sum-exp."""
+    from torch.nn.attention.bias import CausalBias
+
     from kinetic.model import attention
 
     real, masks = attention._lower_right_causal, []
 
     def spy(q_len, kv_len, q):
         out = real(q_len, kv_len, q)
-        if isinstance(out, torch.Tensor):
+        if isinstance(out, torch.Tensor) and not isinstance(out, CausalBias):  # CausalBias is a Tensor
             masks.append((q_len, kv_len))
         return out
 
@@ -52,6 +54,34 @@ def test_chunked_prefill_equals_one_shot(dtype, tol, monkeypatch):
     steps = torch.cat([model(nxt[:, i:i + 1], cache, return_mtp=False).logits for i in range(4)], dim=1)
     ref = model(torch.cat([ids, nxt], dim=1), return_mtp=False).logits[:, -4:]
     assert (steps - ref).abs().max() <= tol * scale
+
+
+@torch.no_grad()
+def test_float32_decode_at_long_context_reads_the_cache_in_place():
+    """A float32 decode step over 16K cached tokens takes the split-KV path: logits equal a full
+    forward's, and the step allocates far less than the KV cache (SDPA's grouped-query fallback
+    repeats the cached keys and values per query head, about twice the cache, every step)."""
+    from kinetic.model import attention
+
+    model = _model(torch.float32)
+    n = 16384
+    assert n >= attention.SPLIT_KV_MIN_KEYS
+    ids = torch.randint(3, model.config.vocab_size, (1, n + 2), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(2))
+    cache = InferenceCache()
+    cache.reserve(n + 2)
+    for s in range(0, n, 4096):
+        model(ids[:, s:s + 4096], cache, return_mtp=False, logits_to_keep=1)
+    kv_bytes = cache.nbytes()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    steps = torch.cat([model(ids[:, n + i:n + i + 1], cache, return_mtp=False).logits for i in range(2)], 1)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < kv_bytes / 4, (extra, kv_bytes)
+    ref = model(ids, return_mtp=False).logits[:, -2:]
+    assert (steps - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
 @torch.no_grad()

@@ -514,6 +514,90 @@ def test_cpu_chunk_attention_over_a_cache(monkeypatch, dtype, tol, small_mask):
     assert masks == ([(4, 45)] if small_mask else [])  # the 4-token step; the 23-token chunk takes 2 passes
 
 
+@pytest.mark.parametrize("batch,heads,kv_heads,length,partitions", [
+    (1, 4, 2, 1000, 3),   # grouped heads, a remainder after the equal parts
+    (2, 8, 2, 777, 4),    # a batch: each entry's parts are views of its own slice
+    (1, 4, 4, 64, 1),     # one KV head per query head, one part
+    (1, 4, 2, 10, 4),     # parts of two keys
+])
+@torch.no_grad()
+def test_split_kv_decode_equals_attention_over_the_whole_cache(batch, heads, kv_heads, length, partitions):
+    """The split-KV decode (CUDA float32 at long context; the merge runs on CPU kernels here) equals
+    grouped-query attention of one query over the cached keys, read from a larger cache buffer."""
+    from kinetic.model.attention import _split_kv_decode
+
+    g = torch.Generator().manual_seed(length)
+    kb, vb = (torch.randn(batch, kv_heads, length + 50, 16, generator=g) for _ in range(2))
+    q = torch.randn(batch, heads, 1, 16, generator=g)
+    k, v = kb[:, :, :length], vb[:, :, :length]  # the cache's filled part: a strided view
+    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(_split_kv_decode(q, k, v, partitions), ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("partitions", [1, 3, 8])
+@torch.no_grad()
+def test_grouped_attention_lse_over_partitions(partitions):
+    """Several query rows per head (a prefill chunk's pass over the cache) over keys split into
+    partitions: output and log-sum-exp equal the explicit softmax attention, for every split."""
+    from kinetic.model.attention import _grouped_attention_lse
+
+    g = torch.Generator().manual_seed(partitions)
+    b, heads, kv_heads, s, length, d = 2, 6, 2, 5, 203, 8
+    kb, vb = (torch.randn(b, kv_heads, length + 13, d, generator=g) for _ in range(2))
+    k, v = kb[:, :, :length], vb[:, :, :length]
+    q = torch.randn(b, heads, s, d, generator=g)
+    out, lse = _grouped_attention_lse(q, k, v, partitions)
+    scores = q @ k.repeat_interleave(heads // kv_heads, 1).transpose(-1, -2) / math.sqrt(d)
+    ref = scores.softmax(-1) @ v.repeat_interleave(heads // kv_heads, 1)
+    torch.testing.assert_close(out.float(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, scores.logsumexp(-1, keepdim=True), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_chunk_attention_with_the_cache_split_into_partitions(monkeypatch):
+    """A prefill chunk's pass over the cache split into partitions (what CUDA does with few query
+    rows over a long cache) gives the same layer output as attention over the whole sequence."""
+    from kinetic.model import attention
+    from kinetic.model.attention import Attention
+
+    config = make_config("latent-grouped-mtp")
+    layer = randomize(Attention(config, cache_key="a"), seed=68)
+    x = torch.randn(2, 70, config.hidden_size, generator=torch.Generator().manual_seed(69))
+    full = layer(x)
+    calls = []
+
+    def split(q, kv_heads, length):
+        calls.append(length)
+        return 4
+
+    monkeypatch.setattr(attention, "_split_kv_partitions", split)
+    monkeypatch.setattr(attention, "SMALL_MASK_KEYS", 0)
+    cache = InferenceCache()
+    cache.reserve(70)
+    parts = [layer(x[:, a:b], cache) for a, b in ((0, 30), (30, 33), (33, 70))]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    assert calls == [30, 33]
+
+
+@torch.no_grad()
+def test_split_kv_decode_does_not_copy_the_cache():
+    """Its memory is per partition and query row, not per cached key: 64K cached tokens (16 MiB of
+    keys and values) take well under 1 MiB more (SDPA's grouped-query fallback copies them all)."""
+    from kinetic.infer.memory import PeakTensorMemory
+    from kinetic.model.attention import _split_kv_decode
+
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(1, 2, 65536, 16, generator=g) for _ in range(2))
+    q = torch.randn(1, 4, 1, 16, generator=g)
+    with PeakTensorMemory() as mem:
+        out = _split_kv_decode(q, k, v, 16)
+    if mem.peak_bytes is None:
+        pytest.skip("this torch build's profiler reports no allocations")
+    assert mem.peak_bytes < 2**20, mem.peak_bytes
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                               atol=1e-6, rtol=1e-5)
+
+
 def test_peak_tensor_memory_counts_tensors_alive_at_once():
     from kinetic.infer.memory import PeakTensorMemory
 

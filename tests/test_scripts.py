@@ -26,7 +26,7 @@ def test_gpu_check_runs_every_step(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     out = tmp_path / "out"
     steps = [line.split()[0] for line in (out / "summary.txt").read_text().splitlines()]
-    assert steps == ["env", "test_cuda", "decode", "long_context_fp32"]
+    assert steps == ["env", "test_cuda", "decode", "decode_attention", "long_context_fp32"]
     decode = (out / "decode.log").read_text()
     assert "benchmarks/decode.py --device cuda --compile --checkpoint ckpt/quickstart" in decode
     assert "--tokens 1048576" in (out / "long_context_fp32.log").read_text()

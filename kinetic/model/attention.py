@@ -88,13 +88,13 @@ def _chunk_after_past(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: i
     """Queries of a prefill chunk, q (b, heads, s, d), over ``past`` cached keys plus the chunk's own s
     keys causally, as two attention passes merged by their log-sum-exp -- no (s, past + s) mask, so a
     chunk's memory does not grow with the context. In the pass over the cache every query sees every
-    key, so the query heads sharing a KV head are stacked as its rows (each cached key read once)."""
+    key, so the query heads sharing a KV head are stacked as its rows (each cached key read once; on
+    CUDA the cache is cut into partitions, see ``_grouped_attention_lse``)."""
     b, heads, s, d = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    o_past, lse_past = _attention_lse(q.reshape(b, kv_heads, group * s, d), k[:, :, :past], v[:, :, :past],
-                                      False)
-    o_past, lse_past = o_past.reshape(b, heads, s, d), lse_past.reshape(b, heads, s, 1)
+    o_past, lse_past = _grouped_attention_lse(q, k[:, :, :past], v[:, :, :past],
+                                              _split_kv_partitions(q, kv_heads, past))
     k_new, v_new = k[:, :, past:], v[:, :, past:]
     if group > 1:  # chunk-sized copies only
         k_new, v_new = k_new.repeat_interleave(group, 1), v_new.repeat_interleave(group, 1)
@@ -127,9 +127,74 @@ def _lower_right_causal(q_len: int, kv_len: int, q: torch.Tensor):
 _CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+# CUDA float32 decode over a long cache: SDPA's float32 kernels have no grouped-query support and its
+# fallback copies the whole cache per step (keys and values repeated per query head: 784 MiB for the
+# tiny preset's 256 MiB cache at 1M tokens, measured on an H200); the split-KV path reads it in place.
+# From this many cached keys on (below, SDPA is faster and its copies are small).
+SPLIT_KV_MIN_KEYS = 8192
+SPLIT_KV_BLOCK = 4096  # keys per partition at least
+
+
+def _grouped_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           partitions: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries q (b, heads, s, d) over every key of k, v (b, kv_heads, L, d), which may be a slice of a
+    larger cache buffer: the query heads sharing a KV head are stacked as that head's rows, so each
+    key is read once and nothing is repeated per head. Returns the output (b, heads, s, d) and the
+    log-sum-exp of each query's scores (b, heads, s, 1), both float32 where merged.
+
+    ``partitions`` > 1 ("flash decoding"): the keys are cut into that many equal parts (plus the
+    remainder), which run as the batch of one kernel call and are merged by their log-sum-exp --
+    on CUDA a few query rows over a long cache otherwise occupy a thread block per KV head."""
+    b, heads, s, d = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    rows = q.reshape(b, kv_heads, heads // kv_heads * s, d)
+    if partitions <= 1:
+        out, lse = _attention_lse(rows, k, v, False)
+        return out.reshape(b, heads, s, d), lse.reshape(b, heads, s, 1)
+    block = length // partitions
+    main = partitions * block
+    outs, lses = [], []
+    for i in range(b):  # one entry at a time: then its parts are views of the buffer (no copies)
+        r = rows[i:i + 1]
+        parts = []
+        if block > 0:
+            kp = k[i, :, :main].unflatten(1, (partitions, block)).transpose(0, 1)  # (P, kv, block, d)
+            vp = v[i, :, :main].unflatten(1, (partitions, block)).transpose(0, 1)
+            parts.append(_attention_lse(r.expand(partitions, -1, -1, -1).contiguous(), kp, vp, False))
+        if main < length:
+            parts.append(_attention_lse(r, k[i:i + 1, :, main:], v[i:i + 1, :, main:], False))
+        o = torch.cat([p[0] for p in parts])  # (parts, kv, rows, d)
+        lse = torch.cat([p[1] for p in parts]).unsqueeze(-1)  # (parts, kv, rows, 1)
+        top = lse.amax(0)
+        w = (lse - top).exp_()
+        total = w.sum(0)
+        outs.append((o.float() * w).sum(0).div_(total).reshape(heads, s, d))
+        lses.append((total.log_() + top).reshape(heads, s, 1))
+    return torch.stack(outs), torch.stack(lses)
+
+
+def _split_kv_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, partitions: int) -> torch.Tensor:
+    """One query per head, q (b, heads, 1, d), over all of k, v: split-KV attention in q's dtype."""
+    return _grouped_attention_lse(q, k, v, partitions)[0].to(q.dtype)
+
+
+def _split_kv_partitions(q: torch.Tensor, kv_heads: int, length: int) -> int:
+    """Partitions of the keys for ``_grouped_attention_lse`` on CUDA: about two thread blocks per
+    multiprocessor (a block per partition, KV head and 64 query rows), each partition at least
+    SPLIT_KV_BLOCK keys. One elsewhere (the CPU kernel parallelizes over the heads it is given)."""
+    if not q.is_cuda:
+        return 1
+    row_blocks = -(-(q.shape[1] // kv_heads * q.shape[2]) // 64)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    return max(1, min(-(-2 * sms // (kv_heads * row_blocks)), length // SPLIT_KV_BLOCK))
+
+
 def _sdpa(q, k, v, mask, causal):
     b, heads, q_len, dim = q.shape
     kv_heads = k.shape[1]
+    if (q.is_cuda and q.dtype == torch.float32 and q_len == 1 and mask is None and not causal
+            and k.shape[2] >= SPLIT_KV_MIN_KEYS and not torch.is_grad_enabled()):
+        return _split_kv_decode(q, k, v, _split_kv_partitions(q, kv_heads, k.shape[2]))
     if (q_len == 1 and heads > kv_heads and not causal and not q.is_cuda
             and (mask is None or mask.shape[-2] == 1)):
         # one query per head (CPU decode): the query heads that share a KV head become that head's
