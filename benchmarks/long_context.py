@@ -37,7 +37,7 @@ def _rss_bytes() -> int:
 
 
 def _prefill_and_decode(model, ids: torch.Tensor, chunk: int, decode_steps: int, device: torch.device,
-                        desc: str, phase_peaks: dict | None = None
+                        desc: str, phase_peaks: dict | None = None, cuda_graph: bool = False
                         ) -> tuple[InferenceCache, float, list[float]]:
     cuda = device.type == "cuda"
     tokens = ids.shape[1]
@@ -55,9 +55,17 @@ def _prefill_and_decode(model, ids: torch.Tensor, chunk: int, decode_steps: int,
         torch.cuda.reset_peak_memory_stats(device)
     token = logits[:, -1].argmax(-1, keepdim=True)
     times = []
+    if cuda_graph:  # the decode steps replay one captured step over a static cache (generate's default)
+        from kinetic.model.static_cache import CUDAGraphDecoder, StaticCache
+
+        decoder = CUDAGraphDecoder(model, StaticCache(cache, tokens + decode_steps))
+        step = decoder.step
+    else:
+        def step(token):
+            return model(token, cache, return_mtp=False).logits[:, -1]
     for _ in range(decode_steps):
         t = time.perf_counter()
-        token = model(token, cache, return_mtp=False).logits[:, -1].argmax(-1, keepdim=True)
+        token = step(token).argmax(-1, keepdim=True)
         if cuda:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
@@ -68,7 +76,7 @@ def _prefill_and_decode(model, ids: torch.Tensor, chunk: int, decode_steps: int,
 
 @torch.no_grad()
 def run(tokens: int, chunk: int, device: torch.device, dtype: torch.dtype, preset: str,
-        decode_steps: int) -> dict:
+        decode_steps: int, cuda_graph: bool = False) -> dict:
     config = kinetic.preset(preset).replace(max_position_embeddings=max(tokens + decode_steps + 1, 8192))
     cuda = device.type == "cuda"
     rss0 = _rss_bytes()
@@ -96,7 +104,7 @@ def run(tokens: int, chunk: int, device: torch.device, dtype: torch.dtype, prese
         start = torch.cuda.memory_allocated(device)
         cuda_peaks = {}
         cache, prefill_s, times = _prefill_and_decode(model, ids, chunk, decode_steps, device,
-                                                      f"prefill {tokens:,} tokens", cuda_peaks)
+                                                      f"prefill {tokens:,} tokens", cuda_peaks, cuda_graph)
         phases = {name: value - start for name, value in cuda_peaks.items()}
         mem = SimpleNamespace(peak_bytes=max(phases.values()))
         rss_growth = None
@@ -111,6 +119,7 @@ def run(tokens: int, chunk: int, device: torch.device, dtype: torch.dtype, prese
     # the peak of tensors allocated beyond those alive before (weights, workspaces), plus the weights
     peak = None if mem.peak_bytes is None else mem.peak_bytes + weights
     out = {"tokens": tokens, "chunk": chunk, "preset": preset, "dtype": str(dtype), "device": str(device),
+           "cuda_graph": cuda_graph,
            "budget_bytes": budget["total"], "weights_bytes": weights, "peak_bytes": peak,
            "rss_growth_bytes": rss_growth, "library_workspace_bytes": library,
            "cache_bytes": cache.nbytes(), "peak_over_budget": None if peak is None else peak / expected - 1,
@@ -120,7 +129,7 @@ def run(tokens: int, chunk: int, device: torch.device, dtype: torch.dtype, prese
            "peak_prefill_bytes": None if phases is None else phases["prefill"] + weights,
            "peak_decode_bytes": None if phases is None else phases["decode"] + weights}
     print(f"prefill {tokens:,} tokens in {prefill_s:.1f} s ({out['prefill_tokens_per_s']:,.0f} tok/s); "
-          f"decode at that context {out['decode_ms']:.2f} ms/token")
+          f"decode at that context {out['decode_ms']:.2f} ms/token" + (" (CUDA graph)" if cuda_graph else ""))
     print(f"cache held {cache.nbytes() / mib:,.1f} MiB (budget {budget['total'] / mib:,.1f} MiB); "
           f"budget + weights {expected / mib:,.1f} MiB")
     if peak is not None:
@@ -150,10 +159,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="CUDA: decode by replaying a captured step on a static cache, as generate does")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    out = run(args.tokens, args.chunk, torch.device(args.device), getattr(torch, args.dtype), args.preset,
-              args.decode_steps)
+    device = torch.device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        parser.error(f"--cuda-graph needs --device cuda, got --device {args.device}")
+    out = run(args.tokens, args.chunk, device, getattr(torch, args.dtype), args.preset, args.decode_steps,
+              args.cuda_graph)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

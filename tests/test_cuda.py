@@ -84,6 +84,44 @@ def test_float32_decode_at_long_context_reads_the_cache_in_place():
     assert (steps - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+@torch.no_grad()
+def test_cuda_graph_decode_over_a_long_cache_splits_it(dtype, tol):
+    """A static-cache decode step over 64K tokens takes the split-KV path (no boolean mask, which
+    sent SDPA to its fallback that repeats the whole KV buffer per query head): a step allocates less
+    than half the KV buffers, and eager and captured steps give eager decoding's logits."""
+    from kinetic.model import attention
+    from kinetic.model.static_cache import CUDAGraphDecoder, StaticCache
+
+    model = _model(dtype)
+    n = 65536
+    ids = torch.randint(3, model.config.vocab_size, (1, n + 4), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(3))
+    caches = InferenceCache(), InferenceCache()
+    for cache in caches:
+        cache.reserve(n + 8)
+        for s in range(0, n, 4096):
+            model(ids[:, s:s + 4096], cache, return_mtp=False, logits_to_keep=1)
+    assert attention._static_split_kv(ids.new_zeros(1, 1, 1, 1, dtype=dtype), n + 8)
+    kv_bytes = sum(t.numel() * t.element_size() for t in [*caches[1]._k.values(), *caches[1]._v.values()])
+    static = StaticCache(caches[1], n + 8)
+    got = []
+    for i in range(2):  # eager static steps; the second one's allocations are measured
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        got.append(model(ids[:, n + i:n + i + 1], static, return_mtp=False).logits[:, -1])
+        static.advance()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+    assert extra < kv_bytes / 2, (extra, kv_bytes)  # the fallback: twice the buffers, and more
+    decoder = CUDAGraphDecoder(model, static)
+    got += [decoder.step(ids[:, n + i:n + i + 1]).clone() for i in (2, 3)]
+    for i in range(4):
+        want = model(ids[:, n + i:n + i + 1], caches[0], return_mtp=False).logits[:, -1]
+        assert (got[i] - want).abs().max() <= tol * want.abs().max(), i
+
+
 @torch.no_grad()
 def test_speculative_greedy_equals_plain_greedy_on_cuda():
     model = _model(torch.float32)

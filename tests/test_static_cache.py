@@ -16,9 +16,22 @@ from kinetic.model.moe import count_per_expert
 from kinetic.model.static_cache import CompiledDecoder, CUDAGraphDecoder, StaticCache
 
 
+@pytest.fixture(params=[False, True], ids=["sdpa", "split-kv"])
+def split_kv(request, monkeypatch):
+    """Both attention paths of a static step: SDPA with the full-capacity mask (CPU, short CUDA
+    caches), and the split-KV one that CUDA takes from 8K of capacity, forced here with 3 partitions
+    (plus a remainder at capacity 32) so that positions cross partitions during the test."""
+    from kinetic.model import attention
+
+    if request.param:
+        monkeypatch.setattr(attention, "_static_split_kv", lambda q, capacity: True)
+        monkeypatch.setattr(attention, "_split_kv_partitions", lambda q, kv_heads, length: 3)
+    return request.param
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @torch.no_grad()
-def test_static_cache_decoding_equals_dynamic(name, one_thread):
+def test_static_cache_decoding_equals_dynamic(name, one_thread, split_kv):
     torch.manual_seed(0)
     model = randomize(NemotronHForCausalLM(make_config(name)), seed=1, dt_bias=0.5).eval()
     g = torch.Generator().manual_seed(2)
@@ -40,7 +53,7 @@ def test_static_cache_decoding_equals_dynamic(name, one_thread):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @torch.no_grad()
-def test_static_tracked_forward_and_keep_equal_dynamic(name, one_thread):
+def test_static_tracked_forward_and_keep_equal_dynamic(name, one_thread, split_kv):
     """The fixed-address version of speculative verification: a tracked forward of several tokens
     and ``keep(n)`` (n as an int or a device tensor) leave the same state as InferenceCache's, so
     the logits of that forward and of the steps after it agree."""

@@ -34,8 +34,11 @@ class Attention(nn.Module):
         v = self.v_proj(hidden).view(b, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         past = 0
         if getattr(cache, "static", False):  # fixed-address decode step (see static_cache.py)
-            k, v, mask = cache.append_kv_static(self.cache_key, k, v)
-            out = _sdpa(q, k, v, mask, False)
+            k_buf, v_buf = cache.append_kv_static(self.cache_key, k, v)
+            if _static_split_kv(q, k_buf.shape[2]):
+                out = _static_split_kv_attention(q, k, v, k_buf, v_buf, cache.pos)
+            else:
+                out = _sdpa(q, k_buf, v_buf, cache.attention_mask(q_len), False)
             return self.o_proj(out.transpose(1, 2).reshape(b, q_len, self.num_heads * self.head_dim))
         if cache is not None:
             past = cache.kv_length(self.cache_key)
@@ -187,6 +190,72 @@ def _split_kv_partitions(q: torch.Tensor, kv_heads: int, length: int) -> int:
     row_blocks = -(-(q.shape[1] // kv_heads * q.shape[2]) // 64)
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     return max(1, min(-(-2 * sms // (kv_heads * row_blocks)), length // SPLIT_KV_BLOCK))
+
+
+def _static_split_kv(q: torch.Tensor, capacity: int) -> bool:
+    """Whether a static-cache step (CUDA graph) attends by ``_static_split_kv_attention``: on CUDA from
+    SPLIT_KV_MIN_KEYS of capacity. There SDPA would take the boolean mask, which no CUDA kernel with
+    grouped heads accepts, and its fallback repeats the whole KV buffer per query head every step."""
+    return q.is_cuda and capacity >= SPLIT_KV_MIN_KEYS and not torch.is_grad_enabled()
+
+
+def _masked_lse(rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor):
+    """Attention with an additive bias, written out (for a block of keys): rows (kv, R, d) over
+    k, v (kv, N, d); returns the output (kv, R, d) and log-sum-exp (kv, R), float32, both 0 / -inf
+    for rows whose keys are all masked."""
+    scores = rows.float() @ k.float().transpose(-1, -2) * rows.shape[-1] ** -0.5 + bias
+    lse = scores.logsumexp(-1)
+    finite = torch.isfinite(lse).unsqueeze(-1)
+    probs = torch.where(finite, (scores - lse.unsqueeze(-1)).exp(), 0.0)
+    return probs @ v.float(), lse
+
+
+def _static_split_kv_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                               k_buf: torch.Tensor, v_buf: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """A static-cache step's attention without a (queries, capacity) mask and without host reads:
+    the L new queries q (b, heads, L, d), at positions pos .. pos + L - 1 (``pos`` a device tensor),
+    see every cached key before ``pos`` and the new keys k_new, v_new (b, kv, L, d) causally. The
+    full-capacity buffers (the new keys already written) are cut into equal partitions attended
+    without a mask in one batched call; partitions past ``pos`` get zero weight, the one holding
+    ``pos`` is redone with its keys from ``pos`` on masked, and the new keys are a small causal
+    block; all are merged by their log-sum-exp. Fixed shapes, so a CUDA graph can capture it; the
+    work covers the whole capacity, as the masked attention did."""
+    b, heads, length, d = q.shape
+    kv_heads, capacity = k_buf.shape[1], k_buf.shape[2]
+    group = heads // kv_heads
+    rows = q.reshape(b, kv_heads, group * length, d)  # row g * L + i: query i of head kv * group + g
+    partitions = _split_kv_partitions(q, kv_heads, capacity)
+    block = capacity // partitions
+    main = partitions * block
+    device = q.device
+    keys = torch.arange(block, device=device)
+    edge = torch.div(pos, block, rounding_mode="floor")  # the partition that holds pos
+    start = edge * block
+    prefix_bias = torch.where(start + keys < pos, 0.0, float("-inf"))  # (block,)
+    block_keys = (start + keys).clamp_(max=capacity - 1)
+    query_of_row = torch.arange(group * length, device=device) % length
+    new_bias = torch.where(torch.arange(length, device=device) <= query_of_row[:, None], 0.0, float("-inf"))
+    outs = []
+    for i in range(b):
+        r = rows[i:i + 1]
+        kp = k_buf[i, :, :main].unflatten(1, (partitions, block)).transpose(0, 1)  # views: (P, kv, block, d)
+        vp = v_buf[i, :, :main].unflatten(1, (partitions, block)).transpose(0, 1)
+        o, lse = _attention_lse(r.expand(partitions, -1, -1, -1).contiguous(), kp, vp, False)
+        os, lses = [o.float()], [lse]
+        if main < capacity:
+            o, lse = _attention_lse(r, k_buf[i:i + 1, :, main:], v_buf[i:i + 1, :, main:], False)
+            os.append(o.float())
+            lses.append(lse)
+        index = torch.arange(sum(t.shape[0] for t in lses), device=device)
+        full = torch.cat(lses).masked_fill((index >= edge).view(-1, 1, 1), float("-inf"))  # (parts, kv, R)
+        o_edge, lse_edge = _masked_lse(r[0], k_buf[i].index_select(1, block_keys),
+                                       v_buf[i].index_select(1, block_keys), prefix_bias)
+        o_new, lse_new = _masked_lse(r[0], k_new[i], v_new[i], new_bias)
+        o = torch.cat([*os, o_edge[None], o_new[None]])  # (parts + 2, kv, R, d)
+        lse = torch.cat([full, lse_edge[None], lse_new[None]]).unsqueeze(-1)
+        w = (lse - lse.amax(0)).exp_()
+        outs.append((o * w).sum(0).div_(w.sum(0)).reshape(heads, length, d))
+    return torch.stack(outs).to(q.dtype)
 
 
 def _sdpa(q, k, v, mask, causal):

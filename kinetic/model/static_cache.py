@@ -56,7 +56,6 @@ class StaticCache:
             self.k[key], self.v[key] = cache._k[key], cache._v[key]
         device = next(iter([*self.ssm.values(), *self.k.values()]), torch.empty(0)).device
         self.pos = torch.tensor(length, device=device)  # next position to write
-        self._positions = torch.arange(capacity, device=device)
         # tracking (speculative verification, see InferenceCache.tracking): a forward of up to
         # ``track`` tokens leaves each Mamba layer's conv window and per-position SSM states in these
         # fixed buffers, and ``keep(n)`` then commits the first n positions without host reads
@@ -120,8 +119,7 @@ class StaticCache:
 
     # ---- attention
     def append_kv_static(self, key: str, k: torch.Tensor, v: torch.Tensor):
-        """Write L tokens' keys/values at ``pos`` .. ``pos + L - 1``; return the full buffers and the
-        boolean mask (1, 1, L, capacity): query i sees the positions up to ``pos + i``."""
+        """Write L tokens' keys/values at ``pos`` .. ``pos + L - 1``; return the full buffers."""
         if k.shape[2] > 1 and not self.is_tracking:
             raise ValueError("a static cache decodes one token per step, or several in a tracked "
                              "forward (with cache.tracking(): ...; then cache.keep(n))")
@@ -129,7 +127,14 @@ class StaticCache:
         index = self.pos + steps
         self.k[key].index_copy_(2, index, k.to(self.k[key].dtype))
         self.v[key].index_copy_(2, index, v.to(self.v[key].dtype))
-        return self.k[key], self.v[key], (self._positions <= index[:, None]).view(1, 1, -1, self.capacity)
+        return self.k[key], self.v[key]
+
+    def attention_mask(self, length: int) -> torch.Tensor:
+        """Boolean mask (1, 1, L, capacity) for the L tokens written at ``pos``: query i sees the
+        positions up to ``pos + i`` (built per call: attention over a long cache does without it)."""
+        index = self.pos + torch.arange(length, device=self.pos.device)
+        positions = torch.arange(self.capacity, device=self.pos.device)
+        return (positions <= index[:, None]).view(1, 1, length, self.capacity)
 
     def advance(self, n: int = 1) -> None:
         self.pos.add_(n)
