@@ -5,7 +5,7 @@
 #
 # 1. env: torch, CUDA device, and whether transformers is importable;
 # 2. tests/test_cuda.py: chunked prefill == one-shot (no (chunk, context) mask in fp32 or bf16), cached
-#    and CUDA-graph decode == eager, fp32 decode at 16K context without copying the cache,
+#    and CUDA-graph decode == eager, fp32 and graph decode over long caches without copying them,
 #    speculative greedy == plain greedy (dynamic and CUDA-graph rounds), a training step on CUDA == CPU;
 # 3. benchmarks/decode.py on CUDA with the fast paths (CUDA graphs): plain decode vs transformers,
 #    speculative vs plain on MTP_CHECKPOINT (else a tiny MTP model trained there), latency vs context;

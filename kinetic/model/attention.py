@@ -241,17 +241,17 @@ def _static_split_kv_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torc
         kp = k_buf[i, :, :main].unflatten(1, (partitions, block)).transpose(0, 1)  # views: (P, kv, block, d)
         vp = v_buf[i, :, :main].unflatten(1, (partitions, block)).transpose(0, 1)
         o, lse = _attention_lse(r.expand(partitions, -1, -1, -1).contiguous(), kp, vp, False)
-        os, lses = [o.float()], [lse]
+        part_outs, lses = [o.float()], [lse]
         if main < capacity:
             o, lse = _attention_lse(r, k_buf[i:i + 1, :, main:], v_buf[i:i + 1, :, main:], False)
-            os.append(o.float())
+            part_outs.append(o.float())
             lses.append(lse)
         index = torch.arange(sum(t.shape[0] for t in lses), device=device)
         full = torch.cat(lses).masked_fill((index >= edge).view(-1, 1, 1), float("-inf"))  # (parts, kv, R)
         o_edge, lse_edge = _masked_lse(r[0], k_buf[i].index_select(1, block_keys),
                                        v_buf[i].index_select(1, block_keys), prefix_bias)
         o_new, lse_new = _masked_lse(r[0], k_new[i], v_new[i], new_bias)
-        o = torch.cat([*os, o_edge[None], o_new[None]])  # (parts + 2, kv, R, d)
+        o = torch.cat([*part_outs, o_edge[None], o_new[None]])  # (parts + 2, kv, R, d)
         lse = torch.cat([full, lse_edge[None], lse_new[None]]).unsqueeze(-1)
         w = (lse - lse.amax(0)).exp_()
         outs.append((o * w).sum(0).div_(w.sum(0)).reshape(heads, length, d))
