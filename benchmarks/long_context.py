@@ -8,9 +8,13 @@ on Hopper) are a fixed cost of the process, not of the context, so they are meas
 warm-up forward and reported separately. On CPU the same quantity comes from the profiler's record of
 every allocation (:class:`kinetic.infer.memory.PeakTensorMemory`), in a second run of the prefill so
 that the first, timed run is not slowed by the profiler; the first run also reports the growth of the
-process's peak resident set, an upper bound that also counts the C allocator's slack.
+process's peak resident set, an upper bound that also counts the C allocator's slack. On CUDA the
+prefill's and the decode steps' peaks are also reported apart; ``--cuda-graph`` decodes as
+``generate`` does there, replaying a captured step over a static cache (the capture's side stream
+gets its own library workspace, which then counts in the decode peak).
 
     python benchmarks/long_context.py --device cuda --dtype bfloat16              # 1M tokens
+    python benchmarks/long_context.py --device cuda --cuda-graph                  # graph decode
     python benchmarks/long_context.py --tokens 131072 --chunk 2048                 # CPU
 """
 
