@@ -10,8 +10,8 @@ every allocation (:class:`kinetic.infer.memory.PeakTensorMemory`), in a second r
 that the first, timed run is not slowed by the profiler; the first run also reports the growth of the
 process's peak resident set, an upper bound that also counts the C allocator's slack. On CUDA the
 prefill's and the decode steps' peaks are also reported apart; ``--cuda-graph`` decodes as
-``generate`` does there, replaying a captured step over a static cache (the capture's side stream
-gets its own library workspace, which then counts in the decode peak).
+``generate`` does there, replaying a captured step over a static cache (the decode peak then also
+counts what the capture allocates for itself, such as its streams' library workspaces).
 
     python benchmarks/long_context.py --device cuda --dtype bfloat16              # 1M tokens
     python benchmarks/long_context.py --device cuda --cuda-graph                  # graph decode
