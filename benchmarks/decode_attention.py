@@ -7,7 +7,8 @@
   path; on CUDA one thread block per KV head);
 - ``split``: split-KV ("flash decoding", ``kinetic.model.attention._split_kv_decode``): the keys cut
   into partitions that run as one batched call, merged by their log-sum-exp (CUDA float32 decode
-  from ``SPLIT_KV_MIN_KEYS`` cached keys on).
+  from ``SPLIT_KV_MIN_KEYS`` cached keys on; on CPU, which decodes by ``rows``, up to 8 parts of at
+  least ``SPLIT_KV_BLOCK`` keys, for comparison).
 
 For each: median time per call, memory allocated beyond the inputs (peak), and the largest error
 against a float64 reference. Shapes: the tiny preset's attention (4 query / 2 KV heads of 16) and
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from kinetic.infer.memory import PeakTensorMemory
 from kinetic.model.attention import (
     _CUDA_BACKENDS,
+    SPLIT_KV_BLOCK,
     _attention_lse,
     _split_kv_decode,
     _split_kv_partitions,
@@ -52,7 +54,11 @@ def _rows(q, k, v):
 
 
 def _split(q, k, v):
-    return _split_kv_decode(q, k, v, _split_kv_partitions(q, k.shape[1], k.shape[2]))
+    if q.is_cuda:  # as decoding does
+        partitions = _split_kv_partitions(q, k.shape[1], k.shape[2])
+    else:  # the CPU decodes with one call ("rows"); here split anyway, to compare
+        partitions = max(1, min(8, k.shape[2] // SPLIT_KV_BLOCK))
+    return _split_kv_decode(q, k, v, partitions)
 
 
 VARIANTS = {"sdpa": _sdpa, "rows": _rows, "split": _split}

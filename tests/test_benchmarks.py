@@ -1,7 +1,8 @@
 """Benchmarks run end to end on the tiny preset (smoke tests of the scripts, not timing assertions):
 model_speed (both implementations compute the same logits, every mode reports a rate, the per-kind
 forward breakdown accounts for the whole forward), long_context (tensor peak and resident-set growth
-reported) and decode (speculative rows with identical tokens, latency rows)."""
+reported), decode (speculative rows with identical tokens, latency rows) and decode_attention
+(every way of attending agrees with a float64 reference)."""
 
 from __future__ import annotations
 
@@ -82,3 +83,19 @@ def test_decode_benchmark_speculative_and_latency_sections(capsys):
     assert [(r["context"], r["steps"]) for r in rows] == [(200, 5), (500, 5)]
     assert min(r["step_ms"] for r in rows) > 0
     assert rows[1]["cache_mib"] > rows[0]["cache_mib"]
+
+
+def test_decode_attention_compares_the_ways_against_a_reference(tmp_path, capsys):
+    import decode_attention
+
+    out = tmp_path / "attn.json"
+    rows = decode_attention.main(["--shapes", "tiny", "nano", "--contexts", "300", "9000", "--repeats", "2",
+                                  "--json", str(out)])
+    ways = ("sdpa", "rows", "split")
+    assert {(r["shape"], r["context"], r["variant"]) for r in rows} == {
+        (shape, n, way) for shape in ("tiny", "nano") for n in (300, 9000) for way in ways}
+    for r in rows:
+        assert r["max_err"] < 1e-5 and r["ms"] > 0, r
+        assert r["kv_mib"] == 2 * r["context"] * 2 * decode_attention.SHAPES[r["shape"]][2] * 4 / 2**20
+    assert json.loads(out.read_text())["rows"] == rows
+    assert "max err" in capsys.readouterr().out
