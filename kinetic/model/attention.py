@@ -149,31 +149,44 @@ def _grouped_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     remainder), which run as the batch of one kernel call and are merged by their log-sum-exp --
     on CUDA a few query rows over a long cache otherwise occupy a thread block per KV head."""
     b, heads, s, d = q.shape
-    kv_heads, length = k.shape[1], k.shape[2]
+    kv_heads = k.shape[1]
     rows = q.reshape(b, kv_heads, heads // kv_heads * s, d)
     if partitions <= 1:
         out, lse = _attention_lse(rows, k, v, False)
         return out.reshape(b, heads, s, d), lse.reshape(b, heads, s, 1)
-    block = length // partitions
-    main = partitions * block
     outs, lses = [], []
     for i in range(b):  # one entry at a time: then its parts are views of the buffer (no copies)
-        r = rows[i:i + 1]
-        parts = []
-        if block > 0:
-            kp = k[i, :, :main].unflatten(1, (partitions, block)).transpose(0, 1)  # (P, kv, block, d)
-            vp = v[i, :, :main].unflatten(1, (partitions, block)).transpose(0, 1)
-            parts.append(_attention_lse(r.expand(partitions, -1, -1, -1).contiguous(), kp, vp, False))
-        if main < length:
-            parts.append(_attention_lse(r, k[i:i + 1, :, main:], v[i:i + 1, :, main:], False))
-        o = torch.cat([p[0] for p in parts])  # (parts, kv, rows, d)
-        lse = torch.cat([p[1] for p in parts]).unsqueeze(-1)  # (parts, kv, rows, 1)
-        top = lse.amax(0)
-        w = (lse - top).exp_()
-        total = w.sum(0)
-        outs.append((o.float() * w).sum(0).div_(total).reshape(heads, s, d))
-        lses.append((total.log_() + top).reshape(heads, s, 1))
+        o, lse = _merge_parts(*_partition_lse(rows[i:i + 1], k[i], v[i], partitions))
+        outs.append(o.reshape(heads, s, d))
+        lses.append(lse.reshape(heads, s, 1))
     return torch.stack(outs), torch.stack(lses)
+
+
+def _partition_lse(rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, partitions: int):
+    """rows (1, kv, R, d) over k, v (kv, L, d) cut into ``partitions`` equal parts of keys (views,
+    one batched call) plus the remainder: each part's output (parts, kv, R, d), float32, and
+    log-sum-exp (parts, kv, R)."""
+    length = k.shape[1]
+    block = length // partitions
+    main = partitions * block
+    parts = []
+    if block > 0:
+        kp = k[:, :main].unflatten(1, (partitions, block)).transpose(0, 1)  # (P, kv, block, d)
+        vp = v[:, :main].unflatten(1, (partitions, block)).transpose(0, 1)
+        parts.append(_attention_lse(rows.expand(partitions, -1, -1, -1).contiguous(), kp, vp, False))
+    if main < length:
+        parts.append(_attention_lse(rows, k[None, :, main:], v[None, :, main:], False))
+    return torch.cat([p[0].float() for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _merge_parts(o: torch.Tensor, lse: torch.Tensor):
+    """Attention over the union of the parts' keys from each part's output o (parts, ..., d) and
+    log-sum-exp (parts, ...): returns both, float32. A part with log-sum-exp -inf adds nothing."""
+    lse = lse.unsqueeze(-1)
+    top = lse.amax(0)
+    w = (lse - top).exp_()
+    total = w.sum(0)
+    return (o.float() * w).sum(0).div_(total), (total.log_() + top).squeeze(-1)
 
 
 def _split_kv_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, partitions: int) -> torch.Tensor:
@@ -226,7 +239,6 @@ def _static_split_kv_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torc
     rows = q.reshape(b, kv_heads, group * length, d)  # row g * L + i: query i of head kv * group + g
     partitions = _split_kv_partitions(q, kv_heads, capacity)
     block = capacity // partitions
-    main = partitions * block
     device = q.device
     keys = torch.arange(block, device=device)
     edge = torch.div(pos, block, rounding_mode="floor")  # the partition that holds pos
@@ -238,23 +250,15 @@ def _static_split_kv_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torc
     outs = []
     for i in range(b):
         r = rows[i:i + 1]
-        kp = k_buf[i, :, :main].unflatten(1, (partitions, block)).transpose(0, 1)  # views: (P, kv, block, d)
-        vp = v_buf[i, :, :main].unflatten(1, (partitions, block)).transpose(0, 1)
-        o, lse = _attention_lse(r.expand(partitions, -1, -1, -1).contiguous(), kp, vp, False)
-        part_outs, lses = [o.float()], [lse]
-        if main < capacity:
-            o, lse = _attention_lse(r, k_buf[i:i + 1, :, main:], v_buf[i:i + 1, :, main:], False)
-            part_outs.append(o.float())
-            lses.append(lse)
-        index = torch.arange(sum(t.shape[0] for t in lses), device=device)
-        full = torch.cat(lses).masked_fill((index >= edge).view(-1, 1, 1), float("-inf"))  # (parts, kv, R)
+        o_parts, lse_parts = _partition_lse(r, k_buf[i], v_buf[i], partitions)
+        index = torch.arange(lse_parts.shape[0], device=device)
+        lse_parts = lse_parts.masked_fill((index >= edge).view(-1, 1, 1), float("-inf"))  # from pos on
         o_edge, lse_edge = _masked_lse(r[0], k_buf[i].index_select(1, block_keys),
                                        v_buf[i].index_select(1, block_keys), prefix_bias)
         o_new, lse_new = _masked_lse(r[0], k_new[i], v_new[i], new_bias)
-        o = torch.cat([*part_outs, o_edge[None], o_new[None]])  # (parts + 2, kv, R, d)
-        lse = torch.cat([full, lse_edge[None], lse_new[None]]).unsqueeze(-1)
-        w = (lse - lse.amax(0)).exp_()
-        outs.append((o * w).sum(0).div_(w.sum(0)).reshape(heads, length, d))
+        o, _ = _merge_parts(torch.cat([o_parts, o_edge[None], o_new[None]]),
+                            torch.cat([lse_parts, lse_edge[None], lse_new[None]]))
+        outs.append(o.reshape(heads, length, d))
     return torch.stack(outs).to(q.dtype)
 
 
