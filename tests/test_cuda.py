@@ -20,6 +20,15 @@ def _model(dtype):
     return NemotronHForCausalLM(preset("tiny")).to(device="cuda", dtype=dtype).eval()
 
 
+def _prefilled(model, ids: torch.Tensor, capacity: int, chunk: int = 4096) -> InferenceCache:
+    """A cache holding ``ids`` (1, n), prefilled in chunks, with room for ``capacity`` tokens."""
+    cache = InferenceCache()
+    cache.reserve(capacity)
+    for s in range(0, ids.shape[1], chunk):
+        model(ids[:, s:s + chunk], cache, return_mtp=False, logits_to_keep=1)
+    return cache
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)])
 @torch.no_grad()
 def test_chunked_prefill_equals_one_shot(dtype, tol, monkeypatch):
@@ -68,10 +77,7 @@ def test_float32_decode_at_long_context_reads_the_cache_in_place():
     assert n >= attention.SPLIT_KV_MIN_KEYS
     ids = torch.randint(3, model.config.vocab_size, (1, n + 2), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(2))
-    cache = InferenceCache()
-    cache.reserve(n + 2)
-    for s in range(0, n, 4096):
-        model(ids[:, s:s + 4096], cache, return_mtp=False, logits_to_keep=1)
+    cache = _prefilled(model, ids[:, :n], n + 2)
     kv_bytes = cache.nbytes()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -97,13 +103,9 @@ def test_cuda_graph_decode_over_a_long_cache_splits_it(dtype, tol):
     n = 65536
     ids = torch.randint(3, model.config.vocab_size, (1, n + 4), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(3))
-    caches = InferenceCache(), InferenceCache()
-    for cache in caches:
-        cache.reserve(n + 8)
-        for s in range(0, n, 4096):
-            model(ids[:, s:s + 4096], cache, return_mtp=False, logits_to_keep=1)
+    caches = _prefilled(model, ids[:, :n], n + 8), _prefilled(model, ids[:, :n], n + 8)
     assert attention._static_split_kv(ids.new_zeros(1, 1, 1, 1, dtype=dtype), n + 8)
-    kv_bytes = sum(t.numel() * t.element_size() for t in [*caches[1]._k.values(), *caches[1]._v.values()])
+    kv_bytes = caches[1].allocated_bytes()  # the KV buffers (and the small Mamba states)
     static = StaticCache(caches[1], n + 8)
     got = []
     for i in range(2):  # eager static steps; the second one's allocations are measured

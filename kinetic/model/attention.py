@@ -130,10 +130,11 @@ def _lower_right_causal(q_len: int, kv_len: int, q: torch.Tensor):
 _CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-# CUDA float32 decode over a long cache: SDPA's float32 kernels have no grouped-query support and its
-# fallback copies the whole cache per step (keys and values repeated per query head: 784 MiB for the
-# tiny preset's 256 MiB cache at 1M tokens, measured on an H200); the split-KV path reads it in place.
-# From this many cached keys on (below, SDPA is faster and its copies are small).
+# CUDA float32 decode over a long cache, and CUDA-graph steps in any dtype (their capacity-wide mask):
+# no SDPA kernel takes grouped-query heads there, and its fallback copies the whole cache per step
+# (keys and values repeated per query head: 784 MiB for the tiny preset's 256 MiB cache at 1M tokens,
+# measured on an H200); the split-KV path reads it in place. From this many cached keys on (below,
+# SDPA is faster for small heads and its copies are small).
 SPLIT_KV_MIN_KEYS = 8192
 SPLIT_KV_BLOCK = 4096  # keys per partition at least
 
