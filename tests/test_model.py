@@ -516,7 +516,7 @@ def test_cpu_chunk_attention_over_a_cache(monkeypatch, dtype, tol, small_mask):
 
 @pytest.mark.parametrize("batch,heads,kv_heads,length,partitions", [
     (1, 4, 2, 1000, 3),   # grouped heads, a remainder after the equal parts
-    (2, 8, 2, 777, 4),    # a batch: each entry's parts are views of its own slice
+    (2, 8, 2, 777, 4),    # a batch: entries and KV heads merged into one dim of views
     (1, 4, 4, 64, 1),     # one KV head per query head, one part
     (1, 4, 2, 10, 4),     # parts of two keys
 ])
@@ -579,16 +579,19 @@ def test_chunk_attention_with_the_cache_split_into_partitions(monkeypatch):
     assert calls == [30, 33]
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @torch.no_grad()
-def test_split_kv_decode_does_not_copy_the_cache():
-    """Its memory is per partition and query row, not per cached key: 64K cached tokens (16 MiB of
-    keys and values) take well under 1 MiB more (SDPA's grouped-query fallback copies them all)."""
+def test_split_kv_decode_does_not_copy_the_cache(batch):
+    """Its memory is per partition and query row, not per cached key: 64K cached tokens per entry
+    (16 MiB of keys and values each), read from a larger cache buffer, take well under 1 MiB more
+    (SDPA's grouped-query fallback copies them all)."""
     from kinetic.infer.memory import PeakTensorMemory
     from kinetic.model.attention import _split_kv_decode
 
     g = torch.Generator().manual_seed(0)
-    k, v = (torch.randn(1, 2, 65536, 16, generator=g) for _ in range(2))
-    q = torch.randn(1, 4, 1, 16, generator=g)
+    kb, vb = (torch.randn(batch, 2, 65536 + 100, 16, generator=g) for _ in range(2))
+    k, v = kb[:, :, :65536], vb[:, :, :65536]
+    q = torch.randn(batch, 4, 1, 16, generator=g)
     with PeakTensorMemory() as mem:
         out = _split_kv_decode(q, k, v, 16)
     if mem.peak_bytes is None:

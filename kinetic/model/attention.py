@@ -155,24 +155,23 @@ def _grouped_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if partitions <= 1:
         out, lse = _attention_lse(rows, k, v, False)
         return out.reshape(b, heads, s, d), lse.reshape(b, heads, s, 1)
-    outs, lses = [], []
-    for i in range(b):  # one entry at a time: then its parts are views of the buffer (no copies)
-        o, lse = _merge_parts(*_partition_lse(rows[i:i + 1], k[i], v[i], partitions))
-        outs.append(o.reshape(heads, s, d))
-        lses.append(lse.reshape(heads, s, 1))
-    return torch.stack(outs), torch.stack(lses)
+    # the batch and KV-head dims of a cache slice merge into one (a view), which becomes the kernel's
+    # head dim, so the parts of every entry are views of the buffer in one call
+    o, lse = _merge_parts(*_partition_lse(rows.flatten(0, 1)[None], k.flatten(0, 1), v.flatten(0, 1),
+                                          partitions))
+    return o.reshape(b, heads, s, d), lse.reshape(b, heads, s, 1)
 
 
 def _partition_lse(rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, partitions: int):
-    """rows (1, kv, R, d) over k, v (kv, L, d) cut into ``partitions`` equal parts of keys (views,
-    one batched call) plus the remainder: each part's output (parts, kv, R, d), float32, and
-    log-sum-exp (parts, kv, R)."""
+    """rows (1, H, R, d) over k, v (H, L, d) -- H = batch x KV heads -- cut into ``partitions`` equal
+    parts of keys (views, one batched call) plus the remainder: each part's output (parts, H, R, d),
+    float32, and log-sum-exp (parts, H, R)."""
     length = k.shape[1]
     block = length // partitions
     main = partitions * block
     parts = []
     if block > 0:
-        kp = k[:, :main].unflatten(1, (partitions, block)).transpose(0, 1)  # (P, kv, block, d)
+        kp = k[:, :main].unflatten(1, (partitions, block)).transpose(0, 1)  # (P, H, block, d)
         vp = v[:, :main].unflatten(1, (partitions, block)).transpose(0, 1)
         parts.append(_attention_lse(rows.expand(partitions, -1, -1, -1).contiguous(), kp, vp, False))
     if main < length:
@@ -248,19 +247,16 @@ def _static_split_kv_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torc
     block_keys = (start + keys).clamp_(max=capacity - 1)
     query_of_row = torch.arange(group * length, device=device) % length
     new_bias = torch.where(torch.arange(length, device=device) <= query_of_row[:, None], 0.0, float("-inf"))
-    outs = []
-    for i in range(b):
-        r = rows[i:i + 1]
-        o_parts, lse_parts = _partition_lse(r, k_buf[i], v_buf[i], partitions)
-        index = torch.arange(lse_parts.shape[0], device=device)
-        lse_parts = lse_parts.masked_fill((index >= edge).view(-1, 1, 1), float("-inf"))  # from pos on
-        o_edge, lse_edge = _masked_lse(r[0], k_buf[i].index_select(1, block_keys),
-                                       v_buf[i].index_select(1, block_keys), prefix_bias)
-        o_new, lse_new = _masked_lse(r[0], k_new[i], v_new[i], new_bias)
-        o, _ = _merge_parts(torch.cat([o_parts, o_edge[None], o_new[None]]),
-                            torch.cat([lse_parts, lse_edge[None], lse_new[None]]))
-        outs.append(o.reshape(heads, length, d))
-    return torch.stack(outs).to(q.dtype)
+    rows, k_buf, v_buf = rows.flatten(0, 1), k_buf.flatten(0, 1), v_buf.flatten(0, 1)  # views
+    o_parts, lse_parts = _partition_lse(rows[None], k_buf, v_buf, partitions)
+    index = torch.arange(lse_parts.shape[0], device=device)
+    lse_parts = lse_parts.masked_fill((index >= edge).view(-1, 1, 1), float("-inf"))  # from pos on
+    o_edge, lse_edge = _masked_lse(rows, k_buf.index_select(1, block_keys), v_buf.index_select(1, block_keys),
+                                   prefix_bias)
+    o_new, lse_new = _masked_lse(rows, k_new.flatten(0, 1), v_new.flatten(0, 1), new_bias)
+    o, _ = _merge_parts(torch.cat([o_parts, o_edge[None], o_new[None]]),
+                        torch.cat([lse_parts, lse_edge[None], lse_new[None]]))
+    return o.reshape(b, heads, length, d).to(q.dtype)
 
 
 def _sdpa(q, k, v, mask, causal):
