@@ -321,6 +321,37 @@ def test_bfloat16_forward_close_to_float32():
     assert (low.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
 
 
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no grouped matmul")
+def test_grouped_experts_compile_on_cpu_and_equal_eager():
+    """torch.compile traces the CPU grouped matmul through kinetic's custom op (torch's own shape
+    function refuses float32): the op passes torch's custom-op checks (shape function, autograd),
+    and compiled experts give eager's outputs and gradients, with an idle expert."""
+    from kinetic.model import moe
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(10, 16, generator=g, requires_grad=True)
+    b = torch.randn(3, 24, 16, generator=g).transpose(1, 2).requires_grad_()  # (groups, in, out) view
+    offs = torch.tensor([3, 3, 10], dtype=torch.int32)  # group 1 is empty
+    torch.library.opcheck(moe._grouped_mm_op, (a, b, offs))
+    torch.library.opcheck(moe._grouped_mm_weight_grad, (a.detach(), torch.randn(10, 24, generator=g), offs))
+
+    experts = moe.Experts(num_experts=6, width=16, intermediate=24)
+    with torch.no_grad():
+        experts.up_proj.normal_(0, 0.25, generator=g)
+        experts.down_proj.normal_(0, 0.2, generator=g)
+    x = torch.randn(12, 16, generator=g, requires_grad=True)
+    indices = torch.tensor([[0, 2], [2, 5], [5, 0]] * 4)  # experts 1, 3, 4 get nothing
+    weights = torch.rand(12, 2, generator=g)
+    compiled = torch.compile(experts, fullgraph=True)
+    results = []
+    for module in (experts, compiled):
+        out = module(x, indices, weights)
+        params = (x, experts.up_proj, experts.down_proj)
+        results.append((out, *torch.autograd.grad(out.square().sum(), params)))
+    for want, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_grouped_and_loop_expert_paths_agree_with_idle_experts():
     from kinetic.model.moe import Experts, use_grouped_mm
 

@@ -19,6 +19,50 @@ from kinetic.model.mlp import MLP, relu2
 _grouped_mm = getattr(torch, "_grouped_mm", None)
 
 
+if _grouped_mm is not None:
+    # torch.compile traces ``torch._grouped_mm`` with a shape function that accepts bfloat16 only,
+    # although the CPU kernel runs float32; compiled CPU code calls it through this custom op, whose
+    # shape function and backward (two more grouped matmuls) are its own. Eager code calls the
+    # ATen op directly.
+    @torch.library.custom_op("kinetic::grouped_mm", mutates_args=())
+    def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """a (tokens, in) grouped by the offsets ``offs`` (groups,) times b (groups, in, out)."""
+        return _grouped_mm(a, b, offs=offs)
+
+    @_grouped_mm_op.register_fake
+    def _(a, b, offs):
+        return a.new_empty(a.shape[0], b.shape[-1])
+
+    @torch.library.custom_op("kinetic::grouped_mm_weight_grad", mutates_args=())
+    def _grouped_mm_weight_grad(a: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """Per group g: a[rows of g].T @ grad[rows of g] -> (groups, in, out); zeros for an empty group."""
+        return _grouped_mm(a.t(), grad, offs=offs)
+
+    @_grouped_mm_weight_grad.register_fake
+    def _(a, grad, offs):
+        return a.new_empty(offs.shape[0], a.shape[1], grad.shape[1])
+
+    def _grouped_mm_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _grouped_mm_backward(ctx, grad):
+        a, b, offs = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_a = _grouped_mm_op(grad, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+        grad_b = _grouped_mm_weight_grad(a, grad, offs) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b, None
+
+    _grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``torch._grouped_mm(a, b, offs=offs)``, through the custom op above where torch.compile traces
+    CPU code."""
+    if a.device.type == "cpu" and torch.compiler.is_compiling():
+        return _grouped_mm_op(a, b, offs)
+    return _grouped_mm(a, b, offs=offs)
+
+
 def use_grouped_mm(x: torch.Tensor) -> bool:
     if _grouped_mm is None:
         return False
@@ -116,8 +160,8 @@ class Experts(nn.Module):
         xs = x.index_select(0, token_of)  # (tokens * k, width), grouped by expert
         if self.grouped and use_grouped_mm(x):
             offsets = counts.cumsum(0).to(torch.int32)
-            h = relu2(_grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offsets))
-            ys = _grouped_mm(h, self.down_proj.transpose(1, 2), offs=offsets)
+            h = relu2(grouped_mm(xs, self.up_proj.transpose(1, 2), offsets))
+            ys = grouped_mm(h, self.down_proj.transpose(1, 2), offsets)
         else:
             ys = self._loop(xs, counts.tolist())
         ys = ys.float() * weights.reshape(-1).index_select(0, order).unsqueeze(-1)
