@@ -41,6 +41,11 @@ Run (about 40 s on a quiet 2-core CPU with the defaults, of which model setup is
     python benchmarks/model_speed.py                      # preset small, batch 4 x seq 512
     python benchmarks/model_speed.py --batch 2 --seq 256 --iters 3 --json /tmp/speed.json
     python benchmarks/model_speed.py --breakdown          # + forward ms per kind of layer, both libraries
+    python benchmarks/model_speed.py --compile            # + both models under torch.compile (minutes)
+
+``--compile`` adds each model wrapped in ``torch.compile`` (the same weights) as two more
+implementations in the same alternation; their first warm-up iteration, which compiles, is reported
+as ``first s``, and their ratio is compiled kinetic over compiled transformers.
 """
 
 from __future__ import annotations
@@ -113,11 +118,14 @@ def make_step(model: torch.nn.Module, ids: torch.Tensor, mode: str, is_kinetic: 
 
 
 def bench(models: dict[str, tuple[torch.nn.Module, bool]], ids: torch.Tensor, mode: str, warmup: int,
-          iters: int) -> dict[str, list[float]]:
-    """Per-implementation iteration times; implementations alternate every iteration."""
+          iters: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Per-implementation iteration times (implementations alternate every iteration) and the time
+    of each one's first warm-up iteration (for a compiled model: compiling)."""
     steps = {name: make_step(m, ids, mode, is_k) for name, (m, is_k) in models.items()}
-    for step in steps.values():
-        for _ in range(warmup):
+    first = {}
+    for name, step in steps.items():
+        first[name] = step()
+        for _ in range(warmup - 1):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(iters):
@@ -125,7 +133,7 @@ def bench(models: dict[str, tuple[torch.nn.Module, bool]], ids: torch.Tensor, mo
             times[name].append(step())
     for m, _ in models.values():
         m.zero_grad(set_to_none=True)
-    return times
+    return times, first
 
 
 # forward time per kind of layer: the classes of each implementation that make up one kind
@@ -199,6 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-repeats", type=int, default=10)
     p.add_argument("--no-transformers", action="store_true", help="benchmark kinetic alone")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="also time both models under torch.compile (compiles 3 modes x 2 models: minutes)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the forward pass per kind of layer (Mamba, MoE, attention, lm_head)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
@@ -229,6 +239,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if hf is not None:
         models["transformers"] = (hf, False)
 
+    if args.compile:
+        for name, (m, is_k) in list(models.items()):
+            models[f"{name} compiled"] = (torch.compile(m), is_k)
+    pairs = [(k, t) for k, t in (("kinetic", "transformers"), ("kinetic compiled", "transformers compiled"))
+             if k in models and t in models]
+
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen)
 
@@ -242,13 +258,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results: dict[str, dict[str, Any]] = {}
     for mode in MODES:
-        times = bench(models, ids, mode, args.warmup, args.iters)
+        times, first = bench(models, ids, mode, max(args.warmup, 1), args.iters)
         for name, ts in times.items():
             med = statistics.median(ts)
             tps = tokens / med
             results.setdefault(name, {})[mode] = {
                 "median_s": med, "best_s": min(ts), "times_s": ts, "tokens_per_s": tps,
-                "gflops_per_s": tps * flops[mode] / 1e9,
+                "gflops_per_s": tps * flops[mode] / 1e9, "first_s": first[name],
             }
 
     # Shared/virtualised CPUs drift: probe the peak again afterwards and keep the better one.
@@ -258,15 +274,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for mode, r in per_mode.items():
             r["mfu"] = r["tokens_per_s"] * flops[mode] / (peak * 1e9)
 
-    ratios, best_ratios = {}, {}
-    if "transformers" in results:
-        ratios = {mode: results["kinetic"][mode]["tokens_per_s"]
-                  / results["transformers"][mode]["tokens_per_s"] for mode in MODES}
-        best_ratios = {mode: results["transformers"][mode]["best_s"] / results["kinetic"][mode]["best_s"]
-                       for mode in MODES}
+    # kinetic vs transformers (eager), and compiled vs compiled with --compile
+    ratio_of = {k: {mode: results[k][mode]["tokens_per_s"] / results[t][mode]["tokens_per_s"]
+                    for mode in MODES} for k, t in pairs}
+    best_of = {k: {mode: results[t][mode]["best_s"] / results[k][mode]["best_s"] for mode in MODES}
+               for k, t in pairs}
+    ratios, best_ratios = ratio_of.get("kinetic", {}), best_of.get("kinetic", {})
 
-    parts = ({name: breakdown(m, ids, is_k, args.iters) for name, (m, is_k) in models.items()}
-             if args.breakdown else {})
+    parts = ({name: breakdown(m, ids, is_k, args.iters) for name, (m, is_k) in models.items()
+              if "compiled" not in name} if args.breakdown else {})
 
     # ------------------------------------------------------------------ report
     print(f"\nNemotronH speed: preset={args.preset} (no MTP), batch={args.batch} x seq={args.seq} "
@@ -287,21 +303,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"median of {args.iters} iterations after {args.warmup} warm-up; 1-min load average "
           f"{load_before:.2f} before the run (other busy processes skew CPU timings)\n")
 
-    header = (f"{'mode':<9} {'impl':<13} {'ms/iter':>9} {'best ms':>9} {'tokens/s':>10} {'GFLOP/s':>9} "
-              f"{'MFU':>7} {'ratio':>7} {'best':>7}")
+    width = max(len(name) for name in results)
+    header = (f"{'mode':<9} {'impl':<{width}} {'ms/iter':>9} {'best ms':>9} {'tokens/s':>10} {'GFLOP/s':>9} "
+              f"{'MFU':>7} {'ratio':>7} {'best':>7}" + (f" {'first s':>8}" if args.compile else ""))
     print(header)
     print("-" * len(header))
     for mode in MODES:
         for name in results:
             r = results[name][mode]
-            ratio = f"{ratios[mode]:.2f}x" if ratios and name == "kinetic" else ""
-            best = f"{best_ratios[mode]:.2f}x" if ratios and name == "kinetic" else ""
-            print(f"{mode:<9} {name:<13} {r['median_s'] * 1e3:>9.1f} {r['best_s'] * 1e3:>9.1f} "
+            ratio = f"{ratio_of[name][mode]:.2f}x" if name in ratio_of else ""
+            best = f"{best_of[name][mode]:.2f}x" if name in best_of else ""
+            print(f"{mode:<9} {name:<{width}} {r['median_s'] * 1e3:>9.1f} {r['best_s'] * 1e3:>9.1f} "
                   f"{r['tokens_per_s']:>10.1f} {r['gflops_per_s']:>9.1f} {r['mfu'] * 100:>6.1f}% {ratio:>7} "
-                  f"{best:>7}")
+                  f"{best:>7}" + (f" {r['first_s']:>8.1f}" if args.compile else ""))
     if ratios:
-        print("\nratio = kinetic tokens/s / transformers tokens/s at the median iteration; best = the same "
-              "ratio for the fastest iteration of each")
+        print("\nratio = kinetic tokens/s / transformers tokens/s at the median iteration (compiled: over "
+              "compiled transformers); best = the same ratio for the fastest iteration of each")
     if parts:
         print(f"\nforward ms per kind of layer (all layers of a kind, module hooks, median of {args.iters})")
         names = list(parts)
@@ -325,6 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peak_size": args.peak_size, "load_average_before": load_before, "param_counts": counts,
         "matmul_params": matmul_params(cfg), "flops_per_token": flops, "max_logit_diff": max_diff,
         "results": results, "ratio": ratios, "ratio_best": best_ratios, "forward_breakdown_ms": parts,
+        "ratio_compiled": ratio_of.get("kinetic compiled", {}),
     }
     if args.json:
         with open(args.json, "w") as f:

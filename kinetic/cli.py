@@ -230,6 +230,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     if args.precision:
         overrides.append(f"precision.recipe={args.precision}")
+    if args.compile:
+        overrides.append("train.compile=true")
     try:
         cfg = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as err:
@@ -322,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value (repeatable), e.g. --set train.steps=20")
     p.add_argument("--precision", help="low-precision recipe: bf16, fp8, nvfp4 or another "
                    "kinetic.precision preset (emulated on CPU); default: fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile): the "
+                   "first steps compile, minutes on a CPU; pays off on longer runs")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("eval", help="validation loss and bits per byte per domain vs a unigram baseline")

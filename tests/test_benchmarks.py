@@ -1,8 +1,9 @@
 """Benchmarks run end to end on the tiny preset (smoke tests of the scripts, not timing assertions):
 model_speed (both implementations compute the same logits, every mode reports a rate, the per-kind
-forward breakdown accounts for the whole forward), long_context (tensor peak and resident-set growth
-reported), decode (speculative rows with identical tokens, latency rows) and decode_attention
-(every way of attending agrees with a float64 reference)."""
+forward breakdown accounts for the whole forward; with --compile, compiled rows), long_context
+(tensor peak and resident-set growth reported), decode (speculative rows with identical tokens,
+latency rows), decode_attention (every way of attending agrees with a float64 reference) and
+train_speed (eager and compiled trainer rows)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,28 @@ def test_model_speed_runs_and_breaks_down_the_forward(tmp_path, capsys):
         assert inside <= parts["total"]
     assert json.loads(out.read_text())["forward_breakdown_ms"] == report["forward_breakdown_ms"]
     assert "forward ms per kind of layer" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_model_speed_compiled_rows(tmp_path, capsys, monkeypatch):
+    """--compile adds both models wrapped by torch.compile, with a compiled-vs-compiled ratio and the
+    compile (first iteration) time; torch.compile is an identity wrapper here (compiling both models
+    in three modes would take minutes), so this checks the rows, not the compiler."""
+    import model_speed
+    import torch
+
+    wrapped = []
+    monkeypatch.setattr(torch, "compile", lambda m: wrapped.append(type(m).__name__) or m)
+    report = model_speed.main(["--preset", "tiny", "--batch", "1", "--seq", "40", "--iters", "2",
+                               "--warmup", "1", "--peak-size", "128", "--peak-repeats", "2", "--compile"])
+    assert sorted(wrapped) == ["NemotronHForCausalLM", "NemotronHForCausalLM"]  # one of each library
+    assert set(report["results"]) == {"kinetic", "transformers", "kinetic compiled", "transformers compiled"}
+    for mode in model_speed.MODES:
+        r = report["results"]
+        assert report["ratio_compiled"][mode] == pytest.approx(
+            r["kinetic compiled"][mode]["tokens_per_s"] / r["transformers compiled"][mode]["tokens_per_s"])
+        assert r["kinetic compiled"][mode]["first_s"] > 0
+    assert "first s" in capsys.readouterr().out
 
 
 def test_long_context_reports_tensor_peak_and_rss(tmp_path, capsys):
@@ -99,3 +122,27 @@ def test_decode_attention_compares_the_ways_against_a_reference(tmp_path, capsys
         assert r["kv_mib"] == 2 * r["context"] * 2 * decode_attention.SHAPES[r["shape"]][2] * 4 / 2**20
     assert json.loads(out.read_text())["rows"] == rows
     assert "max err" in capsys.readouterr().out
+
+
+def test_train_speed_times_eager_and_compiled_trainers(tmp_path, capsys, monkeypatch):
+    """The eager and the train.compile trainer rows, the model taken from a recipe's [model] section.
+    Compilation itself is replaced by a no-op here (tests/test_train.py compiles a trainer; compiling
+    the benchmark's model again would add a minute): this checks the rows and the break-even line."""
+    import torch
+    import train_speed
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *args, **kwargs: compiled.append(type(self).__name__))
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "quickstart.toml"
+    out = tmp_path / "train.json"
+    report = train_speed.main(["--recipe", str(recipe), "--seq", "32", "--micro-batch", "2", "--steps", "2",
+                               "--warmup", "1", "--compile", "--json", str(out)])
+    assert compiled == ["NemotronHForCausalLM"]  # the compiled trainer's model, once
+    assert report["pattern"] == "MEM*EME"  # the recipe's model, not the default preset's
+    for mode in ("eager", "compiled"):
+        row = report["modes"][mode]
+        assert len(row["times"]) == 2 and row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1
+    assert json.loads(out.read_text())["modes"].keys() == {"eager", "compiled"}
+    text = capsys.readouterr().out
+    assert "compiling pays for itself after" in text and "compiled" in text

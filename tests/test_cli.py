@@ -127,3 +127,9 @@ def test_pretrain_config_errors_exit_2(tmp_path, capsys):
         main(["pretrain", "--config", "configs/tiny-synthetic.toml", "--set", "optim.lr=fast"])
     assert err.value.code == 2
     assert "optim.lr='fast'" in capsys.readouterr().err
+    # --compile is train.compile: refused with a low-precision recipe, the error naming both
+    with pytest.raises(SystemExit) as err:
+        main(["pretrain", "--config", "configs/tiny-synthetic.toml", "--compile", "--precision", "nvfp4"])
+    assert err.value.code == 2
+    assert ("train.compile=True is invalid: cannot be combined with precision.recipe='nvfp4'"
+            in capsys.readouterr().err)

@@ -72,6 +72,29 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     assert [r["resumed_from_step"] for r in runs] == [None, 3]
 
 
+def test_compiled_training_equals_eager(tmp_path):
+    """train.compile = true: the same losses and weights as eager training (MoE grouped matmuls, MTP
+    loss, expert-bias updates, evaluation included), and checkpoints under the eager names."""
+    runs = {}
+    for name, compile in (("eager", False), ("compiled", True)):
+        cfg = make_cfg(tmp_path / name, train={"steps": 3, "compile": compile},
+                       model={"overrides": {"hybrid_override_pattern": "M*E"}},  # + MTP "*E"
+                       run={"eval_every": 0, "save_every": 0})
+        trainer = Trainer(cfg)
+        summary = trainer.train()
+        runs[name] = (trainer, summary, _losses(tmp_path / name))
+    (eager, e_sum, e_losses), (compiled, c_sum, c_losses) = runs["eager"], runs["compiled"]
+    assert len(c_losses) == 3
+    assert c_losses == pytest.approx(e_losses, rel=1e-4)
+    assert c_sum["final_val_loss"] == pytest.approx(e_sum["final_val_loss"], rel=1e-4)
+    for (name, x), (other, y) in zip(eager.model.state_dict().items(), compiled.model.state_dict().items(),
+                                     strict=True):
+        assert name == other
+        torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-3)
+    saved = ckpt.latest_checkpoint(tmp_path / "compiled")
+    assert saved is not None and not any("_orig_mod" in k for k in compiled.model.state_dict())
+
+
 def test_crash_during_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = make_cfg(tmp_path / "run")
     trainer = Trainer(cfg)
@@ -167,6 +190,8 @@ def test_config_errors_name_the_key(tmp_path):
         from_dict({"trian": {}})
     with pytest.raises(ValueError, match=r"train\.micro_batch=0"):
         from_dict({"train": {"micro_batch": 0}})
+    with pytest.raises(ValueError, match=r"train\.compile=True .* combined with precision\.recipe='fp8'"):
+        from_dict({"train": {"compile": True}, "precision": {"recipe": "fp8"}})
     path = tmp_path / "c.toml"
     path.write_text('[train]\nsteps = 5\n[run]\nout_dir = "x"\n')
     cfg = load_config(path, ["train.steps=7", "run.out_dir=y", "optim.lr=1e-3"])

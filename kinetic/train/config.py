@@ -36,6 +36,7 @@ class TrainSection:
     grad_accum: int = 1  # micro-batches per optimizer step
     seed: int = 0  # model init, data order, dropout-free RNG
     threads: int = 0  # torch CPU threads (0 = torch default)
+    compile: bool = False  # torch.compile the model: first steps compile (minutes on CPU), later ones faster
 
 
 @dataclass
@@ -110,6 +111,10 @@ class TrainConfig:
             bad("schedule.decay_fraction", self.schedule.decay_fraction, "must be in [0, 1]")
         if self.schedule.decay_shape not in ("linear", "sqrt"):
             bad("schedule.decay_shape", self.schedule.decay_shape, "use 'linear' or 'sqrt'")
+        if self.train.compile and self.precision.recipe:
+            bad("train.compile", True, f"cannot be combined with precision.recipe={self.precision.recipe!r} "
+                "(torch.compile fails on the emulated low-precision casts, torch 2.13 on CPU): set "
+                "train.compile=false or drop the recipe")
         if any(not isinstance(w, int | float) or w < 0 for w in self.data.weights.values()):
             bad("data.weights", self.data.weights, "weights must be numbers >= 0")
 

@@ -84,6 +84,9 @@ class Trainer:
             self.precision = apply_recipe(self.model, recipe, rank=self.info.rank)
             self.quant_state = quant_state(self.model)
             self._switch_step = self.precision.recipe.switch_step(config.train.steps)
+        if config.train.compile:
+            # in place: parameter names, state dict and checkpoints stay those of the eager model
+            self.model.compile()
         self.net = wrap(self.model, self.info)
         o = config.optim
         self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr,
