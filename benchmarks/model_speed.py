@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kernels = "mamba_ssm" if importlib.util.find_spec("mamba_ssm") else "pure-PyTorch Mamba path"
         print(f"transformers {sys.modules['transformers'].__version__}: {hf.config._attn_implementation} "
               f"attention, {kernels}; max |logit diff| vs kinetic = {max_diff:.2e}")
-    print(f"median of {args.iters} iterations after {args.warmup} warm-up; 1-min load average "
+    print(f"median of {args.iters} iterations after {max(args.warmup, 1)} warm-up; 1-min load average "
           f"{load_before:.2f} before the run (other busy processes skew CPU timings)\n")
 
     width = max(len(name) for name in results)
