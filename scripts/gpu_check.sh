@@ -6,7 +6,8 @@
 # 1. env: torch, CUDA device, and whether transformers is importable;
 # 2. tests/test_cuda.py: chunked prefill == one-shot (no (chunk, context) mask in fp32 or bf16), cached
 #    and CUDA-graph decode == eager, fp32 and graph decode over long caches without copying them,
-#    speculative greedy == plain greedy (dynamic and CUDA-graph rounds), a training step on CUDA == CPU;
+#    speculative greedy == plain greedy (dynamic and CUDA-graph rounds), a training step on CUDA == CPU,
+#    torch.compile'd forward+backward == eager (float32, bfloat16);
 # 3. benchmarks/decode.py on CUDA with the fast paths (CUDA graphs): plain decode vs transformers,
 #    speculative vs plain on MTP_CHECKPOINT (else a tiny MTP model trained there), latency vs context;
 # 4. benchmarks/decode_attention.py: one query per head over up to 1M cached tokens (SDPA vs split-KV);
@@ -37,14 +38,14 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the log, print its tail and 
     echo "$name exit=$rc seconds=$((SECONDS - start))" >> "$OUT/summary.txt"
 }
 
-step env 60 "$PY" -c "import importlib.util, torch
+step env 30 "$PY" -c "import importlib.util, torch
 print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())
 print('transformers', 'yes' if importlib.util.find_spec('transformers') else 'no')"
-step test_cuda 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step test_cuda 210 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step decode 180 "$PY" benchmarks/decode.py --device cuda --compile ${CKPT:+--checkpoint "$CKPT"} \
     --draft-tokens 2 3 5 --json "$OUT/decode.json"
-step decode_attention 60 "$PY" benchmarks/decode_attention.py --device cuda
-step long_context_fp32 120 "$PY" benchmarks/long_context.py --device cuda --tokens 1048576 --chunk 1024 \
+step decode_attention 50 "$PY" benchmarks/decode_attention.py --device cuda
+step long_context_fp32 110 "$PY" benchmarks/long_context.py --device cuda --tokens 1048576 --chunk 1024 \
     --json "$OUT/long_context_fp32.json"
 cat "$OUT/summary.txt"
 ! grep -q -v "exit=0 " "$OUT/summary.txt"

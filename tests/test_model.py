@@ -322,18 +322,26 @@ def test_bfloat16_forward_close_to_float32():
 
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no grouped matmul")
-def test_grouped_experts_compile_on_cpu_and_equal_eager():
-    """torch.compile traces the CPU grouped matmul through kinetic's custom op (torch's own shape
-    function refuses float32): the op passes torch's custom-op checks (shape function, autograd),
-    and compiled experts give eager's outputs and gradients, with an idle expert."""
+@pytest.mark.parametrize("native", [True, False], ids=["grouped-kernel", "loop-fallback"])
+def test_grouped_experts_compile_and_equal_eager(native, monkeypatch):
+    """torch.compile traces the grouped expert matmuls through kinetic's custom ops (torch's own shape
+    function refuses float32, and the per-expert loop's slice sizes are data): the ops pass torch's
+    custom-op checks (shape function, autograd) both with torch's grouped kernel and with the
+    one-matmul-per-group fallback used where that kernel does not run (e.g. CUDA float32), and
+    compiled experts give eager's outputs and gradients, with an idle expert."""
     from kinetic.model import moe
 
+    torch._dynamo.reset()
+    if not native:  # as on a device/dtype without torch's grouped kernel: eager takes the loop
+        monkeypatch.setattr(moe, "use_grouped_mm", lambda x: False)
     g = torch.Generator().manual_seed(5)
     a = torch.randn(10, 16, generator=g, requires_grad=True)
     b = torch.randn(3, 24, 16, generator=g).transpose(1, 2).requires_grad_()  # (groups, in, out) view
     offs = torch.tensor([3, 3, 10], dtype=torch.int32)  # group 1 is empty
     torch.library.opcheck(moe._grouped_mm_op, (a, b, offs))
     torch.library.opcheck(moe._grouped_mm_weight_grad, (a.detach(), torch.randn(10, 24, generator=g), offs))
+    want = torch.cat([a[:3] @ b[0], a[3:] @ b[2]])
+    torch.testing.assert_close(moe._grouped_mm_op(a, b, offs), want)
 
     experts = moe.Experts(num_experts=6, width=16, intermediate=24)
     with torch.no_grad():

@@ -19,50 +19,6 @@ from kinetic.model.mlp import MLP, relu2
 _grouped_mm = getattr(torch, "_grouped_mm", None)
 
 
-if _grouped_mm is not None:
-    # torch.compile traces ``torch._grouped_mm`` with a shape function that accepts bfloat16 only,
-    # although the CPU kernel runs float32; compiled CPU code calls it through this custom op, whose
-    # shape function and backward (two more grouped matmuls) are its own. Eager code calls the
-    # ATen op directly.
-    @torch.library.custom_op("kinetic::grouped_mm", mutates_args=())
-    def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        """a (tokens, in) grouped by the offsets ``offs`` (groups,) times b (groups, in, out)."""
-        return _grouped_mm(a, b, offs=offs)
-
-    @_grouped_mm_op.register_fake
-    def _(a, b, offs):
-        return a.new_empty(a.shape[0], b.shape[-1])
-
-    @torch.library.custom_op("kinetic::grouped_mm_weight_grad", mutates_args=())
-    def _grouped_mm_weight_grad(a: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        """Per group g: a[rows of g].T @ grad[rows of g] -> (groups, in, out); zeros for an empty group."""
-        return _grouped_mm(a.t(), grad, offs=offs)
-
-    @_grouped_mm_weight_grad.register_fake
-    def _(a, grad, offs):
-        return a.new_empty(offs.shape[0], a.shape[1], grad.shape[1])
-
-    def _grouped_mm_setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def _grouped_mm_backward(ctx, grad):
-        a, b, offs = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_a = _grouped_mm_op(grad, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
-        grad_b = _grouped_mm_weight_grad(a, grad, offs) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b, None
-
-    _grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
-
-
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """``torch._grouped_mm(a, b, offs=offs)``, through the custom op above where torch.compile traces
-    CPU code."""
-    if a.device.type == "cpu" and torch.compiler.is_compiling():
-        return _grouped_mm_op(a, b, offs)
-    return _grouped_mm(a, b, offs=offs)
-
-
 def use_grouped_mm(x: torch.Tensor) -> bool:
     if _grouped_mm is None:
         return False
@@ -71,6 +27,73 @@ def use_grouped_mm(x: torch.Tensor) -> bool:
     if x.device.type == "cuda":
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
     return False
+
+
+def _group_bounds(offs: torch.Tensor) -> list[tuple[int, int]]:
+    ends = offs.tolist()
+    return list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+# torch.compile cannot trace the per-expert loop (its slice sizes are data) and traces
+# ``torch._grouped_mm`` with a shape function that accepts bfloat16 only, although the CPU kernel
+# runs float32. Compiled code therefore calls these two custom ops, opaque to the compiler, with
+# their own shape functions and backward: torch's grouped matmul where it runs, else one matmul per
+# group. Eager code calls the ATen op or the loop directly.
+@torch.library.custom_op("kinetic::grouped_mm", mutates_args=())
+def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """a (rows, in) grouped by the cumulative row ends ``offs`` (groups,) times b (groups, in, out)."""
+    if use_grouped_mm(a):
+        return _grouped_mm(a, b, offs=offs)
+    out = a.new_zeros(a.shape[0], b.shape[-1])
+    for g, (lo, hi) in enumerate(_group_bounds(offs)):
+        if hi > lo:
+            torch.mm(a[lo:hi], b[g], out=out[lo:hi])
+    return out
+
+
+@_grouped_mm_op.register_fake
+def _(a, b, offs):
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+@torch.library.custom_op("kinetic::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad(a: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Per group g: a[rows of g].T @ grad[rows of g] -> (groups, in, out); zeros for an empty group."""
+    if use_grouped_mm(a):
+        return _grouped_mm(a.t(), grad, offs=offs)
+    out = a.new_zeros(offs.shape[0], a.shape[1], grad.shape[1])
+    for g, (lo, hi) in enumerate(_group_bounds(offs)):
+        if hi > lo:
+            torch.mm(a[lo:hi].t(), grad[lo:hi], out=out[g])
+    return out
+
+
+@_grouped_mm_weight_grad.register_fake
+def _(a, grad, offs):
+    return a.new_empty(offs.shape[0], a.shape[1], grad.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    a, b, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_a = _grouped_mm_op(grad, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    grad_b = _grouped_mm_weight_grad(a, grad, offs) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``torch._grouped_mm(a, b, offs=offs)`` (or one matmul per group where torch has no grouped
+    kernel for ``a``), through the custom op above where torch.compile traces anything but CUDA bf16."""
+    if torch.compiler.is_compiling() and not (a.device.type == "cuda" and use_grouped_mm(a)):
+        return _grouped_mm_op(a, b, offs)
+    return _grouped_mm(a, b, offs=offs)
 
 
 def count_per_expert(flat_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -158,7 +181,7 @@ class Experts(nn.Module):
         counts = count_per_expert(flat, self.up_proj.shape[0])
         token_of = order // k  # the token of each expert-sorted assignment
         xs = x.index_select(0, token_of)  # (tokens * k, width), grouped by expert
-        if self.grouped and use_grouped_mm(x):
+        if self.grouped and (use_grouped_mm(x) or torch.compiler.is_compiling()):
             offsets = counts.cumsum(0).to(torch.int32)
             h = relu2(grouped_mm(xs, self.up_proj.transpose(1, 2), offsets))
             ys = grouped_mm(h, self.down_proj.transpose(1, 2), offsets)
