@@ -1,7 +1,9 @@
 """The CUDA paths, run only where a GPU is present (never in CI): chunked prefill through the cache
 (flash attention with a lower-right causal bias in half precision, two memory-efficient passes merged
 by their log-sum-exp in float32, no mask either way) equals a one-shot forward, cached
-decode equals the full forward, and speculative greedy equals plain greedy on the GPU."""
+decode equals the full forward, speculative greedy equals plain greedy on the GPU, CUDA-graph
+decoders share one capture stream (no cuBLAS workspace each), and a compiled forward+backward equals
+eager."""
 
 from __future__ import annotations
 
@@ -175,6 +177,32 @@ def test_cuda_graph_generate_equals_eager(dtype):
         want = model(tok, ref, return_mtp=False).logits[:, -1]
         tol = 1e-4 if dtype == torch.float32 else 5e-2
         assert (got - want).abs().max() <= tol * want.abs().max()
+
+
+@torch.no_grad()
+def test_cuda_graph_decoders_hold_no_cublas_workspace_each():
+    """Every capture runs on one shared side stream: cuBLAS keeps a 32 MiB workspace per stream it
+    ran on, so a fresh stream per decoder (or capturing on torch's capture stream) held one more for
+    each graph. After the first decoder, three more (and a speculative round graph) add only their
+    own few tensors."""
+    from kinetic.model.static_cache import CUDAGraphDecoder, StaticCache, capture_stream
+
+    model = _model(torch.float32)
+    ids = torch.randint(3, model.config.vocab_size, (1, 64), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(3))
+    decoders = [CUDAGraphDecoder(model, StaticCache(_prefilled(model, ids, 96), 96))]
+    speculative_generate(model, ids[0].tolist(), 8, draft_tokens=2, cuda_graph=True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(3):
+        decoders.append(CUDAGraphDecoder(model, StaticCache(_prefilled(model, ids, 96), 96)))
+    speculative_generate(model, ids[0].tolist(), 8, draft_tokens=2, cuda_graph=True)
+    torch.cuda.synchronize()
+    grown = torch.cuda.memory_allocated() - before
+    assert grown < 8 * 2**20, f"{grown / 2**20:.1f} MiB for three decoders"
+    assert capture_stream(torch.device("cuda")) is capture_stream(torch.device("cuda", 0))
+    tok = ids[:, -1:]
+    assert torch.equal(decoders[1].step(tok), decoders[3].step(tok))
 
 
 def test_engine_graph_decode_equals_eager_on_cuda():

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from kinetic.infer.speculative import SpecStats, SpeculativeDecoder, accept_drafts
-from kinetic.model.static_cache import StaticCache, compile_step
+from kinetic.model.static_cache import StaticCache, capture_stream, compile_step
 
 
 def _verify(model, ids: torch.Tensor, cache: StaticCache):
@@ -179,7 +179,7 @@ class StaticSpeculativeDecoder:
         device = self.main.pos.device
         saved = self.main.snapshot(), self.mtp.snapshot()
         ids = self.ids.clone()
-        stream = torch.cuda.Stream(device)
+        stream = capture_stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         try:
             with torch.cuda.stream(stream), torch.inference_mode():
@@ -191,7 +191,7 @@ class StaticSpeculativeDecoder:
             self.mtp.restore(saved[1])
             self.ids.copy_(ids)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.inference_mode():
+        with torch.cuda.graph(graph, stream=stream), torch.inference_mode():
             tokens, n, nxt = _greedy_round(self.model, self.ids, self.main, self.mtp)
             self.ids.copy_(nxt)
             self._graph_out = torch.cat([n.view(1), tokens])
