@@ -42,8 +42,8 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the log, print its tail and 
 step env 30 "$PY" -c "import importlib.util, torch
 print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())
 print('transformers', 'yes' if importlib.util.find_spec('transformers') else 'no')"
-step test_cuda 210 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
-step decode 180 "$PY" benchmarks/decode.py --device cuda --compile ${CKPT:+--checkpoint "$CKPT"} \
+step test_cuda 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step decode 150 "$PY" benchmarks/decode.py --device cuda --compile ${CKPT:+--checkpoint "$CKPT"} \
     --draft-tokens 2 3 5 --json "$OUT/decode.json"
 step decode_attention 50 "$PY" benchmarks/decode_attention.py --device cuda
 step long_context_fp32 110 "$PY" benchmarks/long_context.py --device cuda --tokens 1048576 --chunk 1024 \
