@@ -40,7 +40,8 @@ Run (about 40 s on a quiet 2-core CPU with the defaults, of which model setup is
 
     python benchmarks/model_speed.py                      # preset small, batch 4 x seq 512
     python benchmarks/model_speed.py --batch 2 --seq 256 --iters 3 --json /tmp/speed.json
-    python benchmarks/model_speed.py --breakdown          # + forward ms per kind of layer, both libraries
+    python benchmarks/model_speed.py --breakdown          # + forward ms per kind of layer, and
+                                                          #   forward+backward ms of one block of each kind
     python benchmarks/model_speed.py --compile            # + both models under torch.compile (minutes)
 
 ``--compile`` adds each model wrapped in ``torch.compile`` (the same weights) as two more
@@ -178,6 +179,40 @@ def breakdown(model: torch.nn.Module, ids: torch.Tensor, is_kinetic: bool, iters
     return {k: statistics.median(r.get(k, 0.0) for r in runs[1:]) * 1e3 for k in keys}
 
 
+BLOCK_KINDS = {"M": "mamba", "E": "moe", "*": "attention", "-": "mlp"}
+
+
+def block_breakdown(models: dict[str, tuple[torch.nn.Module, bool]], pattern: str, hidden: torch.Tensor,
+                    iters: int) -> dict[str, dict[str, float]]:
+    """Median forward+backward milliseconds of one block of each kind (its first in ``pattern``: norm,
+    mixer, residual) in each implementation, on the same input ``hidden`` (batch, seq, hidden_size) in
+    ``train()`` mode, loss = mean of the squared output; implementations alternate every iteration.
+    Returns {implementation: {kind: ms}}."""
+    def layers_of(model: torch.nn.Module, is_kinetic: bool):
+        return model.backbone.layers if is_kinetic else model.model.layers
+
+    first = {kind: pattern.index(char) for char, kind in BLOCK_KINDS.items() if char in pattern}
+    out: dict[str, dict[str, float]] = {name: {} for name in models}
+    for kind, index in first.items():
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for it in range(iters + 1):  # the first is a warm-up
+            for name, (model, is_kinetic) in models.items():
+                layer = layers_of(model, is_kinetic)[index]
+                layer.train()
+                layer.zero_grad(set_to_none=True)
+                x = hidden.clone().requires_grad_()
+                t0 = time.perf_counter()
+                y = layer(x)
+                y = y[0] if isinstance(y, tuple) else y
+                y.square().mean().backward()
+                if it:
+                    times[name].append(time.perf_counter() - t0)
+                layer.zero_grad(set_to_none=True)
+        for name, ts in times.items():
+            out[name][kind] = statistics.median(ts) * 1e3
+    return out
+
+
 def load_transformers(model: kinetic.NemotronHForCausalLM) -> torch.nn.Module | None:
     """The same weights as a transformers NemotronHForCausalLM, or None if transformers is missing."""
     if importlib.util.find_spec("transformers") is None:
@@ -210,7 +245,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="also time both models under torch.compile (compiles 3 modes x 2 models: minutes)")
     p.add_argument("--breakdown", action="store_true",
-                   help="also time the forward pass per kind of layer (Mamba, MoE, attention, lm_head)")
+                   help="also time the forward pass per kind of layer (Mamba, MoE, attention, lm_head) "
+                   "and forward+backward of one block of each kind")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     return p.parse_args(argv)
 
@@ -281,8 +317,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                for k, t in pairs}
     ratios, best_ratios = ratio_of.get("kinetic", {}), best_of.get("kinetic", {})
 
-    parts = ({name: breakdown(m, ids, is_k, args.iters) for name, (m, is_k) in models.items()
-              if "compiled" not in name} if args.breakdown else {})
+    eager = {name: mk for name, mk in models.items() if "compiled" not in name}
+    parts, blocks = {}, {}
+    if args.breakdown:
+        parts = {name: breakdown(m, ids, is_k, args.iters) for name, (m, is_k) in eager.items()}
+        hidden = torch.randn(args.batch, args.seq, cfg.hidden_size, generator=gen) * 0.5
+        blocks = block_breakdown(eager, cfg.hybrid_override_pattern, hidden, args.iters)
 
     # ------------------------------------------------------------------ report
     print(f"\nNemotronH speed: preset={args.preset} (no MTP), batch={args.batch} x seq={args.seq} "
@@ -327,6 +367,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             vals = [parts[n][key] for n in names]
             ratio = f" {vals[1] / vals[0]:>6.2f}x" if len(vals) > 1 and vals[0] > 0 else ""
             print(f"{key:<10} " + " ".join(f"{v:>13.1f}" for v in vals) + ratio)
+    if blocks:
+        counts_of = {kind: cfg.hybrid_override_pattern.count(c) for c, kind in BLOCK_KINDS.items()}
+        print(f"\nforward+backward ms of one block of each kind (same input, median of {args.iters})")
+        names = list(blocks)
+        print(f"{'block':<10} {'layers':>6} " + " ".join(f"{n:>13}" for n in names)
+              + ("   ratio" if len(names) > 1 else ""))
+        for kind in blocks[names[0]]:
+            vals = [blocks[n][kind] for n in names]
+            ratio = f" {vals[1] / vals[0]:>6.2f}x" if len(vals) > 1 and vals[0] > 0 else ""
+            print(f"{kind:<10} {counts_of[kind]:>6} " + " ".join(f"{v:>13.1f}" for v in vals) + ratio)
     noisy = [f"{name} {mode}" for name, per_mode in results.items() for mode, r in per_mode.items()
              if r["median_s"] > 1.25 * min(r["times_s"])]
     if noisy:
@@ -342,6 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peak_size": args.peak_size, "load_average_before": load_before, "param_counts": counts,
         "matmul_params": matmul_params(cfg), "flops_per_token": flops, "max_logit_diff": max_diff,
         "results": results, "ratio": ratios, "ratio_best": best_ratios, "forward_breakdown_ms": parts,
+        "block_fwd_bwd_ms": blocks,
         "ratio_compiled": ratio_of.get("kinetic compiled", {}),
     }
     if args.json:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+import kinetic
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
@@ -34,8 +36,14 @@ def test_model_speed_runs_and_breaks_down_the_forward(tmp_path, capsys):
         assert min(parts["mamba"], parts["moe"], parts["attention"], parts["lm_head"]) > 0
         inside = parts["mamba"] + parts["moe"] + parts["attention"] + parts["lm_head"]
         assert inside <= parts["total"]
-    assert json.loads(out.read_text())["forward_breakdown_ms"] == report["forward_breakdown_ms"]
-    assert "forward ms per kind of layer" in capsys.readouterr().out
+        kinds = {model_speed.BLOCK_KINDS[c] for c in kinetic.preset("tiny").hybrid_override_pattern}
+        blocks = report["block_fwd_bwd_ms"][impl]
+        assert set(blocks) == kinds and min(blocks.values()) > 0
+    saved = json.loads(out.read_text())
+    assert saved["forward_breakdown_ms"] == report["forward_breakdown_ms"]
+    assert saved["block_fwd_bwd_ms"] == report["block_fwd_bwd_ms"]
+    printed = capsys.readouterr().out
+    assert "forward ms per kind of layer" in printed and "forward+backward ms of one block" in printed
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
