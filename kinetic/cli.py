@@ -236,7 +236,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
-    info = init_from_env()
+    try:
+        info = init_from_env(cfg.train.device)
+    except ValueError as err:  # train.device names a GPU this process cannot have
+        raise UserError(str(err)) from None
     code = _pretrain(args, cfg, info)
     shutdown()  # only after success: a failing rank must exit so torchrun stops the others
     return code
@@ -259,7 +262,8 @@ def _pretrain(args: argparse.Namespace, cfg, info) -> int:
         counts = trainer.model.config.param_counts()
         print(f"pretrain {args.config}: {trainer.model.config.hybrid_override_pattern} "
               f"({human(counts['total'])} params, {human(counts['active'])} active), "
-              f"{cfg.train.steps} steps x {trainer.tokens_per_step:,} tokens, world size {info.world_size}")
+              f"{cfg.train.steps} steps x {trainer.tokens_per_step:,} tokens, world size {info.world_size}, "
+              f"on {trainer.device}")
     summary = trainer.train(resume=args.resume)
     if info.is_main:
         tokenizer = Path(cfg.data.corpus) / "tokenizer.json" if cfg.data.corpus else None

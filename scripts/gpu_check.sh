@@ -8,7 +8,8 @@
 #    and CUDA-graph decode == eager, fp32 and graph decode over long caches without copying them,
 #    speculative greedy == plain greedy (dynamic and CUDA-graph rounds), a training step on CUDA == CPU,
 #    torch.compile'd forward+backward == eager (float32, bfloat16), graph decoders share one capture
-#    stream (no cuBLAS workspace each);
+#    stream (no cuBLAS workspace each), the trainer trains and resumes on the GPU, its reductions in
+#    an NCCL group;
 # 3. benchmarks/decode.py on CUDA with the fast paths (CUDA graphs): plain decode vs transformers,
 #    speculative vs plain on MTP_CHECKPOINT (else a tiny MTP model trained there), latency vs context;
 # 4. benchmarks/decode_attention.py: one query per head over up to 1M cached tokens (SDPA vs split-KV);

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from kinetic.cli import human, main
 from kinetic.config import PRESETS, ModelConfig, preset
@@ -133,3 +134,8 @@ def test_pretrain_config_errors_exit_2(tmp_path, capsys):
     assert err.value.code == 2
     assert ("train.compile=True is invalid: cannot be combined with precision.recipe='nvfp4'"
             in capsys.readouterr().err)
+    if not torch.cuda.is_available():  # a GPU asked for where there is none: named, with the way out
+        with pytest.raises(SystemExit) as err:
+            main(["pretrain", "--config", "configs/tiny-synthetic.toml", "--set", "train.device=cuda"])
+        assert err.value.code == 2
+        assert "train.device='cuda' needs a GPU" in capsys.readouterr().err

@@ -2,8 +2,8 @@
 (flash attention with a lower-right causal bias in half precision, two memory-efficient passes merged
 by their log-sum-exp in float32, no mask either way) equals a one-shot forward, cached
 decode equals the full forward, speculative greedy equals plain greedy on the GPU, CUDA-graph
-decoders share one capture stream (no cuBLAS workspace each), and a compiled forward+backward equals
-eager."""
+decoders share one capture stream (no cuBLAS workspace each), a compiled forward+backward equals
+eager, the trainer trains and resumes on the GPU, and its reductions work in an NCCL group."""
 
 from __future__ import annotations
 
@@ -285,3 +285,84 @@ def test_compiled_forward_backward_equals_eager_on_cuda(dtype):
         norm = want.norm().clamp(min=1e-12)
         e_err, c_err = (eager[name] - want).norm() / norm, (compiled[name] - want).norm() / norm
         assert c_err <= 2 * e_err + 0.1, (name, c_err.item(), e_err.item())
+
+
+def _train_config(out_dir):
+    from kinetic.train.config import from_dict
+
+    return from_dict({"model": {"preset": "tiny"}, "data": {"seq_len": 32},
+                      "train": {"steps": 4, "micro_batch": 4, "seed": 3, "device": "cuda"},
+                      "run": {"out_dir": str(out_dir), "log_every": 1, "eval_every": 2, "eval_batches": 1,
+                              "save_every": 2, "progress": False}})
+
+
+def test_trainer_trains_on_the_gpu_and_resumes(tmp_path):
+    """train.device='cuda': the weights, every batch and the optimizer state live on the GPU, the loss
+    falls, and a run killed after its step-2 checkpoint resumes to the uninterrupted run's weights
+    (within rounding: GPU reductions need not be bit-reproducible)."""
+    import json
+
+    from kinetic.train import Trainer
+
+    full = Trainer(_train_config(tmp_path / "full"))
+    assert full.device == torch.device("cuda", torch.cuda.current_device())
+    full.train()
+    assert all(p.device.type == "cuda" for p in full.model.parameters())
+    moments = [v for state in full.optimizer.state.values() for k, v in state.items()
+               if k in ("exp_avg", "exp_avg_sq")]
+    assert moments and all(v.device.type == "cuda" for v in moments)
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["lm_loss"] for r in records if r["type"] == "train"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+
+    class Interrupt(Exception):
+        pass
+
+    crashed = Trainer(_train_config(tmp_path / "resumed"))
+    inner, seen = crashed.loss_fn, []
+
+    def dies(model, batch):
+        seen.append(batch.device.type)
+        if len(seen) > 2:  # after the step-2 checkpoint
+            raise Interrupt
+        return inner(model, batch)
+
+    crashed.loss_fn = dies
+    with pytest.raises(Interrupt):
+        crashed.train()
+    assert set(seen) == {"cuda"}
+    resumed = Trainer(_train_config(tmp_path / "resumed"))
+    resumed.train(resume=True)
+    assert resumed.resumed_from == 2
+    for (name, want), got in zip(full.model.state_dict().items(), resumed.model.state_dict().values(),
+                                 strict=True):
+        if want.is_floating_point():
+            assert (got - want).float().norm() <= 1e-3 * want.float().norm().clamp(min=1e-6), name
+
+
+def test_nccl_reductions_take_the_trainers_cpu_tensors():
+    """The trainer reduces CPU tensors and Python floats (skip flags, metrics, expert loads); NCCL only
+    reduces CUDA tensors, so the helpers move them to the current GPU and back."""
+    import socket
+
+    import torch.distributed as dist
+
+    from kinetic.train.distributed import all_gather, all_reduce_mean, all_reduce_sum
+
+    if not dist.is_nccl_available():
+        pytest.skip("this torch has no NCCL")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            device_id=torch.device("cuda", torch.cuda.current_device()))
+    try:
+        flag = torch.tensor([1.0])
+        total = all_reduce_sum(flag)
+        assert total.device.type == "cpu" and total.tolist() == [1.0]
+        loads = torch.arange(4.0, device="cuda")
+        assert all_reduce_sum(loads).device.type == "cuda"
+        assert all_reduce_mean(0.5) == 0.5
+        assert [x.device.type for x in all_gather(flag)] == ["cpu"]
+    finally:
+        dist.destroy_process_group()

@@ -22,7 +22,7 @@ from kinetic.train.schedule import wsd_lr
 
 def make_cfg(out_dir, **sections):
     base = {"model": {"preset": "tiny"}, "data": {"seq_len": 32},
-            "train": {"steps": 6, "micro_batch": 4, "seed": 3},
+            "train": {"steps": 6, "micro_batch": 4, "seed": 3, "device": "cpu"},
             "run": {"out_dir": str(out_dir), "log_every": 1, "eval_every": 3, "eval_batches": 2,
                     "save_every": 3, "progress": False}}
     for name, values in sections.items():
@@ -216,6 +216,7 @@ def _free_port() -> int:
 
 def _pretrain_args(out_dir, micro_batch: int) -> list[str]:
     sets = {"train.steps": 4, "train.micro_batch": micro_batch, "train.grad_accum": 2, "train.seed": 3,
+            "train.device": "cpu",
             "data.seq_len": 32, "run.log_every": 1, "run.progress": "false", "run.save_every": 0,
             "run.out_dir": str(out_dir)}
     args = ["pretrain", "--config", str(Path(__file__).parent.parent / "configs" / "tiny-synthetic.toml")]
@@ -247,6 +248,73 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert len(got) == len(expected) == 4
     assert got == pytest.approx(expected, rel=1e-4)
     assert expected[-1] < expected[0]
+
+
+def test_training_device_is_resolved_with_errors_that_name_the_setting(monkeypatch):
+    """train.device: 'auto' takes this process's GPU (LOCAL_RANK) when one is visible, else the CPU;
+    a GPU that is not there is a ValueError naming the setting and the way out."""
+    from kinetic.train.distributed import backend_for, resolve_device
+
+    with pytest.raises(ValueError, match=r"train\.device='gpu' is invalid: use 'auto'"):
+        from_dict({"train": {"device": "gpu"}})
+    assert from_dict({"train": {"device": "cuda:1"}}).train.device == "cuda:1"  # checked when resolved
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", local_rank=1) == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"train\.device='cuda' needs a GPU.*set train\.device='cpu'"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto", local_rank=1) == torch.device("cuda", 1)
+    assert resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)
+    assert resolve_device("cuda:1", local_rank=0) == torch.device("cuda", 1)
+    assert resolve_device("cpu", local_rank=1) == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"LOCAL_RANK 2 asks for GPU 2, but this machine shows 2"):
+        resolve_device("auto", local_rank=2)
+    with pytest.raises(ValueError, match=r"train\.device='cuda:5' asks for GPU 5"):
+        resolve_device("cuda:5")
+    assert (backend_for(torch.device("cpu")), backend_for(torch.device("cuda", 0))) == ("gloo", "nccl")
+
+
+@pytest.mark.parametrize("device,backend", [("cpu", "gloo"), ("auto", "nccl")])
+def test_process_group_backend_follows_the_training_device(device, backend, monkeypatch):
+    """Under torchrun a process that trains on the CPU joins with gloo even on a machine with GPUs
+    (NCCL cannot reduce CPU tensors); one that trains on its GPU selects it and joins with NCCL."""
+    import torch.distributed as dist
+
+    from kinetic.train.distributed import init_from_env
+
+    calls = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.__setitem__("device", d))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda b: calls.__setitem__("backend", b))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    info = init_from_env(device)
+    assert (info.rank, info.world_size, info.local_rank) == (1, 2, 1)
+    assert calls["backend"] == backend
+    assert calls.get("device") == (torch.device("cuda", 1) if backend == "nccl" else None)
+
+
+def test_reductions_in_a_gloo_group_leave_their_input_alone():
+    import torch.distributed as dist
+
+    from kinetic.train.distributed import all_gather, all_reduce_mean, all_reduce_sum
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        t = torch.tensor([1.5, 2.0])
+        total = all_reduce_sum(t)
+        total += 1
+        assert t.tolist() == [1.5, 2.0] and total.tolist() == [2.5, 3.0]
+        assert all_reduce_mean(0.25) == 0.25
+        assert [x.tolist() for x in all_gather(t)] == [[1.5, 2.0]]
+    finally:
+        dist.destroy_process_group()
 
 
 def test_low_precision_recipe_trains_switches_and_resumes(tmp_path):

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from kinetic.train.distributed import DEVICE_CHOICES, valid_device_spec
+
 
 @dataclass
 class ModelSection:
@@ -37,6 +39,7 @@ class TrainSection:
     seed: int = 0  # model init, data order, dropout-free RNG
     threads: int = 0  # torch CPU threads (0 = torch default)
     compile: bool = False  # torch.compile the model: first steps compile (minutes on CPU), later ones faster
+    device: str = "auto"  # "auto" (GPU if visible, else CPU), "cpu", "cuda" (GPU LOCAL_RANK) or "cuda:N"
 
 
 @dataclass
@@ -101,6 +104,8 @@ class TrainConfig:
         for name in ("steps", "micro_batch", "grad_accum"):
             if getattr(self.train, name) < 1:
                 bad(f"train.{name}", getattr(self.train, name), "must be >= 1")
+        if not valid_device_spec(self.train.device):
+            bad("train.device", self.train.device, f"use {DEVICE_CHOICES}")
         if self.data.seq_len < 2:
             bad("data.seq_len", self.data.seq_len, "must be >= 2")
         if self.optim.lr <= 0:

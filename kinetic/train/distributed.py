@@ -1,12 +1,15 @@
-"""torch.distributed glue for the trainer: set up from torchrun's environment, wrap in DDP, reduce.
+"""torch.distributed glue for the trainer: the training device, set up from torchrun's environment,
+wrap in DDP, reduce.
 
-Model files stay free of distributed code; this module applies it from outside. CPU runs use the
-gloo backend, GPU runs NCCL.
+Model files stay free of distributed code; this module applies it from outside. Each process trains
+on one device (``train.device``, see ``resolve_device``): processes on CPU use the gloo backend,
+processes on a GPU use NCCL, and the reductions below move their tensors to the backend's device.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -29,16 +32,53 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_from_env() -> DistInfo:
-    """Initialize the process group when launched by torchrun (WORLD_SIZE > 1)."""
+DEVICE_CHOICES = "'auto' (CUDA when available, else CPU), 'cpu', 'cuda' (this process's GPU) or 'cuda:N'"
+
+
+def valid_device_spec(spec: str) -> bool:
+    return spec in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", spec) is not None
+
+
+def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
+    """The device one training process runs on, from ``train.device``. ``auto`` is ``cuda`` when a
+    GPU is visible, else ``cpu``; ``cuda`` is GPU ``local_rank`` (torchrun's LOCAL_RANK: one GPU per
+    process); ``cuda:N`` is GPU N. Raises ValueError naming the setting when it cannot be honored."""
+    if not valid_device_spec(spec):
+        raise ValueError(f"config train.device={spec!r} is invalid: use {DEVICE_CHOICES}")
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"config train.device={spec!r} needs a GPU, but torch.cuda.is_available() is "
+                         f"False (torch {torch.__version__}, a CPU-only build or no visible GPU): set "
+                         "train.device='cpu' or 'auto'")
+    index = local_rank if spec in ("auto", "cuda") else int(spec.split(":")[1])
+    count = torch.cuda.device_count()
+    if index >= count:
+        source = f"LOCAL_RANK {local_rank}" if spec in ("auto", "cuda") else f"train.device={spec!r}"
+        raise ValueError(f"{source} asks for GPU {index}, but this machine shows {count}: launch at "
+                         f"most {count} processes per node, or set train.device='cpu'")
+    return torch.device("cuda", index)
+
+
+def backend_for(device: torch.device) -> str:
+    """NCCL for processes that train on a GPU, gloo for processes that train on the CPU (whether or
+    not the machine has a GPU)."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_from_env(device: str = "auto") -> DistInfo:
+    """Initialize the process group when launched by torchrun (WORLD_SIZE > 1), with the backend of
+    the device this process trains on (``train.device``, resolved with its LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world <= 1:
         return DistInfo()
+    where = resolve_device(device, local_rank)
+    if where.type == "cuda":
+        torch.cuda.set_device(where)  # NCCL's collectives run on the current device
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend_for(where))
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
 
 
 def shutdown() -> None:
@@ -50,9 +90,12 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
+def wrap(model: nn.Module, info: DistInfo, device: torch.device | None = None) -> nn.Module:
+    """DDP around ``model`` (already on ``device``) when there is more than one process."""
     if not info.enabled:
         return model
+    if device is not None and device.type == "cuda":
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device], output_device=device)
     return nn.parallel.DistributedDataParallel(model)
 
 
@@ -60,16 +103,25 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def _comm_device(default: torch.device) -> torch.device:
+    """Where the process group's collectives take their tensors: NCCL only reduces CUDA tensors (on
+    the current device), gloo takes ``default``."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else default
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over all ranks, on t's device (``t`` itself is not modified)."""
     if dist.is_available() and dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t)
+        device = _comm_device(t.device)
+        total = t.clone() if device == t.device else t.to(device)
+        dist.all_reduce(total)
+        return total.to(t.device)
     return t
 
 
 def all_reduce_mean(value: float) -> float:
     if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=_comm_device(torch.device("cpu")))
         dist.all_reduce(t)
         return float(t.item()) / dist.get_world_size()
     return value
@@ -80,7 +132,7 @@ def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     ``[t]`` without a process group. NCCL gathers through the current CUDA device."""
     if not (dist.is_available() and dist.is_initialized()):
         return [t]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    device = _comm_device(t.device)
     parts = [torch.empty_like(t, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.to(device))
     return [part.to(t.device) for part in parts]

@@ -24,7 +24,15 @@ from kinetic.model import NemotronHForCausalLM
 from kinetic.train import checkpoint as ckpt
 from kinetic.train.balance import ExpertBalancer
 from kinetic.train.config import TrainConfig
-from kinetic.train.distributed import DistInfo, all_gather, all_reduce_mean, all_reduce_sum, unwrap, wrap
+from kinetic.train.distributed import (
+    DistInfo,
+    all_gather,
+    all_reduce_mean,
+    all_reduce_sum,
+    resolve_device,
+    unwrap,
+    wrap,
+)
 from kinetic.train.report import MetricsWriter, plot_run
 from kinetic.train.schedule import wsd_lr
 from kinetic.train.sources import BatchSource, SyntheticSource
@@ -73,7 +81,10 @@ class Trainer:
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
         torch.manual_seed(config.train.seed)
+        # the model is built on the CPU (so a seed gives the same weights everywhere) and moved
+        self.device = resolve_device(config.train.device, self.info.local_rank)
         self.model = model if model is not None else NemotronHForCausalLM(model_config_from(config))
+        self.model.to(self.device)
         self.precision = None  # kinetic.precision RecipeReport when a low-precision recipe is on
         self.quant_state = None  # its QuantState: stochastic-rounding streams to checkpoint
         self._switch_step = None
@@ -82,12 +93,13 @@ class Trainer:
 
             recipe = get_recipe(config.precision.recipe, **config.precision.overrides)
             self.precision = apply_recipe(self.model, recipe, rank=self.info.rank)
+            self.model.to(self.device)
             self.quant_state = quant_state(self.model)
             self._switch_step = self.precision.recipe.switch_step(config.train.steps)
         if config.train.compile:
             # in place: parameter names, state dict and checkpoints stay those of the eager model
             self.model.compile()
-        self.net = wrap(self.model, self.info)
+        self.net = wrap(self.model, self.info, self.device)
         o = config.optim
         self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr,
                                            betas=tuple(o.betas), eps=o.eps)
@@ -166,7 +178,7 @@ class Trainer:
         start = self.val_source.state_dict()
         losses = []
         for _ in range(self.cfg.run.eval_batches):
-            batch = self.val_source.next_batch()
+            batch = self.val_source.next_batch().to(self.device, non_blocking=True)
             losses.append(self.model(batch[:, :-1], labels=batch, return_mtp=False).loss.item())
         self.val_source.load_state_dict(start)
         self.model.train(was)
@@ -177,8 +189,7 @@ class Trainer:
         if self._switch_step is not None and self.step >= self._switch_step:
             from kinetic.precision import restore_high_precision  # the recipe's final-phase switch
 
-            on_cpu = next(self.model.parameters()).device.type == "cpu"
-            restore_high_precision(self.model, to="bf16" if on_cpu else "native")
+            restore_high_precision(self.model, to="bf16" if self.device.type == "cpu" else "native")
             self._switch_step = None
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
@@ -187,7 +198,7 @@ class Trainer:
         sums: dict[str, float] = {}
         finite = True
         for micro in range(accum):
-            batch = self.train_source.next_batch()
+            batch = self.train_source.next_batch().to(self.device, non_blocking=True)
             sync = self.info.enabled and micro < accum - 1
             with self.net.no_sync() if sync else contextlib.nullcontext():
                 loss, metrics = self.loss_fn(self.net, batch)
