@@ -11,6 +11,7 @@ and the table shows the compile time and after how many steps compiling has paid
     python benchmarks/train_speed.py                         # small, seq 512, micro-batch 4
     python benchmarks/train_speed.py --preset tiny --steps 5 --json /tmp/train_speed.json
     python benchmarks/train_speed.py --recipe configs/quickstart.toml --compile   # its model
+    python benchmarks/train_speed.py --device cuda           # on a GPU, MFU against its fp32 peak
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from kinetic.train.flops import flops_per_token, measure_peak
 
 
 def run(preset: str, seq: int, micro_batch: int, grad_accum: int, steps: int, warmup: int,
-        compile: bool = False, model: dict | None = None) -> dict:
+        compile: bool = False, model: dict | None = None, device: str = "cpu") -> dict:
     """Median step time of each trainer ("eager", and "compiled" with ``compile``); ``model`` is
     a recipe's [model] section (default: the preset)."""
     modes = ["eager", "compiled"] if compile else ["eager"]
@@ -39,7 +40,8 @@ def run(preset: str, seq: int, micro_batch: int, grad_accum: int, steps: int, wa
         for mode in modes:
             cfg = from_dict({"model": model or {"preset": preset}, "data": {"seq_len": seq},
                              "train": {"steps": steps + warmup, "micro_batch": micro_batch,
-                                       "grad_accum": grad_accum, "compile": mode == "compiled"},
+                                       "grad_accum": grad_accum, "compile": mode == "compiled",
+                                       "device": device},
                              "run": {"out_dir": f"{out}/{mode}", "progress": False, "save_every": 0,
                                      "eval_every": 0}})
             trainers[mode] = Trainer(cfg)
@@ -78,25 +80,33 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time a trainer with train.compile")
+    parser.add_argument("--device", default="cpu", help="train.device of the trainers: cpu (default), "
+                        "cuda, cuda:N or auto; the matmul peak is measured there too")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
+    from kinetic.train.distributed import resolve_device
+
+    device = resolve_device(args.device)
     model = None
     if args.recipe:
         with open(args.recipe, "rb") as f:
             model = tomllib.load(f).get("model", {})
-    peak_before = measure_peak()
+    size = 8192 if device.type == "cuda" else 2048  # a GPU needs a larger product to reach its peak
+    peak_before = measure_peak(size, device=device)
     r = run(args.preset, args.seq, args.micro_batch, args.grad_accum, args.steps, args.warmup,
-            compile=args.compile, model=model)
-    peak = max(peak_before, measure_peak())
+            compile=args.compile, model=model, device=str(device))
+    peak = max(peak_before, measure_peak(size, device=device))
     for row in r["modes"].values():
         tps = r["tokens_per_step"] / row["step_s"]
         row.update(tokens_per_s=tps, mfu=tps * r["flops_per_token"] / (peak * 1e9))
-    r.update(peak_gflops=peak, threads=torch.get_num_threads(), torch=torch.__version__)
+    r.update(peak_gflops=peak, threads=torch.get_num_threads(), torch=torch.__version__, device=str(device))
     p = r["params"]
     what = args.recipe or f"preset {r['preset']}"
     print(f"\nkinetic training speed: {what} ({r['pattern']}, {p['total'] / 1e6:.2f}M params + "
           f"{p['mtp'] / 1e6:.2f}M MTP, {p['active'] / 1e6:.2f}M active), seq {r['seq']}, "
-          f"{r['tokens_per_step']} tokens/step, fp32, {r['threads']} threads")
+          f"{r['tokens_per_step']} tokens/step, fp32, on {device}" + (
+              f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+              f", {r['threads']} threads"))
     print(f"peak fp32 matmul {peak:.1f} GFLOP/s; FLOPs/token (fwd+bwd, MTP included) "
           f"{r['flops_per_token'] / 1e6:.1f}M; median of {args.steps} steps after {max(args.warmup, 1)} "
           "warm-up\n")

@@ -13,11 +13,13 @@
 # 3. benchmarks/decode.py on CUDA with the fast paths (CUDA graphs): plain decode vs transformers,
 #    speculative vs plain on MTP_CHECKPOINT (else a tiny MTP model trained there), latency vs context;
 # 4. benchmarks/decode_attention.py: one query per head over up to 1M cached tokens (SDPA vs split-KV);
-# 5. benchmarks/long_context.py: a 1M-token prompt in float32, peak memory vs cache budget + weights.
+# 5. benchmarks/train_speed.py --device cuda: trainer tokens/s and MFU against the GPU's fp32 peak;
+# 6. benchmarks/long_context.py: a 1M-token prompt in float32, peak memory vs cache budget + weights.
 #
-# Logs and JSON (8 files, as many as a lent machine returns) go to $OUT (default ./gpu-check); every
-# step has its own time limit and a failing step does not stop the next; the limits add up to under
-# 10 minutes, one call on a lent machine. Uses $PYTHON (default python3, the one with a CUDA torch).
+# Logs (decode.py's tables are in its log) and the long-context JSON -- 8 files, as many as a lent
+# machine returns -- go to $OUT (default ./gpu-check); every step has its own time limit and a
+# failing step does not stop the next; the limits add up to under 10 minutes, one call on a lent
+# machine. Uses $PYTHON (default python3, the one with a CUDA torch).
 # To stage the quickstart checkpoint for the machine, copy its config.json, model.safetensors and
 # tokenizer.json into a folder that git ignores and that travels with the run.
 set -u
@@ -44,9 +46,10 @@ step env 30 "$PY" -c "import importlib.util, torch
 print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())
 print('transformers', 'yes' if importlib.util.find_spec('transformers') else 'no')"
 step test_cuda 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
-step decode 150 "$PY" benchmarks/decode.py --device cuda --compile ${CKPT:+--checkpoint "$CKPT"} \
-    --draft-tokens 2 3 5 --json "$OUT/decode.json"
+step decode 110 "$PY" benchmarks/decode.py --device cuda --compile ${CKPT:+--checkpoint "$CKPT"} \
+    --draft-tokens 2 3 5
 step decode_attention 50 "$PY" benchmarks/decode_attention.py --device cuda
+step train_speed 40 "$PY" benchmarks/train_speed.py --device cuda --steps 5
 step long_context_fp32 110 "$PY" benchmarks/long_context.py --device cuda --tokens 1048576 --chunk 1024 \
     --json "$OUT/long_context_fp32.json"
 cat "$OUT/summary.txt"

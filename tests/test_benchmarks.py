@@ -148,6 +148,7 @@ def test_train_speed_times_eager_and_compiled_trainers(tmp_path, capsys, monkeyp
                                "--warmup", "1", "--compile", "--json", str(out)])
     assert compiled == ["NemotronHForCausalLM"]  # the compiled trainer's model, once
     assert report["pattern"] == "MEM*EME"  # the recipe's model, not the default preset's
+    assert report["device"] == "cpu"  # the default: the trainers and the peak on the CPU
     for mode in ("eager", "compiled"):
         row = report["modes"][mode]
         assert len(row["times"]) == 2 and row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1

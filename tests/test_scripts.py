@@ -26,7 +26,9 @@ def test_gpu_check_runs_every_step(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     out = tmp_path / "out"
     steps = [line.split()[0] for line in (out / "summary.txt").read_text().splitlines()]
-    assert steps == ["env", "test_cuda", "decode", "decode_attention", "long_context_fp32"]
+    assert steps == ["env", "test_cuda", "decode", "decode_attention", "train_speed", "long_context_fp32"]
+    assert len(list(out.iterdir())) <= 8  # what a lent machine returns
+    assert "benchmarks/train_speed.py --device cuda" in (out / "train_speed.log").read_text()
     decode = (out / "decode.log").read_text()
     assert "benchmarks/decode.py --device cuda --compile --checkpoint ckpt/quickstart" in decode
     assert "--tokens 1048576" in (out / "long_context_fp32.log").read_text()

@@ -65,14 +65,23 @@ def flops_per_token(c: ModelConfig, seq: int, include_mtp: bool = False) -> dict
             "fwd+bwd": 3 * forward}
 
 
-def measure_peak(size: int = 2048, repeats: int = 10) -> float:
-    """Best fp32 matmul rate in GFLOP/s over ``repeats`` products of two size x size matrices."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    out = torch.empty(size, size)
+def measure_peak(size: int = 2048, repeats: int = 10, device: str | torch.device = "cpu") -> float:
+    """Best fp32 matmul rate in GFLOP/s over ``repeats`` products of two size x size matrices on
+    ``device`` (on a GPU each product is timed to its completion)."""
+    device = torch.device(device)
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    out = torch.empty(size, size, device=device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     torch.matmul(a, b, out=out)  # warm-up
+    sync()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         torch.matmul(a, b, out=out)
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * size**3 / best / 1e9
