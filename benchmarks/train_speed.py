@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "cuda, cuda:N or auto; the matmul peak is measured there too")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
-    from kinetic.train.distributed import resolve_device
+    from kinetic.device import resolve_device
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, setting="--device")
     model = None
     if args.recipe:
         with open(args.recipe, "rb") as f:

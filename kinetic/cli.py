@@ -375,4 +375,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m kinetic.cli`` (as torchrun runs it): call main of the imported module kinetic.cli,
+    # since the subcommands raise its UserError, which this file's own copy (__main__) would not catch
+    from kinetic.cli import main as cli_main
+
+    sys.exit(cli_main())

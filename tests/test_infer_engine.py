@@ -8,7 +8,10 @@ import argparse
 import json
 import math
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,7 +240,7 @@ def _args(add, argv):
 
 def test_cmd_generate(engine, checkpoint, capsys):
     argv = ["--checkpoint", str(checkpoint), "--prompt", "The quick", "--prompt", "def add(",
-            "--temperature", "0", "--max-new-tokens", "8"]
+            "--temperature", "0", "--max-new-tokens", "8", "--device", "cpu"]
     assert cmd_generate(_args(add_generate_args, argv)) == 0
     out = capsys.readouterr().out
     for prompt in ("The quick", "def add("):
@@ -255,13 +258,52 @@ def test_cmd_generate(engine, checkpoint, capsys):
 
     with pytest.raises(UserError, match="empty"):
         cmd_generate(_args(add_generate_args, ["--checkpoint", str(checkpoint), "--prompt", ""]))
+    # --dtype: the engine's weights in that precision (bfloat16 runs on the CPU too)
+    assert cmd_generate(_args(add_generate_args, argv[:4] + ["--dtype", "bfloat16", "--device", "cpu",
+                                                             "--max-new-tokens", "4"])) == 0
+    assert "--- 'The quick'\nThe quick" in capsys.readouterr().out
+
+
+def test_device_and_dtype_flags(checkpoint, monkeypatch):
+    """--device auto takes the GPU when one is visible, else the CPU; a device that cannot be had is
+    an error naming --device and the way out, before the checkpoint is read."""
+    from kinetic.cli import UserError
+    from kinetic.infer.engine import device_options
+
+    base = ["--checkpoint", str(checkpoint), "--prompt", "x"]
+    got = device_options(_args(add_generate_args, base + ["--dtype", "float16", "--device", "cpu"]))
+    assert got == {"device": torch.device("cpu"), "dtype": torch.float16}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_options(_args(add_generate_args, base))["device"] == torch.device("cpu")  # auto
+    with pytest.raises(UserError, match=r"--device cuda needs a GPU.*use --device cpu or auto"):
+        cmd_generate(_args(add_generate_args, base + ["--device", "cuda"]))
+    with pytest.raises(UserError, match=r"--device gpu is invalid: use 'auto'"):
+        cmd_generate(_args(add_generate_args, base + ["--device", "gpu"]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert device_options(_args(add_generate_args, base))["device"] == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"--device cuda:1 asks for GPU 1, but this machine shows 1 \("):
+        device_options(_args(add_generate_args, base + ["--device", "cuda:1"]))
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        _args(add_generate_args, base + ["--dtype", "fp8"])
+
+
+def test_python_m_kinetic_cli_reports_user_errors_in_one_line(tmp_path):
+    """``python -m kinetic.cli`` (how torchrun starts kinetic): an error raised in a subcommand's module
+    is the one-line usage error of the ``kinetic`` script, exit status 2, not a traceback."""
+    done = subprocess.run([sys.executable, "-m", "kinetic.cli", "generate", "--checkpoint", str(tmp_path),
+                           "--prompt", "x", "--device", "gpu"], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "kinetic generate: error: --device gpu is invalid" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_cmd_chat(checkpoint, capsys, monkeypatch):
     lines = iter(["hello there", "", "/reset", "again", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     args = _args(add_chat_args, ["--checkpoint", str(checkpoint), "--max-new-tokens", "4",
-                                 "--system", "Be brief"])
+                                 "--system", "Be brief", "--device", "cpu"])
     assert cmd_chat(args) == 0
     out = capsys.readouterr().out
     assert out.count("assistant> ") == 2 and "(history cleared)" in out

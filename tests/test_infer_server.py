@@ -4,6 +4,7 @@ healthy; 16 concurrent clients x 8 requests each get exactly their prompt's gree
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import copy
 import json
@@ -325,3 +326,11 @@ def test_cmd_serve_runs_a_server_until_interrupted(served, tmp_path):
                            max_request_bytes=1)
     with pytest.raises(UserError, match="--max-tokens=0"):
         cmd_serve(args)
+    # a device the server cannot have is refused before the checkpoint is read
+    from kinetic.infer.server import add_serve_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    with pytest.raises(UserError, match=r"--device gpu is invalid"):
+        cmd_serve(parser.parse_args(["--checkpoint", str(tmp_path / "nowhere"), "--device", "gpu"]))
+    assert parser.parse_args(["--checkpoint", "x", "--dtype", "bfloat16"]).dtype == "bfloat16"

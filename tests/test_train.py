@@ -253,7 +253,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 def test_training_device_is_resolved_with_errors_that_name_the_setting(monkeypatch):
     """train.device: 'auto' takes this process's GPU (LOCAL_RANK) when one is visible, else the CPU;
     a GPU that is not there is a ValueError naming the setting and the way out."""
-    from kinetic.train.distributed import backend_for, resolve_device
+    from kinetic.device import resolve_device
+    from kinetic.train.distributed import backend_for
 
     with pytest.raises(ValueError, match=r"train\.device='gpu' is invalid: use 'auto'"):
         from_dict({"train": {"device": "gpu"}})
@@ -261,7 +262,7 @@ def test_training_device_is_resolved_with_errors_that_name_the_setting(monkeypat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto", local_rank=1) == torch.device("cpu")
     assert resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(ValueError, match=r"train\.device='cuda' needs a GPU.*set train\.device='cpu'"):
+    with pytest.raises(ValueError, match=r"train\.device='cuda' needs a GPU.*use train\.device='cpu'"):
         resolve_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -51,6 +51,7 @@ import torch
 from tokenizers import Tokenizer
 
 from kinetic.data.tokenizer import encode
+from kinetic.device import DTYPES, resolve_device
 from kinetic.infer.chat_template import ChatTemplate, check_unicode
 from kinetic.infer.speculative import SpecStats, SpeculativeDecoder, prefill, target_distribution
 from kinetic.infer.static_speculative import StaticSpeculativeDecoder
@@ -473,10 +474,23 @@ def _add_common_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--max-context", type=int, default=None,
                    help="prompt + completion token limit (default: the config's max_position_embeddings)")
-    p.add_argument("--device", default="cpu")
+    add_device_args(p)
     add_decode_args(p)
     p.add_argument("--show-budget", action="store_true",
                    help="print the memory budget (cache + weights) for each prompt before running it")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype``, shared by ``kinetic generate``, ``chat`` and ``serve``."""
+    p.add_argument("--device", default="auto", help="auto (a GPU when one is visible, else the CPU), cpu, "
+                   "cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="weights and activations (default float32; bfloat16 halves a GPU's memory traffic)")
+
+
+def device_options(args: argparse.Namespace) -> dict:
+    """``device`` and ``dtype`` for Engine.from_pretrained from the flags; ValueError naming --device."""
+    return dict(device=resolve_device(args.device, setting="--device"), dtype=DTYPES[args.dtype])
 
 
 def add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -520,7 +534,7 @@ def _user_error(message: str) -> Exception:
 
 def _engine_and_params(args: argparse.Namespace) -> tuple[Engine, SamplingParams]:
     try:
-        engine = Engine.from_pretrained(args.checkpoint, device=args.device, max_context=args.max_context,
+        engine = Engine.from_pretrained(args.checkpoint, max_context=args.max_context, **device_options(args),
                                         **engine_options(args))
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed,

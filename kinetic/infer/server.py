@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -47,6 +48,8 @@ from kinetic.infer.engine import (
     GenerationSequence,
     SamplingParams,
     add_decode_args,
+    add_device_args,
+    device_options,
     engine_options,
 )
 
@@ -535,13 +538,14 @@ def _chat_chunks(job: Job, meta: dict, prompts, options) -> AsyncIterator[str]:
 
 # ---------------------------------------------------------------------- running
 def run(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, *, model_name: str | None = None,
-        limits: Limits | None = None, max_context: int | None = None, device: str = "cpu",
-        log_level: str = "info", **engine_options) -> None:
+        limits: Limits | None = None, max_context: int | None = None, device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None, log_level: str = "info", **engine_options) -> None:
     """Load ``checkpoint`` and serve it with uvicorn until interrupted; ``engine_options`` go to
     :class:`Engine` (speculative, draft_tokens, prefill_chunk, compile_decode)."""
     import uvicorn
 
-    engine = Engine.from_pretrained(checkpoint, device=device, max_context=max_context, **engine_options)
+    engine = Engine.from_pretrained(checkpoint, device=device, dtype=dtype, max_context=max_context,
+                                    **engine_options)
     name = model_name or Path(checkpoint).resolve().name
     print(f"kinetic serve: {checkpoint} as model {name!r}; API http://{host}:{port}/v1, chat page "
           f"http://{host}:{port}/", file=sys.stderr, flush=True)
@@ -563,7 +567,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 429")
     p.add_argument("--max-active", type=int, default=d.max_active, help="sequences generated together")
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes)
-    p.add_argument("--device", default="cpu")
+    add_device_args(p)
     add_decode_args(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -579,7 +583,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(**{n: getattr(args, n) for n in names})
     try:
         run(args.checkpoint, args.host, args.port, model_name=args.model_name, limits=limits,
-            max_context=args.max_context, device=args.device, log_level=args.log_level,
+            max_context=args.max_context, log_level=args.log_level, **device_options(args),
             **engine_options(args))
     except ValueError as err:  # a bad checkpoint config or --max-context
         raise UserError(str(err)) from None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from kinetic.train.distributed import DEVICE_CHOICES, valid_device_spec
+from kinetic.device import DEVICE_CHOICES, valid_device_spec
 
 
 @dataclass

@@ -2,19 +2,21 @@
 wrap in DDP, reduce.
 
 Model files stay free of distributed code; this module applies it from outside. Each process trains
-on one device (``train.device``, see ``resolve_device``): processes on CPU use the gloo backend,
-processes on a GPU use NCCL, and the reductions below move their tensors to the backend's device.
+on one device (``train.device``, see ``kinetic.device.resolve_device``): processes on CPU use the
+gloo backend, processes on a GPU use NCCL, and the reductions below move their tensors to the
+backend's device.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from kinetic.device import resolve_device
 
 
 @dataclass
@@ -30,34 +32,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-DEVICE_CHOICES = "'auto' (CUDA when available, else CPU), 'cpu', 'cuda' (this process's GPU) or 'cuda:N'"
-
-
-def valid_device_spec(spec: str) -> bool:
-    return spec in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", spec) is not None
-
-
-def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
-    """The device one training process runs on, from ``train.device``. ``auto`` is ``cuda`` when a
-    GPU is visible, else ``cpu``; ``cuda`` is GPU ``local_rank`` (torchrun's LOCAL_RANK: one GPU per
-    process); ``cuda:N`` is GPU N. Raises ValueError naming the setting when it cannot be honored."""
-    if not valid_device_spec(spec):
-        raise ValueError(f"config train.device={spec!r} is invalid: use {DEVICE_CHOICES}")
-    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError(f"config train.device={spec!r} needs a GPU, but torch.cuda.is_available() is "
-                         f"False (torch {torch.__version__}, a CPU-only build or no visible GPU): set "
-                         "train.device='cpu' or 'auto'")
-    index = local_rank if spec in ("auto", "cuda") else int(spec.split(":")[1])
-    count = torch.cuda.device_count()
-    if index >= count:
-        source = f"LOCAL_RANK {local_rank}" if spec in ("auto", "cuda") else f"train.device={spec!r}"
-        raise ValueError(f"{source} asks for GPU {index}, but this machine shows {count}: launch at "
-                         f"most {count} processes per node, or set train.device='cpu'")
-    return torch.device("cuda", index)
 
 
 def backend_for(device: torch.device) -> str:

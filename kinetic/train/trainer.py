@@ -20,19 +20,12 @@ import torch
 from torch import nn
 
 from kinetic.config import ModelConfig, preset
+from kinetic.device import resolve_device
 from kinetic.model import NemotronHForCausalLM
 from kinetic.train import checkpoint as ckpt
 from kinetic.train.balance import ExpertBalancer
 from kinetic.train.config import TrainConfig
-from kinetic.train.distributed import (
-    DistInfo,
-    all_gather,
-    all_reduce_mean,
-    all_reduce_sum,
-    resolve_device,
-    unwrap,
-    wrap,
-)
+from kinetic.train.distributed import DistInfo, all_gather, all_reduce_mean, all_reduce_sum, unwrap, wrap
 from kinetic.train.report import MetricsWriter, plot_run
 from kinetic.train.schedule import wsd_lr
 from kinetic.train.sources import BatchSource, SyntheticSource
