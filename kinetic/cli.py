@@ -282,10 +282,11 @@ def _pretrain(args: argparse.Namespace, cfg, info) -> int:
 # ---------------------------------------------------------------------- eval / generate
 def cmd_eval(args: argparse.Namespace) -> int:
     from kinetic.eval import evaluate_corpus, resolve_checkpoint
+    from kinetic.infer.engine import device_options
 
     try:
         path = resolve_checkpoint(args.checkpoint)
-        model = kinetic.from_pretrained(path)
+        model = kinetic.from_pretrained(path, **device_options(args))
         res = evaluate_corpus(model, args.corpus, seq_len=args.seq_len, batch_size=args.batch_size,
                               max_tokens=args.max_tokens, progress=True)
     except ValueError as err:
@@ -340,9 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="cap on scored tokens per domain")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", help="also write the results as JSON here")
+    from kinetic.infer.engine import add_chat_args, add_device_args, add_generate_args, cmd_chat, cmd_generate
+
+    add_device_args(p)
     p.set_defaults(func=cmd_eval)
 
-    from kinetic.infer.engine import add_chat_args, add_generate_args, cmd_chat, cmd_generate
     from kinetic.infer.server import add_serve_args, cmd_serve
 
     p = sub.add_parser("generate", help="continue prompts from a checkpoint (streamed)")

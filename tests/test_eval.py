@@ -71,3 +71,30 @@ def test_short_training_beats_the_unigram_baseline(corpus, tmp_path):
     o = after["overall"]
     assert o["bpb"] < o["unigram_bpb"] < before["overall"]["bpb"]
     assert o["unigram_bpb"] == pytest.approx(before["overall"]["unigram_bpb"])  # same tokens scored
+
+
+def test_eval_command_scores_a_checkpoint_on_the_device_asked(corpus, tmp_path, capsys):
+    """``kinetic eval --json``: the numbers evaluate_corpus gives for the same checkpoint; --dtype
+    bfloat16 scores in that precision (close to float32); a device that cannot be had is refused."""
+    import json
+
+    from kinetic import preset
+    from kinetic.cli import main
+
+    vocab = read_index(corpus)["vocab_size"]
+    torch.manual_seed(0)
+    model = NemotronHForCausalLM(preset("tiny").replace(vocab_size=vocab)).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    base = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--corpus", str(corpus), "--seq-len", "64",
+            "--max-tokens", "2000", "--json"]
+    want = evaluate_corpus(model, corpus, seq_len=64, max_tokens=2000)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        assert main([*base, "--device", "cpu", "--dtype", dtype]) == 0
+        runs[dtype] = json.loads(capsys.readouterr().out)
+    assert runs["float32"]["overall"]["loss"] == pytest.approx(want["overall"]["loss"], rel=1e-5)
+    assert runs["bfloat16"]["overall"]["loss"] == pytest.approx(want["overall"]["loss"], rel=2e-2)
+    assert runs["bfloat16"]["overall"]["loss"] != runs["float32"]["overall"]["loss"]  # it did round
+    with pytest.raises(SystemExit) as err:
+        main([*base, "--device", "gpu"])
+    assert err.value.code == 2 and "--device gpu is invalid" in capsys.readouterr().err

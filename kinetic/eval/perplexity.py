@@ -49,12 +49,14 @@ def unigram_nll(train: np.ndarray, scored: np.ndarray, vocab_size: int) -> float
 
 @torch.no_grad()
 def model_nll(model, tokens: np.ndarray, seq_len: int, batch_size: int) -> tuple[float, int]:
-    """Total NLL in nats and number of scored tokens over consecutive windows of ``tokens``."""
+    """Total NLL in nats and number of scored tokens over consecutive windows of ``tokens`` (scored on
+    the model's device)."""
     n_windows = max((len(tokens) - 1) // seq_len, 0)
     total, scored = 0.0, 0
     windows = [tokens[i * seq_len: i * seq_len + seq_len + 1] for i in range(n_windows)]
+    device = next(model.parameters()).device
     for start in range(0, n_windows, batch_size):
-        batch = torch.from_numpy(np.stack(windows[start:start + batch_size]).astype(np.int64))
+        batch = torch.from_numpy(np.stack(windows[start:start + batch_size]).astype(np.int64)).to(device)
         out = model(batch[:, :-1], labels=batch, return_mtp=False)
         count = batch[:, 1:].numel()
         total += out.loss.item() * count
