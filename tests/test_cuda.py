@@ -314,6 +314,10 @@ def test_trainer_trains_on_the_gpu_and_resumes(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["lm_loss"] for r in records if r["type"] == "train"]
     assert len(losses) == 4 and losses[-1] < losses[0]
+    from kinetic.eval.perplexity import model_nll  # scores CPU token windows on the model's device
+
+    total, scored = model_nll(full.model.eval(), torch.arange(200).numpy() % 64, seq_len=32, batch_size=2)
+    assert scored == 6 * 32 and total == total and total > 0
 
     class Interrupt(Exception):
         pass
