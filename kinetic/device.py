@@ -20,7 +20,8 @@ def valid_device_spec(spec: str) -> bool:
 def resolve_device(spec: str = "auto", local_rank: int = 0, setting: str = "train.device") -> torch.device:
     """The device ``spec`` names. ``auto`` is ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` is
     GPU ``local_rank`` (torchrun's LOCAL_RANK: one GPU per process); ``cuda:N`` is GPU N. ``setting``
-    is how the user spelled it, for the error when the device cannot be had."""
+    names where the user gave it, for the errors: a config key (``train.device``, shown as
+    ``train.device='cuda'``) or a flag (``--device``, shown as ``--device cuda``)."""
     shown = f"{setting}={spec!r}" if "." in setting else f"{setting} {spec}"
     if not valid_device_spec(spec):
         raise ValueError(f"{shown} is invalid: use {DEVICE_CHOICES}")
