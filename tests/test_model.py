@@ -391,6 +391,33 @@ def test_grouped_and_loop_expert_paths_agree_with_idle_experts():
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_head_logits_swaps_operands_for_a_few_rows_only(monkeypatch):
+    """The logits of 2-4 positions in CPU float32 inference come from W @ h^T (faster there, see
+    SWAPPED_HEAD_ROWS) and equal lm_head(h); other row counts, gradients and bfloat16 call the
+    module itself."""
+    from kinetic.model import nemotron_h
+
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(16, 50, bias=False)
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(a[0].shape) or real_mm(*a, **k))
+    with torch.no_grad():
+        for rows in range(1, 7):
+            h = torch.randn(1, rows, 16, generator=g)
+            calls.clear()
+            got = nemotron_h.head_logits(head, h)
+            assert got.shape == (1, rows, 50) and got.is_contiguous()
+            torch.testing.assert_close(got, head(h), rtol=1e-6, atol=1e-6)
+            assert (calls == [(50, 16)]) == (rows in nemotron_h.SWAPPED_HEAD_ROWS), rows
+        calls.clear()
+        nemotron_h.head_logits(head.to(torch.bfloat16), torch.randn(1, 3, 16).bfloat16())
+        assert calls == []
+    h = torch.randn(1, 3, 16, requires_grad=True)
+    nemotron_h.head_logits(head.float(), h).sum().backward()  # grad mode: the module's own path
+    assert calls == [] and h.grad is not None
+
+
 def test_fused_loss_matches_cross_entropy_on_logits():
     from kinetic.model.loss import fused_linear_cross_entropy
 

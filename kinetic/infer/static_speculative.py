@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from kinetic.infer.speculative import SpecStats, SpeculativeDecoder, accept_drafts
+from kinetic.model.nemotron_h import head_logits
 from kinetic.model.static_cache import StaticCache, capture_stream, compile_step
 
 
@@ -36,7 +37,7 @@ def _verify(model, ids: torch.Tensor, cache: StaticCache):
 
 def _commit(model, hidden: torch.Tensor, next_ids: torch.Tensor, cache: StaticCache):
     x, normed = model.mtp.forward_depth(0, hidden, model.backbone.embeddings(next_ids), cache)
-    return x, model.lm_head(normed)[0].float()
+    return x, head_logits(model.lm_head, normed)[0].float()
 
 
 def _draft(model, x: torch.Tensor, token: torch.Tensor, cache: StaticCache):
