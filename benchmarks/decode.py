@@ -14,7 +14,9 @@
    in chunks through ``InferenceCache`` (KV buffers reserved once), then single-token steps are timed,
    in blocks that take turns across the contexts (so drift of a shared machine hits all alike).
    The hybrid's Mamba layers keep a constant state; only its few attention layers read a growing
-   KV cache.
+   KV cache. On a CPU where kinetic's C decode attention runs (float32, AVX-512;
+   ``kinetic.kernels.cpu``) each block of steps also runs with torch's SDPA instead, on the same
+   caches, and both columns are printed.
 
     python benchmarks/decode.py                                     # CPU, fp32
     python benchmarks/decode.py --device cuda --dtype bfloat16 --json /tmp/decode.json
@@ -24,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import statistics
@@ -35,6 +38,7 @@ import torch
 
 import kinetic
 from kinetic.infer.speculative import speculative_generate
+from kinetic.kernels.cpu import decode_attention_available, torch_only
 from kinetic.model import InferenceCache
 
 QUICKSTART = Path("runs/quickstart/pretrain")
@@ -206,39 +210,59 @@ def step_latency(model, context: int, steps: int, chunk: int, device, seed: int 
     return step_latencies(model, [context], steps, chunk, device, seed)[0]
 
 
+def attention_ways(device, dtype=torch.float32) -> list[str]:
+    """How decode steps attend here: ``kernel`` (kinetic's C decode attention, the CPU float32 default
+    where it can be built) and ``torch`` (SDPA), or ``torch`` alone."""
+    kernel = torch.device(device).type == "cpu" and dtype == torch.float32 and decode_attention_available()
+    return ["kernel", "torch"] if kernel else ["torch"]
+
+
 @torch.no_grad()
 def step_latencies(model, contexts: list[int], steps: int, chunk: int, device, seed: int = 0,
-                   block: int = 8) -> list[dict]:
+                   block: int = 8, ways: list[str] | None = None) -> list[dict]:
     """Prefill one cache per context (random tokens, in chunks), then time ``steps`` single-token
     decode steps per context, in blocks of ``block`` steps that take turns across the contexts, so a
     machine that speeds up or slows down during the run shifts every context alike; each row reports
-    the median step."""
+    the median step. With ``ways`` (see :func:`attention_ways`) every block runs once per way on the
+    same cache, the first way's steps reported as ``step_ms`` and each other's as ``step_ms_<way>``."""
+    ways = ways or ["default"]
     g = torch.Generator().manual_seed(seed)
     runs = []
     for context in contexts:
         ids = torch.randint(3, model.config.vocab_size, (1, context), generator=g).to(device)
         cache = InferenceCache()
-        cache.reserve(context + steps + 1)
+        cache.reserve(context + len(ways) * steps + 1)
         _sync(device)
         t0 = time.perf_counter()
         for start in range(0, context, chunk):
             logits = model(ids[:, start:start + chunk], cache, return_mtp=False, logits_to_keep=1).logits
         _sync(device)
         runs.append({"context": context, "prefill_s": time.perf_counter() - t0, "cache": cache,
-                     "token": logits[:, -1].argmax(-1, keepdim=True), "times": []})
+                     "token": logits[:, -1].argmax(-1, keepdim=True), "times": {w: [] for w in ways}})
     for first in range(0, steps, block):
         for run in runs:
-            for _ in range(min(block, steps - first)):
-                _sync(device)
-                t = time.perf_counter()
-                logits = model(run["token"], run["cache"], return_mtp=False).logits
-                run["token"] = logits[:, -1].argmax(-1, keepdim=True)
-                _sync(device)
-                run["times"].append(time.perf_counter() - t)
-    return [{"context": r["context"], "prefill_s": r["prefill_s"],
-             "prefill_tokens_per_s": r["context"] / r["prefill_s"],
-             "step_ms": 1e3 * statistics.median(r["times"]), "steps": len(r["times"]),
-             "cache_mib": r["cache"].nbytes() / 2**20} for r in runs]
+            for way in ways:
+                with torch_only() if way == "torch" else contextlib.nullcontext():
+                    for _ in range(min(block, steps - first)):
+                        _sync(device)
+                        t = time.perf_counter()
+                        logits = model(run["token"], run["cache"], return_mtp=False).logits
+                        run["token"] = logits[:, -1].argmax(-1, keepdim=True)
+                        _sync(device)
+                        run["times"][way].append(time.perf_counter() - t)
+    rows = []
+    for r in runs:
+        times = r["times"]
+        row = {"context": r["context"], "prefill_s": r["prefill_s"],
+               "prefill_tokens_per_s": r["context"] / r["prefill_s"],
+               "step_ms": 1e3 * statistics.median(times[ways[0]]), "steps": len(times[ways[0]]),
+               "cache_mib": r["cache"].nbytes() / 2**20}
+        if ways != ["default"]:
+            row["attention"] = ways[0]
+        for way in ways[1:]:
+            row[f"step_ms_{way}"] = 1e3 * statistics.median(times[way])
+        rows.append(row)
+    return rows
 
 
 def print_speculative(spec: dict, device: torch.device) -> None:
@@ -333,14 +357,21 @@ def main(argv: list[str] | None = None) -> dict:
         print_speculative(spec, device)
 
     if "latency" in args.sections:
-        rows = step_latencies(model, args.contexts, args.steps, args.chunk, device)
+        ways = attention_ways(device, dtype)
+        rows = step_latencies(model, args.contexts, args.steps, args.chunk, device, ways=ways)
         report["latency"] = rows
-        print(f"3. decode latency vs context, random {args.preset} preset, prefill chunk {args.chunk}\n")
-        print(f"{'context':>9} {'prefill tok/s':>14} {'decode ms/token':>16} {'cache MiB':>10} "
-              f"{'vs first':>9}")
+        print(f"3. decode latency vs context, random {args.preset} preset, prefill chunk {args.chunk}")
+        if len(ways) > 1:
+            print("   decode steps with kinetic's C decode attention (the default here) and, interleaved on "
+                  "the same caches, with torch's SDPA")
+        print()
+        keys = ["step_ms"] + [f"step_ms_{w}" for w in ways[1:]]
+        names = [ways[0] if len(ways) > 1 else "decode", *ways[1:]]
+        print(f"{'context':>9} {'prefill tok/s':>14} {'cache MiB':>10}"
+              + "".join(f" {n + ' ms/token':>18} {'vs first':>9}" for n in names))
         for r in rows:
-            print(f"{r['context']:>9,} {r['prefill_tokens_per_s']:>14,.0f} {r['step_ms']:>16.2f} "
-                  f"{r['cache_mib']:>10.1f} {r['step_ms'] / rows[0]['step_ms']:>8.2f}x")
+            print(f"{r['context']:>9,} {r['prefill_tokens_per_s']:>14,.0f} {r['cache_mib']:>10.1f}"
+                  + "".join(f" {r[k]:>18.2f} {r[k] / rows[0][k]:>8.2f}x" for k in keys))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

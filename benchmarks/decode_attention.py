@@ -5,6 +5,8 @@
   fallback repeats the keys and values per query head);
 - ``rows``: the query heads sharing a KV head as that head's rows, one kernel call (the CPU decode
   path; on CUDA one thread block per KV head);
+- ``kernel`` (CPU with AVX-512 only, where ``kinetic.kernels.cpu`` can build it): kinetic's C
+  decode-attention kernel, one pass over the keys and values, the CPU decode path when it fits;
 - ``split``: split-KV ("flash decoding", ``kinetic.model.attention._split_kv_decode``): the keys cut
   into partitions that run as one batched call, merged by their log-sum-exp (CUDA float32 decode
   from ``SPLIT_KV_MIN_KEYS`` cached keys on; on CPU, which decodes by ``rows``, up to 8 parts of at
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kinetic.infer.memory import PeakTensorMemory
+from kinetic.kernels.cpu import decode_attention, decode_attention_available
 from kinetic.model.attention import (
     _CUDA_BACKENDS,
     SPLIT_KV_BLOCK,
@@ -61,7 +64,13 @@ def _split(q, k, v):
     return _split_kv_decode(q, k, v, partitions)
 
 
-VARIANTS = {"sdpa": _sdpa, "rows": _rows, "split": _split}
+VARIANTS = {"sdpa": _sdpa, "rows": _rows, "kernel": decode_attention, "split": _split}
+
+
+def variants(device: torch.device, dtype: torch.dtype) -> dict:
+    """The ways that run here: the C kernel on CPU float32 where it could be built."""
+    kernel = device.type == "cpu" and dtype == torch.float32 and decode_attention_available()
+    return {name: fn for name, fn in VARIANTS.items() if name != "kernel" or kernel}
 
 
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -102,7 +111,7 @@ def run(shapes: list[str], contexts: list[int], device: torch.device, dtype: tor
             q = torch.randn(1, heads, 1, dim, device=device, dtype=dtype, generator=g)
             ref = _reference(q, k, v)
             kv_mib = 2 * k.numel() * k.element_size() / 2**20
-            for name, fn in VARIANTS.items():
+            for name, fn in variants(device, dtype).items():
                 with PeakTensorMemory(device) as mem:
                     out = fn(q, k, v)
                 err = (out.double() - ref).abs().max().item()

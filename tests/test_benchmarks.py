@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import kinetic
+from kinetic.kernels.cpu import decode_attention_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -114,6 +115,11 @@ def test_decode_benchmark_speculative_and_latency_sections(capsys):
     assert [(r["context"], r["steps"]) for r in rows] == [(200, 5), (500, 5)]
     assert min(r["step_ms"] for r in rows) > 0
     assert rows[1]["cache_mib"] > rows[0]["cache_mib"]
+    ways = decode.attention_ways(torch.device("cpu"))
+    assert ways == (["kernel", "torch"] if decode_attention_available() else ["torch"])
+    rows = decode.step_latencies(model, [200], 3, 128, torch.device("cpu"), ways=["kernel", "torch"])
+    assert rows[0]["attention"] == "kernel" and rows[0]["steps"] == 3
+    assert rows[0]["step_ms"] > 0 and rows[0]["step_ms_torch"] > 0
 
 
 def test_decode_attention_compares_the_ways_against_a_reference(tmp_path, capsys):
@@ -122,7 +128,7 @@ def test_decode_attention_compares_the_ways_against_a_reference(tmp_path, capsys
     out = tmp_path / "attn.json"
     rows = decode_attention.main(["--shapes", "tiny", "nano", "--contexts", "300", "9000", "--repeats", "2",
                                   "--json", str(out)])
-    ways = ("sdpa", "rows", "split")
+    ways = ("sdpa", "rows", "split") + (("kernel",) if decode_attention_available() else ())
     assert {(r["shape"], r["context"], r["variant"]) for r in rows} == {
         (shape, n, way) for shape in ("tiny", "nano") for n in (300, 9000) for way in ways}
     for r in rows:
