@@ -8,8 +8,9 @@ takes ``scaled_dot_product_attention``, which the tests compare it with.
 The library is built once per source, compiler and CPU with ``cc -O3 -march=native -fopenmp`` into
 ``$KINETIC_KERNEL_CACHE`` (default ``~/.cache/kinetic/kernels``), which takes about a second; a
 build that fails warns once and leaves torch's kernels in place. ``KINETIC_CPU_KERNELS=0`` turns
-the kernels off. The C code's OpenMP is the one torch's CPU build loads (``libgomp.so.1``, already
-in the process when kinetic imports torch), so it uses the threads ``torch.set_num_threads`` sets.
+the kernels off (read at their first use in a process). The C code's OpenMP is the one torch's CPU
+build loads (``libgomp.so.1``, already in the process when kinetic imports torch), so it uses the
+threads ``torch.set_num_threads`` sets.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -85,8 +87,8 @@ def build(source: Path, compiler: str | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # then renamed: concurrent builds are safe
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(source), "-o", tmp, "-lm"], capture_output=True,
-                              text=True, timeout=300)
+        done = subprocess.run([*shlex.split(compiler), *FLAGS, str(source), "-o", tmp, "-lm"],
+                              capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed on {source.name}: {done.stderr.strip()[-800:]}")
         os.replace(tmp, target)
