@@ -213,8 +213,7 @@ def step_latency(model, context: int, steps: int, chunk: int, device, seed: int 
 def attention_ways(device, dtype=torch.float32) -> list[str]:
     """How decode steps attend here: ``kernel`` (kinetic's C decode attention, the CPU float32 default
     where it can be built) and ``torch`` (SDPA), or ``torch`` alone."""
-    kernel = torch.device(device).type == "cpu" and dtype == torch.float32 and decode_attention_available()
-    return ["kernel", "torch"] if kernel else ["torch"]
+    return ["kernel", "torch"] if decode_attention_available(device, dtype) else ["torch"]
 
 
 @torch.no_grad()

@@ -69,7 +69,7 @@ VARIANTS = {"sdpa": _sdpa, "rows": _rows, "kernel": decode_attention, "split": _
 
 def variants(device: torch.device, dtype: torch.dtype) -> dict:
     """The ways that run here: the C kernel on CPU float32 where it could be built."""
-    kernel = device.type == "cpu" and dtype == torch.float32 and decode_attention_available()
+    kernel = decode_attention_available(device, dtype)
     return {name: fn for name, fn in VARIANTS.items() if name != "kernel" or kernel}
 
 

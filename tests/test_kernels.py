@@ -70,6 +70,8 @@ def test_decode_attention_parts_merge_over_a_long_cache():
 def test_decode_attention_fits_only_where_it_runs():
     q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 16)
     assert kc.decode_attention_fits(q, k, v) == kc.decode_attention_available()
+    assert not kc.decode_attention_available("cpu", torch.float64)
+    assert not kc.decode_attention_available("meta")
     with kc.torch_only():  # stepped aside for a comparison, then back
         assert not kc.decode_attention_fits(q, k, v)
     assert kc.decode_attention_fits(q, k, v) == kc.decode_attention_available()

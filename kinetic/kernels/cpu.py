@@ -120,8 +120,10 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-def decode_attention_available() -> bool:
-    return _library() is not None
+def decode_attention_available(device: torch.device | str = "cpu",
+                               dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the kernel runs for tensors of ``device`` and ``dtype`` here (CPU float32, built)."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and _library() is not None
 
 
 # query rows per KV head x head size up to which the kernel beats torch's (measured on this project's
