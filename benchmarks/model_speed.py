@@ -43,15 +43,21 @@ Run (about 40 s on a quiet 2-core CPU with the defaults, of which model setup is
     python benchmarks/model_speed.py --breakdown          # + forward ms per kind of layer, and
                                                           #   forward+backward ms of one block of each kind
     python benchmarks/model_speed.py --compile            # + both models under torch.compile (minutes)
+    python benchmarks/model_speed.py --torch-ops          # + kinetic with its C kernels stepped aside
 
 ``--compile`` adds each model wrapped in ``torch.compile`` (the same weights) as two more
 implementations in the same alternation; their first warm-up iteration, which compiles, is reported
 as ``first s``, and their ratio is compiled kinetic over compiled transformers.
+
+``--torch-ops`` adds the same kinetic model with its CPU kernels stepped aside
+(``kinetic.kernels.cpu.torch_only``: the Mamba-2 scan through torch's operators) as another
+implementation in the alternation, so the kernels' share of the speed-up is measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -68,6 +74,7 @@ import torch.nn.functional as F
 
 import kinetic
 from kinetic import ModelConfig
+from kinetic.kernels.cpu import torch_only
 from kinetic.train.flops import flops_per_token as _flops_per_token
 from kinetic.train.flops import matmul_params, measure_peak
 
@@ -116,6 +123,19 @@ def make_step(model: torch.nn.Module, ids: torch.Tensor, mode: str, is_kinetic: 
             loss.backward()
             return time.perf_counter() - t0
     return step
+
+
+class TorchOps(torch.nn.Module):
+    """A kinetic model whose forward runs with the CPU kernels stepped aside (torch's operators only);
+    its backward follows the graph that forward built."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch_only():
+            return self.inner(*args, **kwargs)
 
 
 def bench(models: dict[str, tuple[torch.nn.Module, bool]], ids: torch.Tensor, mode: str, warmup: int,
@@ -189,6 +209,8 @@ def block_breakdown(models: dict[str, tuple[torch.nn.Module, bool]], pattern: st
     ``train()`` mode, loss = mean of the squared output; implementations alternate every iteration.
     Returns {implementation: {kind: ms}}."""
     def layers_of(model: torch.nn.Module, is_kinetic: bool):
+        if isinstance(model, TorchOps):
+            model = model.inner
         return model.backbone.layers if is_kinetic else model.model.layers
 
     first = {kind: pattern.index(char) for char, kind in BLOCK_KINDS.items() if char in pattern}
@@ -202,7 +224,8 @@ def block_breakdown(models: dict[str, tuple[torch.nn.Module, bool]], pattern: st
                 layer.zero_grad(set_to_none=True)
                 x = hidden.clone().requires_grad_()
                 t0 = time.perf_counter()
-                y = layer(x)
+                with torch_only() if isinstance(model, TorchOps) else contextlib.nullcontext():
+                    y = layer(x)
                 y = y[0] if isinstance(y, tuple) else y
                 y.square().mean().backward()
                 if it:
@@ -229,6 +252,13 @@ def load_transformers(model: kinetic.NemotronHForCausalLM) -> torch.nn.Module | 
     return hf
 
 
+def _vs_transformers(table: dict[str, dict[str, float]], key: str) -> str:
+    """The ratio column of the breakdowns: transformers' ms over kinetic's."""
+    if "transformers" not in table or not table["kinetic"][key] > 0:
+        return ""
+    return f" {table['transformers'][key] / table['kinetic'][key]:>6.2f}x"
+
+
 # ---------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -247,6 +277,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--breakdown", action="store_true",
                    help="also time the forward pass per kind of layer (Mamba, MoE, attention, lm_head) "
                    "and forward+backward of one block of each kind")
+    p.add_argument("--torch-ops", action="store_true",
+                   help="also time kinetic with its C kernels stepped aside (torch's operators only)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     return p.parse_args(argv)
 
@@ -271,14 +303,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     kin = kinetic.NemotronHForCausalLM(cfg)
     models: dict[str, tuple[torch.nn.Module, bool]] = {"kinetic": (kin, True)}
+    if args.torch_ops:
+        models["kinetic torch ops"] = (TorchOps(kin), True)
     hf = None if args.no_transformers else load_transformers(kin)
     if hf is not None:
         models["transformers"] = (hf, False)
 
     if args.compile:
         for name, (m, is_k) in list(models.items()):
-            models[f"{name} compiled"] = (torch.compile(m), is_k)
-    pairs = [(k, t) for k, t in (("kinetic", "transformers"), ("kinetic compiled", "transformers compiled"))
+            if name != "kinetic torch ops":  # compiled code never calls the kernels
+                models[f"{name} compiled"] = (torch.compile(m), is_k)
+    pairs = [(k, t) for k, t in (("kinetic", "transformers"), ("kinetic torch ops", "transformers"),
+                                 ("kinetic compiled", "transformers compiled"))
              if k in models and t in models]
 
     gen = torch.Generator().manual_seed(args.seed)
@@ -356,27 +392,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{mode:<9} {name:<{width}} {r['median_s'] * 1e3:>9.1f} {r['best_s'] * 1e3:>9.1f} "
                   f"{r['tokens_per_s']:>10.1f} {r['gflops_per_s']:>9.1f} {r['mfu'] * 100:>6.1f}% {ratio:>7} "
                   f"{best:>7}" + (f" {r['first_s']:>8.1f}" if args.compile else ""))
+    kernels_gain = {}
+    if "kinetic torch ops" in results:
+        kernels_gain = {mode: results["kinetic"][mode]["tokens_per_s"] / results["kinetic torch ops"][mode]
+                        ["tokens_per_s"] for mode in MODES}
+        print("\nkinetic with its C kernels over kinetic with torch's operators only (median): "
+              + ", ".join(f"{mode} {kernels_gain[mode]:.3f}x" for mode in MODES))
     if ratios:
         print("\nratio = kinetic tokens/s / transformers tokens/s at the median iteration (compiled: over "
               "compiled transformers); best = the same ratio for the fastest iteration of each")
     if parts:
         print(f"\nforward ms per kind of layer (all layers of a kind, module hooks, median of {args.iters})")
         names = list(parts)
-        print(f"{'part':<10} " + " ".join(f"{n:>13}" for n in names) + ("   ratio" if len(names) > 1 else ""))
+        print(f"{'part':<10} " + " ".join(f"{n:>17}" for n in names) + ("   ratio" if hf is not None else ""))
         for key in parts[names[0]]:
             vals = [parts[n][key] for n in names]
-            ratio = f" {vals[1] / vals[0]:>6.2f}x" if len(vals) > 1 and vals[0] > 0 else ""
-            print(f"{key:<10} " + " ".join(f"{v:>13.1f}" for v in vals) + ratio)
+            print(f"{key:<10} " + " ".join(f"{v:>17.1f}" for v in vals) + _vs_transformers(parts, key))
     if blocks:
         counts_of = {kind: cfg.hybrid_override_pattern.count(c) for c, kind in BLOCK_KINDS.items()}
         print(f"\nforward+backward ms of one block of each kind (same input, median of {args.iters})")
         names = list(blocks)
-        print(f"{'block':<10} {'layers':>6} " + " ".join(f"{n:>13}" for n in names)
-              + ("   ratio" if len(names) > 1 else ""))
+        print(f"{'block':<10} {'layers':>6} " + " ".join(f"{n:>17}" for n in names)
+              + ("   ratio" if hf is not None else ""))
         for kind in blocks[names[0]]:
             vals = [blocks[n][kind] for n in names]
-            ratio = f" {vals[1] / vals[0]:>6.2f}x" if len(vals) > 1 and vals[0] > 0 else ""
-            print(f"{kind:<10} {counts_of[kind]:>6} " + " ".join(f"{v:>13.1f}" for v in vals) + ratio)
+            print(f"{kind:<10} {counts_of[kind]:>6} " + " ".join(f"{v:>17.1f}" for v in vals)
+                  + _vs_transformers(blocks, kind))
     noisy = [f"{name} {mode}" for name, per_mode in results.items() for mode, r in per_mode.items()
              if r["median_s"] > 1.25 * min(r["times_s"])]
     if noisy:
@@ -394,6 +435,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": results, "ratio": ratios, "ratio_best": best_ratios, "forward_breakdown_ms": parts,
         "block_fwd_bwd_ms": blocks,
         "ratio_compiled": ratio_of.get("kinetic compiled", {}),
+        "ratio_torch_ops": ratio_of.get("kinetic torch ops", {}), "kernels_gain": kernels_gain,
     }
     if args.json:
         with open(args.json, "w") as f:

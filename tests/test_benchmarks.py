@@ -69,6 +69,35 @@ def test_model_speed_compiled_rows(tmp_path, capsys, monkeypatch):
     assert "first s" in capsys.readouterr().out
 
 
+def test_model_speed_times_kinetic_without_its_kernels(monkeypatch, capsys):
+    """--torch-ops adds kinetic with its C kernels stepped aside, and the kernels' gain over it."""
+    import model_speed
+    import torch
+
+    import kinetic.kernels.cpu as kc
+
+    calls = []
+    forward = kc.ssd_chunk_forward
+    monkeypatch.setattr(kc, "ssd_chunk_forward", lambda *a: calls.append(1) or forward(*a))
+    model = kinetic.NemotronHForCausalLM(kinetic.preset("tiny")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 40))
+    with torch.no_grad():
+        model_speed.TorchOps(model)(ids)
+        assert not calls  # stepped aside
+        model(ids)
+    assert len(calls) == (model.config.hybrid_override_pattern.count("M") if kc.ssd_chunk_available() else 0)
+
+    report = model_speed.main(["--preset", "tiny", "--batch", "1", "--seq", "40", "--iters", "2", "--warmup",
+                               "1", "--peak-size", "128", "--peak-repeats", "2", "--no-transformers",
+                               "--torch-ops"])
+    r = report["results"]
+    assert set(r) == {"kinetic", "kinetic torch ops"}
+    for mode in model_speed.MODES:
+        assert report["kernels_gain"][mode] == pytest.approx(
+            r["kinetic"][mode]["tokens_per_s"] / r["kinetic torch ops"][mode]["tokens_per_s"])
+    assert "with torch's operators only" in capsys.readouterr().out
+
+
 def test_long_context_reports_tensor_peak_and_rss(tmp_path, capsys):
     import long_context
 

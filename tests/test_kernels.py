@@ -1,5 +1,5 @@
-"""kinetic.kernels.cpu: the C decode-attention kernel against a float64 reference and inside the model,
-when it is used and when it is not, and how its build fails."""
+"""kinetic.kernels.cpu: the C decode-attention and Mamba-2 scan kernels against float64 references and
+inside the model, when they are used and when they are not, and how their builds fail."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 import kinetic.kernels.cpu as kc
 import kinetic.model.attention as attention
+import kinetic.model.mamba2 as mamba2
 from kinetic.config import preset
 from kinetic.model import InferenceCache, NemotronHForCausalLM
 
@@ -138,10 +139,15 @@ def test_a_failed_build_warns_once_and_leaves_torchs_attention(monkeypatch, tmp_
 def test_the_kernels_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("KINETIC_CPU_KERNELS", "0")
     kc._library.cache_clear()
+    kc._ssd_library.cache_clear()
     try:
         assert not kc.decode_attention_available()
+        assert not kc.ssd_chunk_available()
+        x, C = torch.randn(1, 2, 4, 3, 64, 32), torch.randn(1, 2, 3, 64, 64)
+        assert not kc.ssd_chunk_fits(x, C)
     finally:
         kc._library.cache_clear()
+        kc._ssd_library.cache_clear()
 
 
 @needs_kernel
@@ -155,3 +161,171 @@ def test_a_build_is_reused(monkeypatch, tmp_path):
     assert os.listdir(tmp_path) == [first.name]  # no temporary files left behind
     with pytest.raises(RuntimeError, match="failed on decode_attention.c"):
         kc.build(kc._SOURCE, compiler="false")
+
+
+# --- the Mamba-2 scan's chunk kernel (ssd_chunk.c) ---------------------------------------------------
+
+needs_ssd = pytest.mark.skipif(not kc.ssd_chunk_available(),
+                               reason="the C scan kernel needs x86-64 Linux and a C compiler")
+
+
+def scan_inputs(b, seqlen, heads, p, groups, n, init, dt_scale=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, seqlen, heads, p, generator=g)
+    dt = torch.rand(b, seqlen, heads, generator=g) * dt_scale
+    A = -(torch.rand(heads, generator=g) * 4 + 0.1)
+    B = torch.randn(b, seqlen, groups, n, generator=g)
+    C = torch.randn(b, seqlen, groups, n, generator=g)
+    s0 = torch.randn(b, heads, p, n, generator=g) if init else None
+    return x, dt, A, B, C, s0
+
+
+def scan_with_grads(inputs, chunk, dtype):
+    """ssd_scan's outputs and the gradients of a random projection of them w.r.t. every input."""
+    x, dt, A, B, C, s0 = inputs
+    leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (x, dt, B, C)]
+    s = s0.detach().to(dtype).clone().requires_grad_() if s0 is not None else None
+    y, final = mamba2.ssd_scan(leaves[0], leaves[1], A.to(dtype), leaves[2], leaves[3], chunk, s)
+    g = torch.Generator().manual_seed(1)
+    loss = (y * torch.randn(y.shape, generator=g).to(dtype)).sum()
+    loss = loss + (final * torch.randn(final.shape, generator=g).to(dtype)).sum()
+    loss.backward()
+    return [y, final] + [t.grad for t in leaves] + ([s.grad] if s is not None else [])
+
+
+@pytest.fixture
+def scan_calls(monkeypatch):
+    """Counts the kernel's forward calls."""
+    calls = []
+    forward = kc.ssd_chunk_forward
+    monkeypatch.setattr(kc, "ssd_chunk_forward", lambda *a: calls.append(1) or forward(*a))
+    return calls
+
+
+@needs_ssd
+@pytest.mark.parametrize("b,seqlen,heads,p,groups,n,chunk,init", [
+    (2, 200, 8, 32, 2, 64, 64, False),  # the small preset's shapes; a padded last chunk
+    (1, 37, 4, 16, 1, 16, 64, True),  # shorter than a chunk (one chunk of 37), an initial state
+    (1, 300, 8, 64, 2, 128, 128, True),  # Nano's head, state and chunk sizes
+    (3, 64, 2, 16, 2, 32, 16, False),  # one head per group, small chunks
+    (1, 5, 4, 16, 4, 16, 64, True),  # a handful of tokens
+    (1, 40, 6, 48, 3, 48, 8, False),  # head and state sizes 48: three vectors, one pair split
+])
+def test_scan_kernel_matches_float64(scan_calls, b, seqlen, heads, p, groups, n, chunk, init):
+    """The kernel's outputs, final state and the gradients w.r.t. x, dt, B, C and the initial state
+    against torch's composition of the same scan in float64."""
+    inputs = scan_inputs(b, seqlen, heads, p, groups, n, init, seed=seqlen)
+    got = scan_with_grads(inputs, chunk, torch.float32)
+    assert len(scan_calls) == 1
+    want = scan_with_grads(inputs, chunk, torch.float64)
+    assert len(scan_calls) == 1  # float64 stays with torch
+    names = ["y", "final", "dx", "ddt", "dB", "dC", "dinitial"]
+    assert len(got) == len(want) == 6 + init
+    for name, a, r in zip(names[:len(got)], got, want, strict=True):
+        assert a.dtype == torch.float32 and a.shape == r.shape, name
+        torch.testing.assert_close(a.double(), r, atol=2e-5 * r.abs().max().item(), rtol=1e-5, msg=name)
+
+
+@needs_ssd
+def test_scan_kernel_on_fully_decayed_heads(scan_calls):
+    """Heads whose log-decays pass MIN_LOG_DECAY within a chunk (and whose incoming state has
+    decayed away): the kernel clamps as torch's path does, with finite gradients."""
+    inputs = scan_inputs(2, 130, 4, 16, 2, 16, True, dt_scale=8.0, seed=3)
+    got = scan_with_grads(inputs, 64, torch.float32)
+    with kc.torch_only():
+        want = scan_with_grads(inputs, 64, torch.float32)
+    assert len(scan_calls) == 1
+    for a, r in zip(got, want, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, r, atol=1e-5 * r.abs().max().item(), rtol=1e-5)
+
+
+def test_scan_kernel_fits_only_where_it_runs():
+    x = torch.randn(1, 2, 4, 3, 64, 32)  # (b, g, r, c, L, p)
+    C = torch.randn(1, 2, 3, 64, 64)  # (b, g, c, L, n)
+    assert kc.ssd_chunk_fits(x, C) == kc.ssd_chunk_available()
+    assert not kc.ssd_chunk_available("cpu", torch.float64) and not kc.ssd_chunk_available("meta")
+    assert not kc.ssd_chunk_fits(x.double(), C.double())
+    assert not kc.ssd_chunk_fits(x[..., :8], C)  # head size 8: not whole vectors
+    assert not kc.ssd_chunk_fits(x, C[..., :24])  # state size 24
+    assert not kc.ssd_chunk_fits(torch.randn(1, 1, 1, 1, 512, 16), torch.randn(1, 1, 1, 512, 16))  # chunk 512
+    with kc.torch_only():
+        assert not kc.ssd_chunk_fits(x, C)
+
+
+@needs_ssd
+def test_scan_kernel_names_a_mismatched_shape():
+    x, a = torch.randn(1, 2, 4, 3, 64, 32), torch.randn(1, 2, 4, 3, 64)
+    C, S = torch.randn(1, 2, 3, 64, 64), torch.randn(1, 2, 4, 3, 32, 64)
+    cb = torch.randn(1, 2, 3, 64, 64)
+    wrong = r"S has shape \(1, 2, 4, 3, 64, 32\), expected \(1, 2, 4, 3, 32, 64\)"
+    with pytest.raises(ValueError, match=wrong):
+        kc.ssd_chunk_forward(cb, a, x, C, S.transpose(-1, -2), mamba2.MIN_LOG_DECAY)
+    with pytest.raises(ValueError, match="x must be a float32 CPU tensor"):
+        kc.ssd_chunk_forward(cb, a, x.double(), C, S, mamba2.MIN_LOG_DECAY)
+
+
+@needs_ssd
+def test_model_training_step_with_the_scan_kernel_matches_torch(scan_calls):
+    """A forward + backward of the tiny preset (MTP included): loss and every parameter's gradient
+    equal those of torch's scan, and the kernel ran once per Mamba layer."""
+    torch.manual_seed(0)
+    model = NemotronHForCausalLM(preset("tiny")).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 70))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = step()
+    config = model.config
+    mamba_layers = (config.hybrid_override_pattern + config.mtp_hybrid_override_pattern).count("M")
+    assert len(scan_calls) == mamba_layers > 0
+    with kc.torch_only():
+        ref_loss, ref_grads = step()
+    assert len(scan_calls) == mamba_layers
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.skipif(not kc._linux_x86(), reason="the scan kernel is only built on x86-64 Linux")
+def test_a_failed_scan_kernel_build_warns_once_and_leaves_torchs_scan(monkeypatch, tmp_path, scan_calls):
+    monkeypatch.setenv("KINETIC_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    kc._ssd_library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="Mamba-2 scan kernel is unavailable"):
+            assert not kc.ssd_chunk_available()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not kc.ssd_chunk_available()
+        inputs = scan_inputs(1, 70, 4, 16, 2, 16, False)
+        got = scan_with_grads(inputs, 32, torch.float32)  # torch's scan, still right
+        want = scan_with_grads(inputs, 32, torch.float64)
+        assert not scan_calls
+        torch.testing.assert_close(got[0].double(), want[0], atol=1e-5, rtol=1e-5)
+    finally:
+        kc._ssd_library.cache_clear()
+
+
+@needs_ssd
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])  # AVX2 (8-float vectors), SSE2 (4-float)
+def test_scan_kernel_at_narrower_simd_widths(monkeypatch, tmp_path, scan_calls, march):
+    """The kernel's vectors follow the target's SIMD width; this machine runs the AVX-512 build, so
+    the AVX2 and SSE2 builds are checked here against float64 too."""
+    monkeypatch.setenv("KINETIC_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(kc, "FLAGS", [f if f != "-march=native" else f"-march={march}" for f in kc.FLAGS])
+    kc._ssd_library.cache_clear()
+    try:
+        inputs = scan_inputs(2, 100, 6, 48, 3, 32, True, seed=7)
+        got = scan_with_grads(inputs, 32, torch.float32)
+        assert len(scan_calls) == 1 and len(list(tmp_path.glob("ssd_chunk-*.so"))) == 1
+        want = scan_with_grads(inputs, 32, torch.float64)
+        for a, r in zip(got, want, strict=True):
+            torch.testing.assert_close(a.double(), r, atol=2e-5 * r.abs().max().item(), rtol=1e-5)
+    finally:
+        kc._ssd_library.cache_clear()

@@ -1,11 +1,18 @@
 """CPU kernels written in C, compiled on first use with the machine's C compiler and loaded by ctypes.
 
-One so far: :func:`decode_attention` (``decode_attention.c``), a few query rows per KV head over a
-long KV cache -- the attention of a decode step -- for x86-64 CPUs with AVX-512. It is an optional
-fast path: :func:`decode_attention_available` says whether it can run here and everything else
-takes ``scaled_dot_product_attention``, which the tests compare it with.
+Two so far, each an optional fast path with torch's operators as the fallback the tests compare it with:
 
-The library is built once per source, compiler and CPU with ``cc -O3 -march=native -fopenmp`` into
+- :func:`decode_attention` (``decode_attention.c``): a few query rows per KV head over a long KV
+  cache -- the attention of a decode step -- for x86-64 CPUs with AVX-512;
+  :func:`decode_attention_available` says whether it can run here, else
+  ``scaled_dot_product_attention`` runs.
+- :func:`ssd_chunk_forward` / :func:`ssd_chunk_backward` (``ssd_chunk.c``): each chunk's outputs of
+  Mamba-2's chunked scan without its (heads x chunks x L x L) tensor, for x86-64 Linux CPUs, in C
+  with GCC/Clang vector extensions at the SIMD width the compiler targets (AVX-512, AVX2 or SSE2);
+  :func:`ssd_chunk_available` says whether it can run here, else ``kinetic.model.mamba2`` composes
+  torch operators.
+
+Each library is built once per source, compiler and CPU with ``cc -O3 -march=native -fopenmp`` into
 ``$KINETIC_KERNEL_CACHE`` (default ``~/.cache/kinetic/kernels``), which takes about a second; a
 build that fails warns once and leaves torch's kernels in place. ``KINETIC_CPU_KERNELS=0`` turns
 the kernels off (read at their first use in a process). The C code's OpenMP is the one torch's CPU
@@ -31,6 +38,7 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).with_name("decode_attention.c")
+_SSD_SOURCE = Path(__file__).with_name("ssd_chunk.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 
@@ -98,25 +106,51 @@ def build(source: Path, compiler: str | None = None) -> Path:
     return target
 
 
+def _load(source: Path, what: str) -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(str(build(source)))
+    except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+        warnings.warn(f"kinetic's CPU {what} kernel is unavailable ({err}); using torch's operators",
+                      stacklevel=3)
+        return None
+
+
+def _linux_x86() -> bool:
+    return platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The decode-attention library, or None where it cannot run (not x86-64 Linux with AVX-512, or
     turned off) or could not be built (warned once)."""
-    if not (enabled() and platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
-            and "avx512f" in _cpu_flags()):
+    if not (enabled() and _linux_x86() and "avx512f" in _cpu_flags()):
         return None
-    try:
-        lib = ctypes.CDLL(str(build(_SOURCE)))
-    except (RuntimeError, OSError, subprocess.SubprocessError) as err:
-        warnings.warn(f"kinetic's CPU decode-attention kernel is unavailable ({err}); using torch's "
-                      "attention", stacklevel=2)
-        return None
-    if lib.kinetic_simd_width() != 16:  # the compiler did not target AVX-512
+    lib = _load(_SOURCE, "decode-attention")
+    if lib is None or lib.kinetic_simd_width() != 16:  # the compiler did not target AVX-512
         return None
     fn = lib.kinetic_decode_attention
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 3 + [
         ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p]
+    return lib
+
+
+@functools.cache
+def _ssd_library() -> ctypes.CDLL | None:
+    """The SSD chunk library, or None where it cannot run (not x86-64 Linux, or turned off) or
+    could not be built (warned once). x86-64 only because that is where it was measured."""
+    if not (enabled() and _linux_x86()):
+        return None
+    lib = _load(_SSD_SOURCE, "Mamba-2 scan")
+    if lib is None:
+        return None
+    if lib.kinetic_ssd_chunk_strides() != 31:  # the stride table _strides() packs
+        return None
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.kinetic_ssd_chunk_forward.restype = ctypes.c_int
+    lib.kinetic_ssd_chunk_forward.argtypes = [ptr] * 7 + [i64] + [i32] * 6 + [ctypes.c_float]
+    lib.kinetic_ssd_chunk_backward.restype = ctypes.c_int
+    lib.kinetic_ssd_chunk_backward.argtypes = [ptr] * 12 + [i64] + [i32] * 6 + [ctypes.c_float]
     return lib
 
 
@@ -172,3 +206,97 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         raise RuntimeError(f"kinetic_decode_attention failed with code {err} (heads={heads}, "
                            f"kv_heads={kv_heads}, head_dim={dim}, keys={n})")
     return out.view(b, heads, 1, dim)
+
+
+def ssd_chunk_available(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the SSD chunk kernel runs for tensors of ``device`` and ``dtype`` here."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and _ssd_library() is not None
+
+
+SSD_MAX_DIM = 256  # MAX_DIM in ssd_chunk.c: chunk length, head size and state size
+
+
+def ssd_chunk_fits(x: torch.Tensor, C: torch.Tensor) -> bool:
+    """Whether :func:`ssd_chunk_forward` takes a scan of inputs ``x`` (b, g, r, c, L, p) and rows
+    ``C`` (b, g, c, L, n): float32 CPU tensors outside ``torch.compile``, chunk length up to 256,
+    head and state sizes multiples of 16 up to 256, and the kernel available."""
+    if _stepped_aside or torch.compiler.is_compiling():
+        return False
+    L, p, n = x.shape[-2], x.shape[-1], C.shape[-1]
+    if not (x.device.type == C.device.type == "cpu" and x.dtype == C.dtype == torch.float32
+            and 1 <= L <= SSD_MAX_DIM and all(d % 16 == 0 and 16 <= d <= SSD_MAX_DIM for d in (p, n))):
+        return False
+    return ssd_chunk_available()
+
+
+def _ssd_check(cb, a_cs, x, C, S) -> tuple[int, int, int, int, int, int, int]:
+    b, g, r, c, L, p = x.shape
+    n = C.shape[-1]
+    want = {"cb": (b, g, c, L, L), "a_cs": (b, g, r, c, L), "C": (b, g, c, L, n), "S": (b, g, r, c, p, n)}
+    for name, t in (("cb", cb), ("a_cs", a_cs), ("C", C), ("S", S)):
+        if tuple(t.shape) != want[name]:
+            raise ValueError(f"ssd_chunk: {name} has shape {tuple(t.shape)}, expected {want[name]} for x "
+                             f"of shape {tuple(x.shape)} (b, g, r, c, L, p)")
+    for name, t in (("x", x), ("C", C), ("S", S)):
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"ssd_chunk: {name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    return b, g, r, c, L, p, n
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if its innermost dimension is contiguous, else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(*groups: tuple[torch.Tensor, int]) -> torch.Tensor:
+    """The kernel's stride table: the first ``k`` strides of each tensor, in order."""
+    return torch.tensor([s for t, k in groups for s in t.stride()[:k]], dtype=torch.int64)
+
+
+def ssd_chunk_forward(cb: torch.Tensor, a_cs: torch.Tensor, x: torch.Tensor, C: torch.Tensor,
+                      S: torch.Tensor, min_log_decay: float) -> torch.Tensor:
+    """Each chunk's SSD outputs: for every (batch b, group g, head r, chunk c) and position l,
+    ``y[l] = sum_{s<=l} cb[l, s] exp(max(a[l] - a[s], m)) x[s] + exp(max(a[l], m)) S C[l]^T`` with
+    m = ``min_log_decay``. cb (b, g, c, L, L) are the group's C B^T scores, a_cs (b, g, r, c, L) each
+    head's cumulative log-decay, x (b, g, r, c, L, p) its inputs times dt, C (b, g, c, L, n) the
+    group's C rows and S (b, g, r, c, p, n) the state entering each chunk. x, C and S may be strided
+    views. Returns y (b, g, r, c, L, p), a view of a tensor laid out (b, c, L, g, r, p) -- the
+    mixer's (batch, position, head, p). Check :func:`ssd_chunk_fits` first."""
+    b, g, r, c, L, p, n = _ssd_check(cb, a_cs, x, C, S)
+    cb, a_cs, x, C = cb.contiguous(), a_cs.contiguous(), _rows(x), _rows(C)
+    if S.stride(-1) != 1 or S.stride(-2) != n:
+        S = S.contiguous()
+    y = torch.empty(b, c, L, g, r, p).permute(0, 3, 4, 1, 2, 5)
+    st = _strides((x, 5), (y, 5), (x, 5), (C, 4), (C, 4), (S, 4), (S, 4))
+    err = _ssd_library().kinetic_ssd_chunk_forward(
+        cb.data_ptr(), a_cs.data_ptr(), x.data_ptr(), C.data_ptr(), S.data_ptr(), y.data_ptr(), st.data_ptr(),
+        b, g, r, c, L, p, n, min_log_decay)
+    if err:
+        raise RuntimeError(f"kinetic_ssd_chunk_forward failed with code {err} (chunk {L}, head size {p}, "
+                           f"state size {n})")
+    return y
+
+
+def ssd_chunk_backward(cb: torch.Tensor, a_cs: torch.Tensor, x: torch.Tensor, C: torch.Tensor,
+                       S: torch.Tensor, grad: torch.Tensor, min_log_decay: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`ssd_chunk_forward`'s output (given ``grad`` of it) with respect to
+    cb, a_cs, x, C and S, in that order; the clamps at ``min_log_decay`` pass gradients through
+    (where they bind the weights are below 1e-26)."""
+    b, g, r, c, L, p, n = _ssd_check(cb, a_cs, x, C, S)
+    cb, a_cs, x, C, grad = cb.contiguous(), a_cs.contiguous(), _rows(x), _rows(C), _rows(grad)
+    if S.stride(-1) != 1 or S.stride(-2) != n:
+        S = S.contiguous()
+    d_cb, d_a = torch.empty_like(cb), torch.empty_like(a_cs)
+    d_x = torch.empty(b, c, L, g, r, p).permute(0, 3, 4, 1, 2, 5)  # the mixer's layout, like x's
+    d_C = torch.empty(b, c, L, g, n).permute(0, 3, 1, 2, 4)
+    d_S = torch.empty(b, g, r, c, p, n)
+    st = _strides((x, 5), (grad, 5), (d_x, 5), (C, 4), (d_C, 4), (S, 4), (d_S, 4))
+    err = _ssd_library().kinetic_ssd_chunk_backward(
+        cb.data_ptr(), a_cs.data_ptr(), x.data_ptr(), C.data_ptr(), S.data_ptr(), grad.data_ptr(),
+        d_cb.data_ptr(), d_a.data_ptr(), d_x.data_ptr(), d_C.data_ptr(), d_S.data_ptr(), st.data_ptr(),
+        b, g, r, c, L, p, n, min_log_decay)
+    if err:
+        raise RuntimeError(f"kinetic_ssd_chunk_backward failed with code {err} (chunk {L}, head size {p}, "
+                           f"state size {n})")
+    return d_cb, d_a, d_x, d_C, d_S

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kinetic.config import ModelConfig
+from kinetic.kernels import cpu as cpu_kernels
 from kinetic.model.conv import causal_conv1d_silu
 from kinetic.model.norm import GatedRMSNorm
 
@@ -74,6 +75,24 @@ class _DecayedScores(torch.autograd.Function):
         return grad_cb, grad_a
 
 
+class _ChunkScanC(torch.autograd.Function):
+    """Steps 1 and 4 of :func:`ssd_scan` -- each chunk's outputs from its own inputs and from the
+    state entering it -- in one C kernel per direction (CPU, float32; ``kinetic/kernels/ssd_chunk.c``).
+    Each head's L x L tile is built in a small buffer, used and dropped, and rebuilt in the backward
+    pass, so neither direction writes or reads the (b, g, r, c, L, L) scores or the decayed C rows
+    (b, g, r, c, L, n) through memory, and x and y keep the mixer's layout."""
+
+    @staticmethod
+    def forward(ctx, cb, a_cs, x, C, s_in):
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(cb, a_cs, x, C, s_in)
+        return cpu_kernels.ssd_chunk_forward(cb, a_cs, x, C, s_in, MIN_LOG_DECAY)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return cpu_kernels.ssd_chunk_backward(*ctx.saved_tensors, grad, MIN_LOG_DECAY)
+
+
 def _carry(states: torch.Tensor, chunk_log_decay: torch.Tensor,
            initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass states across chunks with one (c+1) x c decay-matrix product (no Python loop).
@@ -118,27 +137,32 @@ def ssd_scan(
         B = F.pad(B, (0, 0, 0, 0, 0, pad))
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
     c, L = (seqlen + pad) // chunk_size, chunk_size
-    xdt = (x * dt.unsqueeze(-1)).view(b, c, L, g, r, p).permute(0, 3, 4, 1, 2, 5).contiguous()
+    # x dt in the mixer's layout (b, c, L, g, r, p), seen head-major as (b, g, r, c, L, p)
+    xdt = (x * dt.unsqueeze(-1)).view(b, c, L, g, r, p).permute(0, 3, 4, 1, 2, 5)
     dt = dt.view(b, c, L, g, r).permute(0, 3, 4, 1, 2)  # (b, g, r, c, L)
     B = B.view(b, c, L, g, n).permute(0, 3, 1, 2, 4).contiguous()  # (b, g, c, L, n)
     C = C.view(b, c, L, g, n).permute(0, 3, 1, 2, 4).contiguous()
     a_cs = (dt * A.view(1, g, r, 1, 1)).cumsum(-1)  # (b, g, r, c, L): cumulative log-decay
+    cb = C @ B.transpose(-1, -2)  # (b, g, c, L, L): C_l . B_s within each chunk, shared by a group's heads
+    kernel = cpu_kernels.ssd_chunk_fits(xdt, C)
+    if not kernel:  # torch's batched matmuls below want it head-major in memory
+        xdt = xdt.contiguous()
 
-    # 1. within each chunk: a decayed, causal "attention" C_l . B_s over positions
-    scores = _DecayedScores.apply(C @ B.transpose(-1, -2), a_cs)  # (b, g, r, c, L, L)
-    y = scores @ xdt  # (b, g, r, c, L, p)
-
-    # 2. the state each chunk adds by its end: sum_l decay(l -> end) * x_l dt_l B_l^T
+    # 1. the state each chunk adds by its end: sum_l decay(l -> end) * x_l dt_l B_l^T
     to_end = torch.exp((a_cs[..., -1:] - a_cs).clamp_(min=MIN_LOG_DECAY)).unsqueeze(-1)  # (b, g, r, c, L, 1)
     xd = (xdt * to_end).permute(0, 1, 3, 2, 5, 4).reshape(b, g, c, r * p, L)
     states = (xd @ B).view(b, g, c, r, p, n)
 
-    # 3. the state entering each chunk, and the final state
+    # 2. the state entering each chunk, and the final state
     s_in, final = _carry(states, a_cs[..., -1], initial_state)  # (b, g, r, c, p, n), (b, g, r, p, n)
     final = final.reshape(b, h, p, n)
 
-    # 4. what each chunk's incoming state contributes to its outputs, added into y in place:
-    #    y_l += exp(a_cs_l) C_l . s_in
+    # 3. each chunk's outputs: a decayed, causal "attention" C_l . B_s over its own positions, plus
+    #    what its incoming state contributes, exp(a_cs_l) C_l . s_in
+    if kernel:
+        y = _ChunkScanC.apply(cb, a_cs, xdt, C, s_in)  # (b, g, r, c, L, p) over a (b, c, L, g, r, p) tensor
+        return y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * L, h, p)[:, :seqlen], final
+    y = _DecayedScores.apply(cb, a_cs) @ xdt  # (b, g, r, c, L, p)
     c_in = C.unsqueeze(2) * torch.exp(a_cs.clamp(min=MIN_LOG_DECAY)).unsqueeze(-1)  # (b, g, r, c, L, n)
     y = torch.baddbmm(y.view(-1, L, p), c_in.view(-1, L, n), s_in.reshape(-1, p, n).transpose(1, 2))
     y = y.view(b, g, r, c, L, p).permute(0, 3, 4, 1, 2, 5).reshape(b, c * L, h, p)

@@ -1,0 +1,337 @@
+/* Mamba-2's chunked SSD scan on CPUs, float32: each chunk's outputs from its inputs and its incoming
+ * state, forward and backward, without the scan's largest tensors.
+ *
+ * For each (batch, group, chunk) and each head r of the group, with the head's cumulative
+ * log-decays a (L), the group's scores cb = C B^T (L x L) and rows C (L x N), the head's inputs x
+ * (L x P, already multiplied by dt) and the state entering the chunk S (P x N):
+ *
+ *     w[l, s] = cb[l, s] * exp(max(a[l] - a[s], min_log))   for s <= l (0 above the diagonal)
+ *     y[l, :] = sum_s w[l, s] x[s, :]  +  exp(max(a[l], min_log)) * S C[l, :]^T
+ *
+ * torch builds w as a (batch, groups, heads, chunks, L, L) tensor and C repeated per head with its
+ * decay as another (.., L, N) one, and passes over them several times forward and backward; here
+ * each head's tiles live in a few kilobytes and are rebuilt in the backward pass instead of stored.
+ * x, y and C are read and written in the layout the mixer has them in (strided), so no permuted
+ * copies are made either. Plain C with GCC/Clang vector extensions, which the compiler maps onto
+ * the SIMD -march=native offers; built by kinetic/kernels/cpu.py; OpenMP over (batch, group, chunk).
+ *
+ * Shapes (element strides in `st`, the innermost dimension contiguous):
+ *   cb (Bz, G, C, L, L) and a (Bz, G, R, C, L) contiguous;
+ *   x, y, dy, dx (Bz, G, R, C, L, P): strides b, g, r, c, l;
+ *   Cm, dC (Bz, G, C, L, N): strides b, g, c, l;
+ *   S, dS (Bz, G, R, C, P, N): strides b, g, r, c (each P x N block contiguous).
+ * Backward: dcb and dC sum the R heads of a group; da is d/d a with the clamps passed through (where
+ * they bind the weights are below 1e-26). P and N are multiples of 16, L, P, N <= 256.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_DIM 256
+
+/* exp(x) for min_log <= x <= 0 (min_log >= -87): 2^(x log2 e) split into a rounded integer n and a
+ * fraction f in [-0.5, 0.5]; 2^f by a degree-6 polynomial (relative error ~2e-7), times 2^n built in
+ * the exponent bits. Branch-free and without library calls, so loops over it vectorize. */
+static inline float exp_nonpositive(float x) {
+    float t = x * 1.44269504088896341f;
+    float n = (t + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
+    float f = t - n;
+    float p = 1.5403530393381606e-4f;
+    p = p * f + 1.3333558146428443e-3f;
+    p = p * f + 9.6181291076284772e-3f;
+    p = p * f + 5.5504108664821580e-2f;
+    p = p * f + 2.4022650695910071e-1f;
+    p = p * f + 6.9314718055994531e-1f;
+    p = p * f + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* V floats, loaded from and stored to any float address: GCC/Clang vector extensions at the
+ * width of the SIMD registers -march=native offers (wider types than the registers are lowered
+ * through memory, several times slower). */
+#if defined(__AVX512F__)
+#define V 16
+#elif defined(__AVX__)
+#define V 8
+#else
+#define V 4
+#endif
+typedef float vf __attribute__((vector_size(4 * V)));
+typedef float vf_u __attribute__((vector_size(4 * V), aligned(4), may_alias));
+static inline vf vload(const float* p) { return *(const vf_u*)p; }
+static inline void vstore(float* p, vf v) { *(vf_u*)p = v; }
+
+/* One head's tiles, row stride Lp (L rounded up to 16), zero above the diagonal and past L:
+ * e[l, s] = exp(max(a[l] - a[s], min_log)) and w = cb * e. */
+static void decay_tiles(const float* restrict cb, const float* restrict a, int L, int Lp,
+                        float min_log, float* restrict e, float* restrict w) {
+    for (int l = 0; l < L; l++) {
+        const float al = a[l];
+        float* el = e + (int64_t)l * Lp;
+        float* wl = w + (int64_t)l * Lp;
+        const float* cbl = cb + (int64_t)l * L;
+        for (int s = 0; s <= l; s++) {
+            float d = al - a[s];
+            d = d < min_log ? min_log : (d > 0.0f ? 0.0f : d);
+            el[s] = exp_nonpositive(d);
+            wl[s] = cbl[s] * el[s];
+        }
+        for (int s = l + 1; s < Lp; s++) el[s] = wl[s] = 0.0f;
+    }
+}
+
+/* Strides, in the order the Python side packs them. */
+enum {
+    X_B, X_G, X_R, X_C, X_L,      /* x */
+    Y_B, Y_G, Y_R, Y_C, Y_L,      /* y (forward) or dy (backward) */
+    DX_B, DX_G, DX_R, DX_C, DX_L, /* dx (backward) */
+    C_B, C_G, C_C, C_L,           /* Cm */
+    DC_B, DC_G, DC_C, DC_L,       /* dC (backward) */
+    S_B, S_G, S_R, S_C,           /* S */
+    DS_B, DS_G, DS_R, DS_C,       /* dS (backward) */
+    N_STRIDES
+};
+
+int kinetic_ssd_chunk_strides(void) { return N_STRIDES; }
+
+static int bad_dims(int L, int P, int N, float min_log) {
+    return L < 1 || L > MAX_DIM || P < V || P > MAX_DIM || P % V || N < V || N > MAX_DIM || N % V ||
+           min_log < -87.0f;
+}
+
+/* A task's (batch, group, chunk) from its index over Bz x G x C. */
+static inline void task_of(int64_t t, int G, int C, int64_t* b, int* g, int* c) {
+    *b = t / ((int64_t)G * C);
+    *g = (int)(t / C % G);
+    *c = (int)(t % C);
+}
+
+/* One head's decay tiles (see decay_tiles) and ea[l] = exp(max(a[l], min_log)), the decay of the
+ * incoming state by position l. */
+static void head_decays(const float* restrict cb, const float* restrict a, int L, int Lp, float min_log,
+                        float* restrict e, float* restrict w, float* restrict ea) {
+    decay_tiles(cb, a, L, Lp, min_log, e, w);
+    for (int l = 0; l < L; l++) ea[l] = exp_nonpositive(a[l] < min_log ? min_log : a[l]);
+}
+
+/* out[q][0..2V) += sum_k a[q][k] * m[k][j0 .. j0 + 2V) for the up-to-4 rows q of a block: rows of a
+ * at stride as (k from k0 to k1), rows of m at stride ms. */
+#define ROWS_TIMES(acc, rows, arow, k0, k1, m, ms, j0, two)                         \
+    for (int k = (k0); k < (k1); k++) {                                             \
+        const float* mk = (m) + (int64_t)k * (ms) + (j0);                           \
+        vf m0 = vload(mk), m1 = (two) ? vload(mk + V) : (vf){0};                    \
+        for (int q = 0; q < 4; q++) {                                               \
+            if (q >= (rows)) break;                                                 \
+            const float aq = arow(q, k);                                            \
+            acc[q][0] += aq * m0;                                                   \
+            acc[q][1] += aq * m1;                                                   \
+        }                                                                           \
+    }
+
+int kinetic_ssd_chunk_forward(const float* cb, const float* a, const float* x, const float* Cm,
+                              const float* S, float* y, const int64_t* st, int64_t Bz, int G, int R,
+                              int C, int L, int P, int N, float min_log) {
+    if (bad_dims(L, P, N, min_log)) return 1;
+    const int Lp = (L + V - 1) / V * V;
+    const int64_t tasks = Bz * G * C;
+    int err = 0;
+#pragma omp parallel
+    {
+        /* e, w: L x Lp tiles; sT: N x P (S transposed); ea: L */
+        float* buf = malloc(sizeof(float) * ((size_t)2 * L * Lp + (size_t)N * P + Lp));
+        if (!buf) {
+#pragma omp atomic write
+            err = 2;
+        }
+        float *e = buf, *w = buf + (size_t)L * Lp, *sT = buf + (size_t)2 * L * Lp;
+        float* ea = sT + (size_t)N * P;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; t++) {
+            if (!buf) continue;
+            int64_t b;
+            int g, c;
+            task_of(t, G, C, &b, &g, &c);
+            const float* cbm = cb + t * L * L;
+            const float* Ct = Cm + b * st[C_B] + g * st[C_G] + c * st[C_C];
+            for (int r = 0; r < R; r++) {
+                const float* av = a + (((b * G + g) * R + r) * C + c) * L;
+                const float* xt = x + b * st[X_B] + g * st[X_G] + r * st[X_R] + c * st[X_C];
+                float* yt = y + b * st[Y_B] + g * st[Y_G] + r * st[Y_R] + c * st[Y_C];
+                const float* Sm = S + b * st[S_B] + g * st[S_G] + r * st[S_R] + c * st[S_C];
+                head_decays(cbm, av, L, Lp, min_log, e, w, ea);
+                for (int j = 0; j < P; j++)
+                    for (int k = 0; k < N; k++) sT[(int64_t)k * P + j] = Sm[(int64_t)j * N + k];
+                for (int j0 = 0; j0 < P; j0 += 2 * V) {
+                    const int two = j0 + V < P;
+                    for (int l0 = 0; l0 < L; l0 += 4) {
+                        const int rows = L - l0 < 4 ? L - l0 : 4;
+                        vf acc[4][2] = {{{0}}}, off[4][2] = {{{0}}};
+#define W_AT(q, k) w[(int64_t)(l0 + q) * Lp + k]
+#define C_AT(q, k) Ct[(int64_t)(l0 + q) * st[C_L] + k]
+                        ROWS_TIMES(acc, rows, W_AT, 0, l0 + rows, xt, st[X_L], j0, two)
+                        ROWS_TIMES(off, rows, C_AT, 0, N, sT, P, j0, two)
+#undef W_AT
+#undef C_AT
+                        for (int q = 0; q < rows; q++) {
+                            float* yl = yt + (int64_t)(l0 + q) * st[Y_L] + j0;
+                            const float eq = ea[l0 + q];
+                            vstore(yl, acc[q][0] + eq * off[q][0]);
+                            if (two) vstore(yl + V, acc[q][1] + eq * off[q][1]);
+                        }
+                    }
+                }
+            }
+        }
+        free(buf);
+    }
+    return err;
+}
+
+int kinetic_ssd_chunk_backward(const float* cb, const float* a, const float* x, const float* Cm,
+                               const float* S, const float* dy, float* dcb, float* da, float* dx,
+                               float* dC, float* dS, const int64_t* st, int64_t Bz, int G, int R,
+                               int C, int L, int P, int N, float min_log) {
+    if (bad_dims(L, P, N, min_log)) return 1;
+    const int Lp = (L + V - 1) / V * V;
+    const int64_t tasks = Bz * G * C; /* each task's R heads all add into its dcb and dC tiles */
+    int err = 0;
+#pragma omp parallel
+    {
+        /* e, w, dm: L x Lp tiles; xT: P x Lp (x transposed, zero past L); u: L x N; ea: L;
+           dyT: P x L (dy times ea, transposed) */
+        float* buf = malloc(sizeof(float) * ((size_t)3 * L * Lp + (size_t)P * Lp + (size_t)L * N + Lp +
+                                             (size_t)P * L));
+        if (!buf) {
+#pragma omp atomic write
+            err = 2;
+        }
+        float *e = buf, *w = buf + (size_t)L * Lp, *dm = buf + (size_t)2 * L * Lp;
+        float* xT = buf + (size_t)3 * L * Lp;
+        float* u = xT + (size_t)P * Lp;
+        float* ea = u + (size_t)L * N;
+        float* dyT = ea + Lp;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; t++) {
+            if (!buf) continue;
+            int64_t b;
+            int g, c;
+            task_of(t, G, C, &b, &g, &c);
+            const float* cbm = cb + t * L * L;
+            float* dcbm = dcb + t * L * L;
+            const float* Ct = Cm + b * st[C_B] + g * st[C_G] + c * st[C_C];
+            float* dCt = dC + b * st[DC_B] + g * st[DC_G] + c * st[DC_C];
+            memset(dcbm, 0, sizeof(float) * (size_t)L * L);
+            for (int l = 0; l < L; l++) memset(dCt + (int64_t)l * st[DC_L], 0, sizeof(float) * N);
+            for (int r = 0; r < R; r++) {
+                const int64_t i = ((b * G + g) * R + r) * C + c;
+                const float* av = a + i * L;
+                const float* xt = x + b * st[X_B] + g * st[X_G] + r * st[X_R] + c * st[X_C];
+                const float* dyt = dy + b * st[Y_B] + g * st[Y_G] + r * st[Y_R] + c * st[Y_C];
+                float* dxt = dx + b * st[DX_B] + g * st[DX_G] + r * st[DX_R] + c * st[DX_C];
+                const float* Sm = S + b * st[S_B] + g * st[S_G] + r * st[S_R] + c * st[S_C];
+                float* dSm = dS + b * st[DS_B] + g * st[DS_G] + r * st[DS_R] + c * st[DS_C];
+                head_decays(cbm, av, L, Lp, min_log, e, w, ea);
+                for (int j = 0; j < P; j++) {
+                    float* xj = xT + (int64_t)j * Lp;
+                    for (int s = 0; s < L; s++) xj[s] = xt[(int64_t)s * st[X_L] + j];
+                    for (int s = L; s < Lp; s++) xj[s] = 0.0f;
+                    for (int l = 0; l < L; l++) dyT[(int64_t)j * L + l] = ea[l] * dyt[(int64_t)l * st[Y_L] + j];
+                }
+                /* dm[l, s] = dy[l] . x[s] for s <= l (rounded up to whole vectors), 4 rows at a time */
+                for (int l0 = 0; l0 < L; l0 += 4) {
+                    const int rows = L - l0 < 4 ? L - l0 : 4;
+                    const int width = (l0 + rows - 1) / V * V + V;
+                    for (int s0 = 0; s0 < width; s0 += V) {
+                        vf acc[4] = {0};
+                        for (int j = 0; j < P; j++) {
+                            vf xv = vload(xT + (int64_t)j * Lp + s0);
+                            for (int q = 0; q < 4; q++) {
+                                if (q >= rows) break;
+                                acc[q] += dyt[(int64_t)(l0 + q) * st[Y_L] + j] * xv;
+                            }
+                        }
+                        for (int q = 0; q < rows; q++) vstore(dm + (int64_t)(l0 + q) * Lp + s0, acc[q]);
+                    }
+                }
+                /* u[l, :] = sum_j dy[l, j] S[j, :]: the state term's gradient before its decay */
+                for (int k0 = 0; k0 < N; k0 += 2 * V) {
+                    const int two = k0 + V < N;
+                    for (int l0 = 0; l0 < L; l0 += 4) {
+                        const int rows = L - l0 < 4 ? L - l0 : 4;
+                        vf acc[4][2] = {{{0}}};
+#define DY_AT(q, j) dyt[(int64_t)(l0 + q) * st[Y_L] + j]
+                        ROWS_TIMES(acc, rows, DY_AT, 0, P, Sm, N, k0, two)
+#undef DY_AT
+                        for (int q = 0; q < rows; q++) {
+                            vstore(u + (int64_t)(l0 + q) * N + k0, acc[q][0]);
+                            if (two) vstore(u + (int64_t)(l0 + q) * N + k0 + V, acc[q][1]);
+                        }
+                    }
+                }
+                /* dcb += dm * e; g = dm * w; da = row sums of g - column sums of g + the state
+                   term's ea[l] C[l] . u[l]; dC += ea[l] u[l] */
+                float dcol[MAX_DIM + V];
+                for (int s = 0; s < Lp; s++) dcol[s] = 0.0f;
+                for (int l = 0; l < L; l++) {
+                    const float* el = e + (int64_t)l * Lp;
+                    const float* wl = w + (int64_t)l * Lp;
+                    const float* dml = dm + (int64_t)l * Lp;
+                    float* dcbl = dcbm + (int64_t)l * L;
+                    float row = 0.0f;
+                    for (int s = 0; s <= l; s++) {
+                        dcbl[s] += dml[s] * el[s];
+                        const float gs = dml[s] * wl[s];
+                        row += gs;
+                        dcol[s] -= gs;
+                    }
+                    const float* ul = u + (int64_t)l * N;
+                    const float* Cl = Ct + (int64_t)l * st[C_L];
+                    float* dCl = dCt + (int64_t)l * st[DC_L];
+                    float cu = 0.0f;
+                    for (int k = 0; k < N; k++) {
+                        cu += Cl[k] * ul[k];
+                        dCl[k] += ea[l] * ul[k];
+                    }
+                    dcol[l] += row + ea[l] * cu;
+                }
+                memcpy(da + i * L, dcol, sizeof(float) * L);
+                /* dS[j, :] = sum_l ea[l] dy[l, j] C[l, :], 4 rows of dS at a time */
+                for (int k0 = 0; k0 < N; k0 += 2 * V) {
+                    const int two = k0 + V < N;
+                    for (int j0 = 0; j0 < P; j0 += 4) {
+                        const int rows = P - j0 < 4 ? P - j0 : 4;
+                        vf acc[4][2] = {{{0}}};
+#define DYT_AT(q, l) dyT[(int64_t)(j0 + q) * L + l]
+                        ROWS_TIMES(acc, rows, DYT_AT, 0, L, Ct, st[C_L], k0, two)
+#undef DYT_AT
+                        for (int q = 0; q < rows; q++) {
+                            vstore(dSm + (int64_t)(j0 + q) * N + k0, acc[q][0]);
+                            if (two) vstore(dSm + (int64_t)(j0 + q) * N + k0 + V, acc[q][1]);
+                        }
+                    }
+                }
+                /* dx[s, :] = sum_{l >= s} w[l, s] dy[l, :], 4 rows of dx at a time */
+                for (int j0 = 0; j0 < P; j0 += 2 * V) {
+                    const int two = j0 + V < P;
+                    for (int s0 = 0; s0 < L; s0 += 4) {
+                        const int rows = L - s0 < 4 ? L - s0 : 4;
+                        vf acc[4][2] = {{{0}}};
+#define WT_AT(q, l) w[(int64_t)(l) * Lp + s0 + q]
+                        ROWS_TIMES(acc, rows, WT_AT, s0, L, dyt, st[Y_L], j0, two)
+#undef WT_AT
+                        for (int q = 0; q < rows; q++) {
+                            float* dxs = dxt + (int64_t)(s0 + q) * st[DX_L] + j0;
+                            vstore(dxs, acc[q][0]);
+                            if (two) vstore(dxs + V, acc[q][1]);
+                        }
+                    }
+                }
+            }
+        }
+        free(buf);
+    }
+    return err;
+}
