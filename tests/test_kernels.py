@@ -313,7 +313,7 @@ def test_a_failed_scan_kernel_build_warns_once_and_leaves_torchs_scan(monkeypatc
 
 
 @needs_ssd
-@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])  # AVX2 (8-float vectors), SSE2 (4-float)
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])  # AVX2 (8-float vectors), SSE2 (4-float)
 def test_scan_kernel_at_narrower_simd_widths(monkeypatch, tmp_path, scan_calls, march):
     """The kernel's vectors follow the target's SIMD width; this machine runs the AVX-512 build, so
     the AVX2 and SSE2 builds are checked here against float64 too."""
