@@ -174,7 +174,7 @@ def breakdown(model: torch.nn.Module, ids: torch.Tensor, is_kinetic: bool, iters
     started: dict[int, float] = {}
     hooks = []
     for name, module in model.named_modules():
-        kind = "lm_head" if name == "lm_head" else kind_of.get(type(module).__name__)
+        kind = "lm_head" if name in ("lm_head", "inner.lm_head") else kind_of.get(type(module).__name__)
         if kind is None:
             continue
         hooks.append(module.register_forward_pre_hook(

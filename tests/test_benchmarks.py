@@ -89,7 +89,10 @@ def test_model_speed_times_kinetic_without_its_kernels(monkeypatch, capsys):
 
     report = model_speed.main(["--preset", "tiny", "--batch", "1", "--seq", "40", "--iters", "2", "--warmup",
                                "1", "--peak-size", "128", "--peak-repeats", "2", "--no-transformers",
-                               "--torch-ops"])
+                               "--torch-ops", "--breakdown"])
+    for parts in report["forward_breakdown_ms"].values():  # the wrapped model's layers are found too
+        assert min(parts["mamba"], parts["moe"], parts["attention"], parts["lm_head"]) > 0
+    assert set(report["block_fwd_bwd_ms"]) == {"kinetic", "kinetic torch ops"}
     r = report["results"]
     assert set(r) == {"kinetic", "kinetic torch ops"}
     for mode in model_speed.MODES:

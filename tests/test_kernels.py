@@ -1,5 +1,5 @@
-"""kinetic.kernels.cpu: the C decode-attention and Mamba-2 scan kernels against float64 references and
-inside the model, when they are used and when they are not, and how their builds fail."""
+"""kinetic.kernels.cpu: the C decode-attention, Mamba-2 scan and causal-conv kernels against float64
+references and inside the model, when they are used and when they are not, and how their builds fail."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kinetic.kernels.cpu as kc
 import kinetic.model.attention as attention
+import kinetic.model.conv as conv
 import kinetic.model.mamba2 as mamba2
 from kinetic.config import preset
 from kinetic.model import InferenceCache, NemotronHForCausalLM
@@ -139,7 +141,7 @@ def test_a_failed_build_warns_once_and_leaves_torchs_attention(monkeypatch, tmp_
 def test_the_kernels_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("KINETIC_CPU_KERNELS", "0")
     kc._library.cache_clear()
-    kc._ssd_library.cache_clear()
+    kc._mamba_library.cache_clear()
     try:
         assert not kc.decode_attention_available()
         assert not kc.ssd_chunk_available()
@@ -147,7 +149,7 @@ def test_the_kernels_can_be_turned_off(monkeypatch):
         assert not kc.ssd_chunk_fits(x, C)
     finally:
         kc._library.cache_clear()
-        kc._ssd_library.cache_clear()
+        kc._mamba_library.cache_clear()
 
 
 @needs_kernel
@@ -163,7 +165,7 @@ def test_a_build_is_reused(monkeypatch, tmp_path):
         kc.build(kc._SOURCE, compiler="false")
 
 
-# --- the Mamba-2 scan's chunk kernel (ssd_chunk.c) ---------------------------------------------------
+# --- the Mamba-2 scan's chunk kernel (mamba.c) ------------------------------------------------------
 
 needs_ssd = pytest.mark.skipif(not kc.ssd_chunk_available(),
                                reason="the C scan kernel needs x86-64 Linux and a C compiler")
@@ -266,9 +268,9 @@ def test_scan_kernel_names_a_mismatched_shape():
 
 
 @needs_ssd
-def test_model_training_step_with_the_scan_kernel_matches_torch(scan_calls):
+def test_model_training_step_with_the_mamba_kernels_matches_torch(scan_calls):
     """A forward + backward of the tiny preset (MTP included): loss and every parameter's gradient
-    equal those of torch's scan, and the kernel ran once per Mamba layer."""
+    equal those of torch's scan and conv, and the scan kernel ran once per Mamba layer."""
     torch.manual_seed(0)
     model = NemotronHForCausalLM(preset("tiny")).train()
     ids = torch.randint(0, model.config.vocab_size, (2, 70))
@@ -296,9 +298,9 @@ def test_model_training_step_with_the_scan_kernel_matches_torch(scan_calls):
 def test_a_failed_scan_kernel_build_warns_once_and_leaves_torchs_scan(monkeypatch, tmp_path, scan_calls):
     monkeypatch.setenv("KINETIC_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")
-    kc._ssd_library.cache_clear()
+    kc._mamba_library.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="Mamba-2 scan kernel is unavailable"):
+        with pytest.warns(UserWarning, match="Mamba-2 kernel is unavailable"):
             assert not kc.ssd_chunk_available()
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -309,7 +311,7 @@ def test_a_failed_scan_kernel_build_warns_once_and_leaves_torchs_scan(monkeypatc
         assert not scan_calls
         torch.testing.assert_close(got[0].double(), want[0], atol=1e-5, rtol=1e-5)
     finally:
-        kc._ssd_library.cache_clear()
+        kc._mamba_library.cache_clear()
 
 
 @needs_ssd
@@ -319,13 +321,74 @@ def test_scan_kernel_at_narrower_simd_widths(monkeypatch, tmp_path, scan_calls, 
     the AVX2 and SSE2 builds are checked here against float64 too."""
     monkeypatch.setenv("KINETIC_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(kc, "FLAGS", [f if f != "-march=native" else f"-march={march}" for f in kc.FLAGS])
-    kc._ssd_library.cache_clear()
+    kc._mamba_library.cache_clear()
     try:
         inputs = scan_inputs(2, 100, 6, 48, 3, 32, True, seed=7)
         got = scan_with_grads(inputs, 32, torch.float32)
-        assert len(scan_calls) == 1 and len(list(tmp_path.glob("ssd_chunk-*.so"))) == 1
+        assert len(scan_calls) == 1 and len(list(tmp_path.glob("mamba-*.so"))) == 1
         want = scan_with_grads(inputs, 32, torch.float64)
         for a, r in zip(got, want, strict=True):
             torch.testing.assert_close(a.double(), r, atol=2e-5 * r.abs().max().item(), rtol=1e-5)
     finally:
-        kc._ssd_library.cache_clear()
+        kc._mamba_library.cache_clear()
+
+
+# --- the causal conv + SiLU (mamba.c) -------------------------------------------------------------------
+
+def conv_reference(x, weight, bias):
+    """silu(causal depthwise conv) through F.conv1d, channels first."""
+    c, k = x.shape[-1], weight.shape[-1]
+    out = F.conv1d(x.transpose(1, 2), weight, bias, padding=k - 1, groups=c)[..., : x.shape[1]]
+    return F.silu(out).transpose(1, 2)
+
+
+@needs_ssd
+@pytest.mark.parametrize("b,seqlen,channels,taps,bias,scale", [
+    (2, 70, 96, 4, True, 1.0),  # Mamba's 4 taps, several blocks of steps
+    (1, 3, 40, 4, False, 1.0),  # fewer steps than taps, no bias
+    (3, 33, 17, 2, True, 4.0),  # odd channel count, large pre-activations (SiLU's tails)
+    (1, 1, 8, 4, True, 1.0),  # one step
+    (2, 100, 64, 8, True, 1.0),  # the most taps the kernel takes
+])
+def test_conv_kernel_matches_float64(monkeypatch, b, seqlen, channels, taps, bias, scale):
+    """Output and the gradients w.r.t. x (a strided slice, as the input projection's output is),
+    the weight and the bias against F.conv1d in float64."""
+    calls = []
+    forward = kc.conv_silu_forward
+    monkeypatch.setattr(kc, "conv_silu_forward", lambda *a: calls.append(1) or forward(*a))
+    g = torch.Generator().manual_seed(seqlen)
+    wide = torch.randn(b, seqlen, channels + 10, generator=g) * scale
+    x = wide[..., 5:5 + channels]
+    weight = torch.randn(channels, 1, taps, generator=g)
+    bias_t = torch.randn(channels, generator=g) if bias else None
+    grad = torch.randn(b, seqlen, channels, generator=g)
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).clone().requires_grad_() if t is not None else None
+                  for t in (x, weight, bias_t)]
+        y = fn(*leaves)
+        (y * grad.to(dtype)).sum().backward()
+        return [y] + [t.grad for t in leaves if t is not None]
+
+    got = run(conv.causal_conv1d_silu, torch.float32)
+    assert len(calls) == 1
+    want = run(conv_reference, torch.float64)
+    for a, r in zip(got, want, strict=True):
+        assert a.dtype == torch.float32 and a.shape == r.shape
+        torch.testing.assert_close(a.double(), r, atol=2e-6 * r.abs().max().item(), rtol=1e-5)
+
+
+def test_conv_kernel_fits_only_where_it_runs():
+    x, w = torch.randn(2, 10, 32), torch.randn(32, 4)
+    assert kc.conv_silu_fits(x, w) == kc.ssd_chunk_available()
+    assert not kc.conv_silu_fits(x.double(), w.double())
+    assert not kc.conv_silu_fits(x.transpose(1, 2).contiguous().transpose(1, 2), w)  # channels strided
+    assert not kc.conv_silu_fits(x[..., :9], torch.randn(9, 9))  # 9 taps
+    with kc.torch_only():
+        assert not kc.conv_silu_fits(x, w)
+
+
+@needs_ssd
+def test_conv_kernel_names_a_mismatched_weight():
+    with pytest.raises(ValueError, match=r"weight \(16, 4\) / bias None do not fit x of 32 channels"):
+        kc.conv_silu_forward(torch.randn(1, 5, 32), torch.randn(16, 4), None)

@@ -6,11 +6,12 @@ Two so far, each an optional fast path with torch's operators as the fallback th
   cache -- the attention of a decode step -- for x86-64 CPUs with AVX-512;
   :func:`decode_attention_available` says whether it can run here, else
   ``scaled_dot_product_attention`` runs.
-- :func:`ssd_chunk_forward` / :func:`ssd_chunk_backward` (``ssd_chunk.c``): each chunk's outputs of
-  Mamba-2's chunked scan without its (heads x chunks x L x L) tensor, for x86-64 Linux CPUs, in C
-  with GCC/Clang vector extensions at the SIMD width the compiler targets (AVX-512, AVX2 or SSE2);
-  :func:`ssd_chunk_available` says whether it can run here, else ``kinetic.model.mamba2`` composes
-  torch operators.
+- :func:`ssd_chunk_forward` / :func:`ssd_chunk_backward` (``mamba.c``): each chunk's outputs of
+  Mamba-2's chunked scan without its (heads x chunks x L x L) tensor, and :func:`conv_silu_forward`
+  / :func:`conv_silu_backward`, its causal depthwise convolution with the SiLU in one pass each way;
+  for x86-64 Linux CPUs, in C vectorized at the SIMD width the compiler targets (AVX-512, AVX2 or
+  SSE2). :func:`ssd_chunk_available` says whether they can run here, else ``kinetic.model.mamba2``
+  and ``kinetic.model.conv`` compose torch operators.
 
 Each library is built once per source, compiler and CPU with ``cc -O3 -march=native -fopenmp`` into
 ``$KINETIC_KERNEL_CACHE`` (default ``~/.cache/kinetic/kernels``), which takes about a second; a
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).with_name("decode_attention.c")
-_SSD_SOURCE = Path(__file__).with_name("ssd_chunk.c")
+_MAMBA_SOURCE = Path(__file__).with_name("mamba.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 
@@ -136,12 +137,13 @@ def _library() -> ctypes.CDLL | None:
 
 
 @functools.cache
-def _ssd_library() -> ctypes.CDLL | None:
-    """The SSD chunk library, or None where it cannot run (not x86-64 Linux, or turned off) or
-    could not be built (warned once). x86-64 only because that is where it was measured."""
+def _mamba_library() -> ctypes.CDLL | None:
+    """The Mamba-2 library (the scan's chunks, the causal conv + SiLU), or None where it cannot run
+    (not x86-64 Linux, or turned off) or could not be built (warned once). x86-64 only because that
+    is where it was measured."""
     if not (enabled() and _linux_x86()):
         return None
-    lib = _load(_SSD_SOURCE, "Mamba-2 scan")
+    lib = _load(_MAMBA_SOURCE, "Mamba-2")
     if lib is None:
         return None
     if lib.kinetic_ssd_chunk_strides() != 31:  # the stride table _strides() packs
@@ -151,6 +153,10 @@ def _ssd_library() -> ctypes.CDLL | None:
     lib.kinetic_ssd_chunk_forward.argtypes = [ptr] * 7 + [i64] + [i32] * 6 + [ctypes.c_float]
     lib.kinetic_ssd_chunk_backward.restype = ctypes.c_int
     lib.kinetic_ssd_chunk_backward.argtypes = [ptr] * 12 + [i64] + [i32] * 6 + [ctypes.c_float]
+    lib.kinetic_conv_silu_forward.restype = ctypes.c_int
+    lib.kinetic_conv_silu_forward.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, i32]
+    lib.kinetic_conv_silu_backward.restype = ctypes.c_int
+    lib.kinetic_conv_silu_backward.argtypes = [ptr, i64, i64] + [ptr] * 6 + [i64, i64, i64, i32]
     return lib
 
 
@@ -210,10 +216,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 def ssd_chunk_available(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> bool:
     """Whether the SSD chunk kernel runs for tensors of ``device`` and ``dtype`` here."""
-    return torch.device(device).type == "cpu" and dtype == torch.float32 and _ssd_library() is not None
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and _mamba_library() is not None
 
 
-SSD_MAX_DIM = 256  # MAX_DIM in ssd_chunk.c: chunk length, head size and state size
+SSD_MAX_DIM = 256  # MAX_DIM in mamba.c: chunk length, head size and state size
 
 
 def ssd_chunk_fits(x: torch.Tensor, C: torch.Tensor) -> bool:
@@ -268,7 +274,7 @@ def ssd_chunk_forward(cb: torch.Tensor, a_cs: torch.Tensor, x: torch.Tensor, C: 
         S = S.contiguous()
     y = torch.empty(b, c, L, g, r, p).permute(0, 3, 4, 1, 2, 5)
     st = _strides((x, 5), (y, 5), (x, 5), (C, 4), (C, 4), (S, 4), (S, 4))
-    err = _ssd_library().kinetic_ssd_chunk_forward(
+    err = _mamba_library().kinetic_ssd_chunk_forward(
         cb.data_ptr(), a_cs.data_ptr(), x.data_ptr(), C.data_ptr(), S.data_ptr(), y.data_ptr(), st.data_ptr(),
         b, g, r, c, L, p, n, min_log_decay)
     if err:
@@ -292,7 +298,7 @@ def ssd_chunk_backward(cb: torch.Tensor, a_cs: torch.Tensor, x: torch.Tensor, C:
     d_C = torch.empty(b, c, L, g, n).permute(0, 3, 1, 2, 4)
     d_S = torch.empty(b, g, r, c, p, n)
     st = _strides((x, 5), (grad, 5), (d_x, 5), (C, 4), (d_C, 4), (S, 4), (d_S, 4))
-    err = _ssd_library().kinetic_ssd_chunk_backward(
+    err = _mamba_library().kinetic_ssd_chunk_backward(
         cb.data_ptr(), a_cs.data_ptr(), x.data_ptr(), C.data_ptr(), S.data_ptr(), grad.data_ptr(),
         d_cb.data_ptr(), d_a.data_ptr(), d_x.data_ptr(), d_C.data_ptr(), d_S.data_ptr(), st.data_ptr(),
         b, g, r, c, L, p, n, min_log_decay)
@@ -300,3 +306,67 @@ def ssd_chunk_backward(cb: torch.Tensor, a_cs: torch.Tensor, x: torch.Tensor, C:
         raise RuntimeError(f"kinetic_ssd_chunk_backward failed with code {err} (chunk {L}, head size {p}, "
                            f"state size {n})")
     return d_cb, d_a, d_x, d_C, d_S
+
+
+CONV_MAX_TAPS = 8  # MAX_K in mamba.c
+
+
+def conv_silu_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`conv_silu_forward` takes ``x`` (b, l, c) and ``weight`` (c, k): float32 CPU
+    tensors outside ``torch.compile``, channels contiguous, at most 8 taps, the kernels available."""
+    if _stepped_aside or torch.compiler.is_compiling():
+        return False
+    if not (x.device.type == weight.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and x.dim() == 3 and x.stride(-1) == 1 and x.shape[1] >= 1 and x.shape[2] >= 1
+            and 1 <= weight.shape[-1] <= CONV_MAX_TAPS):
+        return False
+    return ssd_chunk_available()
+
+
+def _conv_check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x's rows with contiguous channels (a copy only if they are not)."""
+    c = x.shape[-1]
+    if weight.shape[0] != c or (bias is not None and bias.shape != (c,)):
+        raise ValueError(f"conv_silu: weight {tuple(weight.shape)} / bias "
+                         f"{None if bias is None else tuple(bias.shape)} do not fit x of {c} channels; "
+                         "expected weight (channels, taps) and bias (channels,)")
+    return _rows(x)
+
+
+def conv_silu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``silu(causal depthwise conv(x))`` for x (b, l, c) channels last and weight (c, k) (tap k-1
+    meets x[t] at output t), plus ``bias`` (c,) if given. Returns (b, l, c), contiguous. Check
+    :func:`conv_silu_fits` first."""
+    x = _conv_check(x, weight, bias)
+    b, seqlen, c = x.shape
+    k = weight.shape[-1]
+    wT = weight.t().contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    y = torch.empty(b, seqlen, c)
+    err = _mamba_library().kinetic_conv_silu_forward(
+        x.data_ptr(), x.stride(0), x.stride(1), wT.data_ptr(), bias.data_ptr() if bias is not None else None,
+        y.data_ptr(), b, seqlen, c, k)
+    if err:
+        raise RuntimeError(f"kinetic_conv_silu_forward failed with code {err} ({k} taps, {c} channels)")
+    return y
+
+
+def conv_silu_backward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, grad: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The gradients of :func:`conv_silu_forward`'s output (given ``grad`` of it) with respect to x,
+    weight and bias (None without a bias)."""
+    x = _conv_check(x, weight, bias)
+    b, seqlen, c = x.shape
+    k = weight.shape[-1]
+    wT = weight.t().contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    grad = grad.contiguous()
+    gx, gwT = torch.empty(b, seqlen, c), torch.empty(k, c)
+    gb = torch.empty(c) if bias is not None else None
+    err = _mamba_library().kinetic_conv_silu_backward(
+        x.data_ptr(), x.stride(0), x.stride(1), wT.data_ptr(), bias.data_ptr() if bias is not None else None,
+        grad.data_ptr(), gx.data_ptr(), gwT.data_ptr(), gb.data_ptr() if gb is not None else None, b, seqlen,
+        c, k)
+    if err:
+        raise RuntimeError(f"kinetic_conv_silu_backward failed with code {err} ({k} taps, {c} channels)")
+    return gx, gwT.t(), gb

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kinetic.kernels import cpu as cpu_kernels
+
 
 class _CausalConvSiLU(torch.autograd.Function):
     @staticmethod
@@ -47,6 +49,24 @@ class _CausalConvSiLU(torch.autograd.Function):
         return gx, gw, gb
 
 
+class _CausalConvSiLUC(torch.autograd.Function):
+    """The same in C on CPUs (``kinetic/kernels/mamba.c``): one pass each way, the pre-activation
+    recomputed in the backward pass instead of stored."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, bias)
+        return cpu_kernels.conv_silu_forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return cpu_kernels.conv_silu_backward(*ctx.saved_tensors, grad)
+
+
 def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """silu(causal depthwise conv) of x (b, l, c) with an ``nn.Conv1d`` weight (c, 1, k)."""
-    return _CausalConvSiLU.apply(x, weight.squeeze(1), bias)
+    """silu(causal depthwise conv) of x (b, l, c) with an ``nn.Conv1d`` weight (c, 1, k): the C
+    kernel where it runs (float32 CPU tensors), else torch's operators."""
+    weight = weight.squeeze(1)
+    if cpu_kernels.conv_silu_fits(x, weight):
+        return _CausalConvSiLUC.apply(x, weight, bias)
+    return _CausalConvSiLU.apply(x, weight, bias)

@@ -1,5 +1,8 @@
-/* Mamba-2's chunked SSD scan on CPUs, float32: each chunk's outputs from its inputs and its incoming
- * state, forward and backward, without the scan's largest tensors.
+/* Mamba-2 on CPUs, float32, forward and backward: the chunked SSD scan's per-chunk outputs (here) and
+ * the short causal convolution with its SiLU (at the end of the file).
+ *
+ * The scan: each chunk's outputs from its inputs and its incoming state, without the scan's largest
+ * tensors.
  *
  * For each (batch, group, chunk) and each head r of the group, with the head's cumulative
  * log-decays a (L), the group's scores cb = C B^T (L x L) and rows C (L x N), the head's inputs x
@@ -23,16 +26,17 @@
  * Backward: dcb and dC sum the R heads of a group; da is d/d a with the clamps passed through (where
  * they bind the weights are below 1e-26). P and N are multiples of 16, L, P, N <= 256.
  */
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define MAX_DIM 256
 
-/* exp(x) for min_log <= x <= 0 (min_log >= -87): 2^(x log2 e) split into a rounded integer n and a
- * fraction f in [-0.5, 0.5]; 2^f by a degree-6 polynomial (relative error ~2e-7), times 2^n built in
- * the exponent bits. Branch-free and without library calls, so loops over it vectorize. */
-static inline float exp_nonpositive(float x) {
+/* exp(x) for -87 <= x <= 88: 2^(x log2 e) split into a rounded integer n (-126..127) and a fraction
+ * f in [-0.5, 0.5]; 2^f by a degree-6 polynomial (relative error ~2e-7), times 2^n built in the
+ * exponent bits. Branch-free and without library calls, so loops over it vectorize. */
+static inline float exp_in_range(float x) {
     float t = x * 1.44269504088896341f;
     float n = (t + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
     float f = t - n;
@@ -76,7 +80,7 @@ static void decay_tiles(const float* restrict cb, const float* restrict a, int L
         for (int s = 0; s <= l; s++) {
             float d = al - a[s];
             d = d < min_log ? min_log : (d > 0.0f ? 0.0f : d);
-            el[s] = exp_nonpositive(d);
+            el[s] = exp_in_range(d);
             wl[s] = cbl[s] * el[s];
         }
         for (int s = l + 1; s < Lp; s++) el[s] = wl[s] = 0.0f;
@@ -114,7 +118,7 @@ static inline void task_of(int64_t t, int G, int C, int64_t* b, int* g, int* c) 
 static void head_decays(const float* restrict cb, const float* restrict a, int L, int Lp, float min_log,
                         float* restrict e, float* restrict w, float* restrict ea) {
     decay_tiles(cb, a, L, Lp, min_log, e, w);
-    for (int l = 0; l < L; l++) ea[l] = exp_nonpositive(a[l] < min_log ? min_log : a[l]);
+    for (int l = 0; l < L; l++) ea[l] = exp_in_range(a[l] < min_log ? min_log : a[l]);
 }
 
 /* out[q][0..2V) += sum_k a[q][k] * m[k][j0 .. j0 + 2V) for the up-to-4 rows q of a block: rows of a
@@ -333,5 +337,129 @@ int kinetic_ssd_chunk_backward(const float* cb, const float* a, const float* x, 
         }
         free(buf);
     }
+    return err;
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Mamba-2's short causal depthwise convolution with its SiLU, channels last, float32:
+ *
+ *     pre[b, t, c] = bias[c] + sum_{s < K, s <= t} wT[K-1-s, c] x[b, t-s, c],   y = pre * sigmoid(pre)
+ *
+ * x rows (b, t) at x + b * x_sb + t * x_sl with the Cn channels contiguous (a slice of the input
+ * projection's output), wT (K, Cn) the weight transposed, y, grad and gx (Bz, T, Cn) contiguous.
+ * One pass forward; the backward recomputes pre from x (K multiply-adds) instead of storing it, and
+ * sums the weight and bias gradients in per-thread buffers. OpenMP over (sequence, block of steps);
+ * the channel loops are plain loops the compiler vectorizes.
+ */
+#define CONV_BLOCK 32 /* time steps per task */
+#define MAX_K 8
+
+/* exp(x), x clamped to [-87, 88] (SiLU's exp(-pre) at any pre-activation) */
+static inline float exp_clamped(float x) {
+    return exp_in_range(x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x));
+}
+
+/* pre-activation row t of one sequence into out[0..Cn) */
+static inline void conv_row(const float* restrict xs, int64_t x_sl, const float* restrict wT,
+                            const float* restrict bias, int64_t t, int K, int64_t Cn, float* restrict out) {
+    const float* wl = wT + (int64_t)(K - 1) * Cn;
+    const float* xt = xs + t * x_sl;
+    for (int64_t c = 0; c < Cn; c++) out[c] = (bias ? bias[c] : 0.0f) + wl[c] * xt[c];
+    for (int s = 1; s < K && s <= t; s++) {
+        const float* ws = wT + (int64_t)(K - 1 - s) * Cn;
+        const float* xp = xs + (t - s) * x_sl;
+        for (int64_t c = 0; c < Cn; c++) out[c] += ws[c] * xp[c];
+    }
+}
+
+int kinetic_conv_silu_forward(const float* x, int64_t x_sb, int64_t x_sl, const float* wT, const float* bias,
+                              float* y, int64_t Bz, int64_t T, int64_t Cn, int K) {
+    if (K < 1 || K > MAX_K || T < 1 || Cn < 1) return 1;
+    const int64_t blocks = (T + CONV_BLOCK - 1) / CONV_BLOCK;
+#pragma omp parallel for schedule(static)
+    for (int64_t task = 0; task < Bz * blocks; task++) {
+        const int64_t b = task / blocks, t0 = task % blocks * CONV_BLOCK;
+        const int64_t t1 = t0 + CONV_BLOCK < T ? t0 + CONV_BLOCK : T;
+        const float* xs = x + b * x_sb;
+        for (int64_t t = t0; t < t1; t++) {
+            float* yt = y + (b * T + t) * Cn;
+            conv_row(xs, x_sl, wT, bias, t, K, Cn, yt);
+            for (int64_t c = 0; c < Cn; c++) yt[c] = yt[c] / (1.0f + exp_clamped(-yt[c]));
+        }
+    }
+    return 0;
+}
+
+/* gx (Bz, T, Cn) and, summed over every sequence and step, gwT (K, Cn) and gbias (Cn; may be NULL) */
+int kinetic_conv_silu_backward(const float* x, int64_t x_sb, int64_t x_sl, const float* wT, const float* bias,
+                               const float* grad, float* gx, float* gwT, float* gbias, int64_t Bz, int64_t T,
+                               int64_t Cn, int K) {
+    if (K < 1 || K > MAX_K || T < 1 || Cn < 1) return 1;
+    const int64_t blocks = (T + CONV_BLOCK - 1) / CONV_BLOCK;
+    const int threads = omp_get_max_threads();
+    /* per thread: the weight and bias gradient sums, (K + 1) x Cn */
+    float* sums = calloc((size_t)threads * (K + 1) * Cn, sizeof(float));
+    if (!sums) return 2;
+    int err = 0;
+#pragma omp parallel
+    {
+        /* gp rows t0 .. t1 + K - 2: the gradient at the pre-activation */
+        float* gp = malloc(sizeof(float) * (size_t)(CONV_BLOCK + MAX_K) * Cn);
+        float* pre = malloc(sizeof(float) * (size_t)Cn);
+        if (!gp || !pre) {
+#pragma omp atomic write
+            err = 2;
+        }
+        float* mine = sums + (size_t)omp_get_thread_num() * (K + 1) * Cn;
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < Bz * blocks; task++) {
+            if (!gp || !pre) continue;
+            const int64_t b = task / blocks, t0 = task % blocks * CONV_BLOCK;
+            const int64_t t1 = t0 + CONV_BLOCK < T ? t0 + CONV_BLOCK : T;
+            const int64_t tg = t1 + K - 1 < T ? t1 + K - 1 : T; /* gp needed up to tg */
+            const float* xs = x + b * x_sb;
+            for (int64_t t = t0; t < tg; t++) {
+                conv_row(xs, x_sl, wT, bias, t, K, Cn, pre);
+                const float* g = grad + (b * T + t) * Cn;
+                float* gpt = gp + (t - t0) * Cn;
+                for (int64_t c = 0; c < Cn; c++) {
+                    const float sig = 1.0f / (1.0f + exp_clamped(-pre[c]));
+                    gpt[c] = g[c] * sig * (1.0f + pre[c] * (1.0f - sig));
+                }
+            }
+            for (int64_t t = t0; t < t1; t++) {
+                float* gxt = gx + (b * T + t) * Cn;
+                const float* gpt = gp + (t - t0) * Cn;
+                const float* wl = wT + (int64_t)(K - 1) * Cn;
+                for (int64_t c = 0; c < Cn; c++) gxt[c] = gpt[c] * wl[c];
+                for (int s = 1; s < K && t + s < T; s++) { /* x[t] feeds pre[t + s] through tap K-1-s */
+                    const float* ws = wT + (int64_t)(K - 1 - s) * Cn;
+                    const float* gps = gpt + (int64_t)s * Cn;
+                    for (int64_t c = 0; c < Cn; c++) gxt[c] += gps[c] * ws[c];
+                }
+                for (int s = 0; s < K && s <= t; s++) { /* tap K-1-s meets x[t - s] at pre[t] */
+                    float* gw = mine + (int64_t)(K - 1 - s) * Cn;
+                    const float* xp = xs + (t - s) * x_sl;
+                    for (int64_t c = 0; c < Cn; c++) gw[c] += xp[c] * gpt[c];
+                }
+                float* gb = mine + (int64_t)K * Cn;
+                for (int64_t c = 0; c < Cn; c++) gb[c] += gpt[c];
+            }
+        }
+        free(gp);
+        free(pre);
+    }
+    if (!err) {
+        for (int64_t i = 0; i < (int64_t)K * Cn; i++) gwT[i] = 0.0f;
+        if (gbias)
+            for (int64_t c = 0; c < Cn; c++) gbias[c] = 0.0f;
+        for (int th = 0; th < threads; th++) {
+            const float* m = sums + (size_t)th * (K + 1) * Cn;
+            for (int64_t i = 0; i < (int64_t)K * Cn; i++) gwT[i] += m[i];
+            if (gbias)
+                for (int64_t c = 0; c < Cn; c++) gbias[c] += m[(int64_t)K * Cn + c];
+        }
+    }
+    free(sums);
     return err;
 }
