@@ -214,8 +214,8 @@ def scan_calls(monkeypatch):
     (1, 40, 6, 48, 3, 48, 8, False),  # head and state sizes 48: three vectors, one pair split
 ])
 def test_scan_kernel_matches_float64(scan_calls, b, seqlen, heads, p, groups, n, chunk, init):
-    """The kernel's outputs, final state and the gradients w.r.t. x, dt, B, C and the initial state
-    against torch's composition of the same scan in float64."""
+    """The kernels' (chunk states and chunk outputs) outputs, final state and the gradients w.r.t. x,
+    dt, B, C and the initial state against torch's composition of the same scan in float64."""
     inputs = scan_inputs(b, seqlen, heads, p, groups, n, init, seed=seqlen)
     got = scan_with_grads(inputs, chunk, torch.float32)
     assert len(scan_calls) == 1
@@ -265,6 +265,8 @@ def test_scan_kernel_names_a_mismatched_shape():
         kc.ssd_chunk_forward(cb, a, x, C, S.transpose(-1, -2), mamba2.MIN_LOG_DECAY)
     with pytest.raises(ValueError, match="x must be a float32 CPU tensor"):
         kc.ssd_chunk_forward(cb, a, x.double(), C, S, mamba2.MIN_LOG_DECAY)
+    with pytest.raises(ValueError, match=r"a_cs \(1, 2, 4, 3, 64\) and B \(1, 2, 3, 32, 64\) do not fit"):
+        kc.ssd_states_forward(a, x, C[..., :32].transpose(-1, -2), mamba2.MIN_LOG_DECAY)
 
 
 @needs_ssd

@@ -7,7 +7,8 @@ Two so far, each an optional fast path with torch's operators as the fallback th
   :func:`decode_attention_available` says whether it can run here, else
   ``scaled_dot_product_attention`` runs.
 - :func:`ssd_chunk_forward` / :func:`ssd_chunk_backward` (``mamba.c``): each chunk's outputs of
-  Mamba-2's chunked scan without its (heads x chunks x L x L) tensor, and :func:`conv_silu_forward`
+  Mamba-2's chunked scan without its (heads x chunks x L x L) tensor, :func:`ssd_states_forward` /
+  :func:`ssd_states_backward`, the state each chunk adds, and :func:`conv_silu_forward`
   / :func:`conv_silu_backward`, its causal depthwise convolution with the SiLU in one pass each way;
   for x86-64 Linux CPUs, in C vectorized at the SIMD width the compiler targets (AVX-512, AVX2 or
   SSE2). :func:`ssd_chunk_available` says whether they can run here, else ``kinetic.model.mamba2``
@@ -153,6 +154,10 @@ def _mamba_library() -> ctypes.CDLL | None:
     lib.kinetic_ssd_chunk_forward.argtypes = [ptr] * 7 + [i64] + [i32] * 6 + [ctypes.c_float]
     lib.kinetic_ssd_chunk_backward.restype = ctypes.c_int
     lib.kinetic_ssd_chunk_backward.argtypes = [ptr] * 12 + [i64] + [i32] * 6 + [ctypes.c_float]
+    lib.kinetic_ssd_states_forward.restype = ctypes.c_int
+    lib.kinetic_ssd_states_forward.argtypes = [ptr] * 5 + [i64] + [i32] * 6 + [ctypes.c_float]
+    lib.kinetic_ssd_states_backward.restype = ctypes.c_int
+    lib.kinetic_ssd_states_backward.argtypes = [ptr] * 8 + [i64] + [i32] * 6 + [ctypes.c_float]
     lib.kinetic_conv_silu_forward.restype = ctypes.c_int
     lib.kinetic_conv_silu_forward.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, i32]
     lib.kinetic_conv_silu_backward.restype = ctypes.c_int
@@ -307,6 +312,48 @@ def ssd_chunk_backward(cb: torch.Tensor, a_cs: torch.Tensor, x: torch.Tensor, C:
                            f"state size {n})")
     return d_cb, d_a, d_x, d_C, d_S
 
+
+
+def ssd_states_forward(a_cs: torch.Tensor, x: torch.Tensor, B: torch.Tensor,
+                       min_log_decay: float) -> torch.Tensor:
+    """The state each chunk adds by its end: ``states[j] = sum_l exp(max(a[L-1] - a[l], m)) x[l, j] B[l]``
+    for every (batch, group, head, chunk), m = ``min_log_decay``; a_cs (b, g, r, c, L), x (b, g, r,
+    c, L, p) (may be a strided view), B (b, g, c, L, n). Returns (b, g, r, c, p, n), contiguous.
+    Check :func:`ssd_chunk_fits` first."""
+    b, g, r, c, L, p = x.shape
+    n = B.shape[-1]
+    if a_cs.shape != (b, g, r, c, L) or B.shape != (b, g, c, L, n):
+        raise ValueError(f"ssd_states: a_cs {tuple(a_cs.shape)} and B {tuple(B.shape)} do not fit x of shape "
+                         f"{tuple(x.shape)}; expected a_cs (b, g, r, c, L) and B (b, g, c, L, n)")
+    a_cs, x, B = a_cs.contiguous(), _rows(x), B.contiguous()
+    states = torch.empty(b, g, r, c, p, n)
+    st = _strides((x, 5), (x, 5), (x, 5), (B, 4), (B, 4), (states, 4), (states, 4))
+    err = _mamba_library().kinetic_ssd_states_forward(
+        a_cs.data_ptr(), x.data_ptr(), B.data_ptr(), states.data_ptr(), st.data_ptr(), b, g, r, c, L, p, n,
+        min_log_decay)
+    if err:
+        raise RuntimeError(f"kinetic_ssd_states_forward failed with code {err} (chunk {L}, head size {p}, "
+                           f"state size {n})")
+    return states
+
+
+def ssd_states_backward(a_cs: torch.Tensor, x: torch.Tensor, B: torch.Tensor, grad: torch.Tensor,
+                        min_log_decay: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`ssd_states_forward`'s output (given ``grad`` of it) with respect to
+    a_cs, x (laid out (b, c, L, g, r, p), like the mixer's) and B."""
+    b, g, r, c, L, p = x.shape
+    n = B.shape[-1]
+    a_cs, x, B, grad = a_cs.contiguous(), _rows(x), B.contiguous(), grad.contiguous()
+    d_a, d_B = torch.empty_like(a_cs), torch.empty_like(B)
+    d_x = torch.empty(b, c, L, g, r, p).permute(0, 3, 4, 1, 2, 5)
+    st = _strides((x, 5), (x, 5), (d_x, 5), (B, 4), (B, 4), (grad, 4), (grad, 4))
+    err = _mamba_library().kinetic_ssd_states_backward(
+        a_cs.data_ptr(), x.data_ptr(), B.data_ptr(), grad.data_ptr(), d_a.data_ptr(), d_x.data_ptr(),
+        d_B.data_ptr(), st.data_ptr(), b, g, r, c, L, p, n, min_log_decay)
+    if err:
+        raise RuntimeError(f"kinetic_ssd_states_backward failed with code {err} (chunk {L}, head size {p}, "
+                           f"state size {n})")
+    return d_a, d_x, d_B
 
 CONV_MAX_TAPS = 8  # MAX_K in mamba.c
 

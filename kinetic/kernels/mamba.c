@@ -1,5 +1,6 @@
-/* Mamba-2 on CPUs, float32, forward and backward: the chunked SSD scan's per-chunk outputs (here) and
- * the short causal convolution with its SiLU (at the end of the file).
+/* Mamba-2 on CPUs, float32, forward and backward: the chunked SSD scan's per-chunk outputs (here),
+ * the state each chunk adds by its end (after them), and the short causal convolution with its SiLU
+ * (at the end of the file).
  *
  * The scan: each chunk's outputs from its inputs and its incoming state, without the scan's largest
  * tensors.
@@ -135,6 +136,26 @@ static void head_decays(const float* restrict cb, const float* restrict a, int L
         }                                                                           \
     }
 
+/* out[i, j] = (or += with ADD) sum_{k0 <= k < k1} arow(q, k) m[k, j] for rows i < nrows, columns
+ * j < ncols (a multiple of V): blocks of 4 rows (i0 + q) x 2V columns. arow, k0 and k1 may use i0
+ * and rows (the block's first row and its row count); out rows at stride os. */
+#define SET(o, v) vstore((o), (v))
+#define ADD(o, v) vstore((o), vload(o) + (v))
+#define BLOCKED_PRODUCT(out, os, nrows, ncols, arow, k0, k1, m, ms, STORE)                 \
+    for (int c0 = 0; c0 < (ncols); c0 += 2 * V) {                                          \
+        const int two = c0 + V < (ncols);                                                  \
+        for (int i0 = 0; i0 < (nrows); i0 += 4) {                                          \
+            const int rows = (nrows) - i0 < 4 ? (nrows) - i0 : 4;                          \
+            vf acc[4][2] = {{{0}}};                                                        \
+            ROWS_TIMES(acc, rows, arow, k0, k1, m, ms, c0, two)                            \
+            for (int q = 0; q < rows; q++) {                                               \
+                float* o_ = (out) + (int64_t)(i0 + q) * (os) + c0;                         \
+                STORE(o_, acc[q][0]);                                                      \
+                if (two) STORE(o_ + V, acc[q][1]);                                         \
+            }                                                                              \
+        }                                                                                  \
+    }
+
 int kinetic_ssd_chunk_forward(const float* cb, const float* a, const float* x, const float* Cm,
                               const float* S, float* y, const int64_t* st, int64_t Bz, int G, int R,
                               int C, int L, int P, int N, float min_log) {
@@ -261,20 +282,9 @@ int kinetic_ssd_chunk_backward(const float* cb, const float* a, const float* x, 
                     }
                 }
                 /* u[l, :] = sum_j dy[l, j] S[j, :]: the state term's gradient before its decay */
-                for (int k0 = 0; k0 < N; k0 += 2 * V) {
-                    const int two = k0 + V < N;
-                    for (int l0 = 0; l0 < L; l0 += 4) {
-                        const int rows = L - l0 < 4 ? L - l0 : 4;
-                        vf acc[4][2] = {{{0}}};
-#define DY_AT(q, j) dyt[(int64_t)(l0 + q) * st[Y_L] + j]
-                        ROWS_TIMES(acc, rows, DY_AT, 0, P, Sm, N, k0, two)
+#define DY_AT(q, j) dyt[(int64_t)(i0 + q) * st[Y_L] + j]
+                BLOCKED_PRODUCT(u, N, L, N, DY_AT, 0, P, Sm, N, SET)
 #undef DY_AT
-                        for (int q = 0; q < rows; q++) {
-                            vstore(u + (int64_t)(l0 + q) * N + k0, acc[q][0]);
-                            if (two) vstore(u + (int64_t)(l0 + q) * N + k0 + V, acc[q][1]);
-                        }
-                    }
-                }
                 /* dcb += dm * e; g = dm * w; da = row sums of g - column sums of g + the state
                    term's ea[l] C[l] . u[l]; dC += ea[l] u[l] */
                 float dcol[MAX_DIM + V];
@@ -303,36 +313,137 @@ int kinetic_ssd_chunk_backward(const float* cb, const float* a, const float* x, 
                 }
                 memcpy(da + i * L, dcol, sizeof(float) * L);
                 /* dS[j, :] = sum_l ea[l] dy[l, j] C[l, :], 4 rows of dS at a time */
-                for (int k0 = 0; k0 < N; k0 += 2 * V) {
-                    const int two = k0 + V < N;
-                    for (int j0 = 0; j0 < P; j0 += 4) {
-                        const int rows = P - j0 < 4 ? P - j0 : 4;
-                        vf acc[4][2] = {{{0}}};
-#define DYT_AT(q, l) dyT[(int64_t)(j0 + q) * L + l]
-                        ROWS_TIMES(acc, rows, DYT_AT, 0, L, Ct, st[C_L], k0, two)
+#define DYT_AT(q, l) dyT[(int64_t)(i0 + q) * L + l]
+                BLOCKED_PRODUCT(dSm, N, P, N, DYT_AT, 0, L, Ct, st[C_L], SET)
 #undef DYT_AT
-                        for (int q = 0; q < rows; q++) {
-                            vstore(dSm + (int64_t)(j0 + q) * N + k0, acc[q][0]);
-                            if (two) vstore(dSm + (int64_t)(j0 + q) * N + k0 + V, acc[q][1]);
-                        }
-                    }
-                }
                 /* dx[s, :] = sum_{l >= s} w[l, s] dy[l, :], 4 rows of dx at a time */
-                for (int j0 = 0; j0 < P; j0 += 2 * V) {
-                    const int two = j0 + V < P;
-                    for (int s0 = 0; s0 < L; s0 += 4) {
-                        const int rows = L - s0 < 4 ? L - s0 : 4;
-                        vf acc[4][2] = {{{0}}};
-#define WT_AT(q, l) w[(int64_t)(l) * Lp + s0 + q]
-                        ROWS_TIMES(acc, rows, WT_AT, s0, L, dyt, st[Y_L], j0, two)
+#define WT_AT(q, l) w[(int64_t)(l) * Lp + i0 + q]
+                BLOCKED_PRODUCT(dxt, st[DX_L], L, P, WT_AT, i0, L, dyt, st[Y_L], SET)
 #undef WT_AT
-                        for (int q = 0; q < rows; q++) {
-                            float* dxs = dxt + (int64_t)(s0 + q) * st[DX_L] + j0;
-                            vstore(dxs, acc[q][0]);
-                            if (two) vstore(dxs + V, acc[q][1]);
-                        }
+            }
+        }
+        free(buf);
+    }
+    return err;
+}
+
+/* The state each chunk adds by its end, per head:
+ *
+ *     states[j, :] = sum_l te[l] x[l, j] B[l, :],   te[l] = exp(max(a[L-1] - a[l], min_log))
+ *
+ * x strided as in the chunk kernel (st: X_B, X_G, X_R, X_C, X_L; dx likewise at DX_*), a (Bz, G, R, C,
+ * L) contiguous, B and dB (Bz, G, C, L, N) contiguous, states and dstates (Bz, G, R, C, P, N)
+ * contiguous -- the layout the chunk-to-chunk pass reads without a copy. Backward: dB sums the R
+ * heads of a group; da through te with the clamp passed through. */
+/* te[l] = exp(max(a[L-1] - a[l], min_log)): the decay from position l to the chunk's end */
+static inline void to_end(const float* restrict a, int L, float min_log, float* restrict te) {
+    for (int l = 0; l < L; l++) {
+        const float d = a[L - 1] - a[l];
+        te[l] = exp_in_range(d < min_log ? min_log : (d > 0.0f ? 0.0f : d));
+    }
+}
+
+int kinetic_ssd_states_forward(const float* a, const float* x, const float* Bm, float* states,
+                               const int64_t* st, int64_t Bz, int G, int R, int C, int L, int P, int N,
+                               float min_log) {
+    if (bad_dims(L, P, N, min_log)) return 1;
+    const int64_t tasks = Bz * G * C;
+    int err = 0;
+#pragma omp parallel
+    {
+        /* xsT: P x L (x scaled by te, transposed); te: L */
+        float* buf = malloc(sizeof(float) * ((size_t)P * L + L));
+        if (!buf) {
+#pragma omp atomic write
+            err = 2;
+        }
+        float *xsT = buf, *te = buf + (size_t)P * L;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; t++) {
+            if (!buf) continue;
+            int64_t b;
+            int g, c;
+            task_of(t, G, C, &b, &g, &c);
+            const float* Bt = Bm + t * L * N;
+            for (int r = 0; r < R; r++) {
+                const int64_t i = ((b * G + g) * R + r) * C + c;
+                const float* av = a + i * L;
+                const float* xt = x + b * st[X_B] + g * st[X_G] + r * st[X_R] + c * st[X_C];
+                float* out = states + i * P * N;
+                to_end(av, L, min_log, te);
+                for (int l = 0; l < L; l++)
+                    for (int j = 0; j < P; j++) xsT[(int64_t)j * L + l] = te[l] * xt[(int64_t)l * st[X_L] + j];
+#define XS_AT(q, l) xsT[(int64_t)(i0 + q) * L + l]
+                BLOCKED_PRODUCT(out, N, P, N, XS_AT, 0, L, Bt, N, SET)
+#undef XS_AT
+            }
+        }
+        free(buf);
+    }
+    return err;
+}
+
+int kinetic_ssd_states_backward(const float* a, const float* x, const float* Bm, const float* dstates,
+                                float* da, float* dx, float* dB, const int64_t* st, int64_t Bz, int G, int R,
+                                int C, int L, int P, int N, float min_log) {
+    if (bad_dims(L, P, N, min_log)) return 1;
+    const int Lp = (L + V - 1) / V * V;
+    const int64_t tasks = Bz * G * C;
+    int err = 0;
+#pragma omp parallel
+    {
+        /* BT: N x Lp (B transposed, zero past L); qT: P x Lp; te: L */
+        float* buf = malloc(sizeof(float) * ((size_t)(N + P) * Lp + Lp));
+        if (!buf) {
+#pragma omp atomic write
+            err = 2;
+        }
+        float *BT = buf, *qT = buf + (size_t)N * Lp, *te = qT + (size_t)P * Lp;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; t++) {
+            if (!buf) continue;
+            int64_t b;
+            int g, c;
+            task_of(t, G, C, &b, &g, &c);
+            const float* Bt = Bm + t * L * N;
+            float* dBt = dB + t * L * N;
+            memset(dBt, 0, sizeof(float) * (size_t)L * N);
+            for (int k = 0; k < N; k++) {
+                for (int l = 0; l < L; l++) BT[(int64_t)k * Lp + l] = Bt[(int64_t)l * N + k];
+                for (int l = L; l < Lp; l++) BT[(int64_t)k * Lp + l] = 0.0f;
+            }
+            for (int r = 0; r < R; r++) {
+                const int64_t i = ((b * G + g) * R + r) * C + c;
+                const float* av = a + i * L;
+                const float* xt = x + b * st[X_B] + g * st[X_G] + r * st[X_R] + c * st[X_C];
+                float* dxt = dx + b * st[DX_B] + g * st[DX_G] + r * st[DX_R] + c * st[DX_C];
+                const float* dS = dstates + i * P * N;
+                to_end(av, L, min_log, te);
+                /* qT[j, l] = dS[j] . B[l], 4 rows j at a time, vectors over l */
+#define DS_AT(q, k) dS[(int64_t)(i0 + q) * N + k]
+                BLOCKED_PRODUCT(qT, Lp, P, Lp, DS_AT, 0, N, BT, Lp, SET)
+#undef DS_AT
+                /* dx[l, j] = te[l] q[l, j]; d te[l] = x[l] . q[l] */
+                float dlast = 0.0f;
+                float* dav = da + i * L;
+                for (int l = 0; l < L; l++) {
+                    const float* xl = xt + (int64_t)l * st[X_L];
+                    float* dxl = dxt + (int64_t)l * st[DX_L];
+                    float dte = 0.0f;
+                    for (int j = 0; j < P; j++) {
+                        const float q = qT[(int64_t)j * Lp + l];
+                        dxl[j] = te[l] * q;
+                        dte += xl[j] * q;
                     }
+                    const float g = te[l] * dte; /* d loss / d (a[L-1] - a[l]) */
+                    dav[l] = -g;
+                    dlast += g;
                 }
+                dav[L - 1] += dlast;
+                /* dB[l, :] += sum_j te[l] x[l, j] dS[j, :], 4 rows l at a time */
+#define XS_AT(q, j) (te[i0 + q] * xt[(int64_t)(i0 + q) * st[X_L] + j])
+                BLOCKED_PRODUCT(dBt, N, L, N, XS_AT, 0, P, dS, N, ADD)
+#undef XS_AT
             }
         }
         free(buf);

@@ -93,6 +93,22 @@ class _ChunkScanC(torch.autograd.Function):
         return cpu_kernels.ssd_chunk_backward(*ctx.saved_tensors, grad, MIN_LOG_DECAY)
 
 
+class _ChunkStatesC(torch.autograd.Function):
+    """Step 1 of :func:`ssd_scan` -- the state each chunk adds by its end -- in C (CPU, float32):
+    x is read in the mixer's layout and the states are written as the chunk-to-chunk pass reads them,
+    so neither the decayed inputs nor their transposed copy are made."""
+
+    @staticmethod
+    def forward(ctx, a_cs, x, B):
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(a_cs, x, B)
+        return cpu_kernels.ssd_states_forward(a_cs, x, B, MIN_LOG_DECAY)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return cpu_kernels.ssd_states_backward(*ctx.saved_tensors, grad, MIN_LOG_DECAY)
+
+
 def _carry(states: torch.Tensor, chunk_log_decay: torch.Tensor,
            initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass states across chunks with one (c+1) x c decay-matrix product (no Python loop).
@@ -149,9 +165,12 @@ def ssd_scan(
         xdt = xdt.contiguous()
 
     # 1. the state each chunk adds by its end: sum_l decay(l -> end) * x_l dt_l B_l^T
-    to_end = torch.exp((a_cs[..., -1:] - a_cs).clamp_(min=MIN_LOG_DECAY)).unsqueeze(-1)  # (b, g, r, c, L, 1)
-    xd = (xdt * to_end).permute(0, 1, 3, 2, 5, 4).reshape(b, g, c, r * p, L)
-    states = (xd @ B).view(b, g, c, r, p, n)
+    if kernel:  # (b, g, r, c, p, n) in memory, seen as (b, g, c, r, p, n)
+        states = _ChunkStatesC.apply(a_cs, xdt, B).permute(0, 1, 3, 2, 4, 5)
+    else:
+        to_end = torch.exp((a_cs[..., -1:] - a_cs).clamp_(min=MIN_LOG_DECAY)).unsqueeze(-1)  # (.., L, 1)
+        xd = (xdt * to_end).permute(0, 1, 3, 2, 5, 4).reshape(b, g, c, r * p, L)
+        states = (xd @ B).view(b, g, c, r, p, n)
 
     # 2. the state entering each chunk, and the final state
     s_in, final = _carry(states, a_cs[..., -1], initial_state)  # (b, g, r, c, p, n), (b, g, r, p, n)
