@@ -85,7 +85,8 @@ def test_model_speed_times_kinetic_without_its_kernels(monkeypatch, capsys):
         model_speed.TorchOps(model)(ids)
         assert not calls  # stepped aside
         model(ids)
-    assert len(calls) == (model.config.hybrid_override_pattern.count("M") if kc.ssd_chunk_available() else 0)
+    mamba_layers = model.config.hybrid_override_pattern.count("M")
+    assert len(calls) == (mamba_layers if kc.mamba_kernels_available() else 0)
 
     report = model_speed.main(["--preset", "tiny", "--batch", "1", "--seq", "40", "--iters", "2", "--warmup",
                                "1", "--peak-size", "128", "--peak-repeats", "2", "--no-transformers",

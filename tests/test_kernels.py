@@ -144,7 +144,7 @@ def test_the_kernels_can_be_turned_off(monkeypatch):
     kc._mamba_library.cache_clear()
     try:
         assert not kc.decode_attention_available()
-        assert not kc.ssd_chunk_available()
+        assert not kc.mamba_kernels_available()
         x, C = torch.randn(1, 2, 4, 3, 64, 32), torch.randn(1, 2, 3, 64, 64)
         assert not kc.ssd_chunk_fits(x, C)
     finally:
@@ -167,7 +167,7 @@ def test_a_build_is_reused(monkeypatch, tmp_path):
 
 # --- the Mamba-2 scan's chunk kernel (mamba.c) ------------------------------------------------------
 
-needs_ssd = pytest.mark.skipif(not kc.ssd_chunk_available(),
+needs_ssd = pytest.mark.skipif(not kc.mamba_kernels_available(),
                                reason="the C scan kernel needs x86-64 Linux and a C compiler")
 
 
@@ -245,8 +245,8 @@ def test_scan_kernel_on_fully_decayed_heads(scan_calls):
 def test_scan_kernel_fits_only_where_it_runs():
     x = torch.randn(1, 2, 4, 3, 64, 32)  # (b, g, r, c, L, p)
     C = torch.randn(1, 2, 3, 64, 64)  # (b, g, c, L, n)
-    assert kc.ssd_chunk_fits(x, C) == kc.ssd_chunk_available()
-    assert not kc.ssd_chunk_available("cpu", torch.float64) and not kc.ssd_chunk_available("meta")
+    assert kc.ssd_chunk_fits(x, C) == kc.mamba_kernels_available()
+    assert not kc.mamba_kernels_available("cpu", torch.float64) and not kc.mamba_kernels_available("meta")
     assert not kc.ssd_chunk_fits(x.double(), C.double())
     assert not kc.ssd_chunk_fits(x[..., :8], C)  # head size 8: not whole vectors
     assert not kc.ssd_chunk_fits(x, C[..., :24])  # state size 24
@@ -303,10 +303,10 @@ def test_a_failed_scan_kernel_build_warns_once_and_leaves_torchs_scan(monkeypatc
     kc._mamba_library.cache_clear()
     try:
         with pytest.warns(UserWarning, match="Mamba-2 kernel is unavailable"):
-            assert not kc.ssd_chunk_available()
+            assert not kc.mamba_kernels_available()
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert not kc.ssd_chunk_available()
+            assert not kc.mamba_kernels_available()
         inputs = scan_inputs(1, 70, 4, 16, 2, 16, False)
         got = scan_with_grads(inputs, 32, torch.float32)  # torch's scan, still right
         want = scan_with_grads(inputs, 32, torch.float64)
@@ -382,7 +382,7 @@ def test_conv_kernel_matches_float64(monkeypatch, b, seqlen, channels, taps, bia
 
 def test_conv_kernel_fits_only_where_it_runs():
     x, w = torch.randn(2, 10, 32), torch.randn(32, 4)
-    assert kc.conv_silu_fits(x, w) == kc.ssd_chunk_available()
+    assert kc.conv_silu_fits(x, w) == kc.mamba_kernels_available()
     assert not kc.conv_silu_fits(x.double(), w.double())
     assert not kc.conv_silu_fits(x.transpose(1, 2).contiguous().transpose(1, 2), w)  # channels strided
     assert not kc.conv_silu_fits(x[..., :9], torch.randn(9, 9))  # 9 taps

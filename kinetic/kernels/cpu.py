@@ -1,6 +1,7 @@
 """CPU kernels written in C, compiled on first use with the machine's C compiler and loaded by ctypes.
 
-Two so far, each an optional fast path with torch's operators as the fallback the tests compare it with:
+Two libraries so far, each an optional fast path with torch's operators as the fallback the tests
+compare it with:
 
 - :func:`decode_attention` (``decode_attention.c``): a few query rows per KV head over a long KV
   cache -- the attention of a decode step -- for x86-64 CPUs with AVX-512;
@@ -11,8 +12,8 @@ Two so far, each an optional fast path with torch's operators as the fallback th
   :func:`ssd_states_backward`, the state each chunk adds, and :func:`conv_silu_forward`
   / :func:`conv_silu_backward`, its causal depthwise convolution with the SiLU in one pass each way;
   for x86-64 Linux CPUs, in C vectorized at the SIMD width the compiler targets (AVX-512, AVX2 or
-  SSE2). :func:`ssd_chunk_available` says whether they can run here, else ``kinetic.model.mamba2``
-  and ``kinetic.model.conv`` compose torch operators.
+  SSE2). :func:`mamba_kernels_available` says whether they can run here, else
+  ``kinetic.model.mamba2`` and ``kinetic.model.conv`` compose torch operators.
 
 Each library is built once per source, compiler and CPU with ``cc -O3 -march=native -fopenmp`` into
 ``$KINETIC_KERNEL_CACHE`` (default ``~/.cache/kinetic/kernels``), which takes about a second; a
@@ -219,8 +220,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return out.view(b, heads, 1, dim)
 
 
-def ssd_chunk_available(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> bool:
-    """Whether the SSD chunk kernel runs for tensors of ``device`` and ``dtype`` here."""
+def mamba_kernels_available(device: torch.device | str = "cpu",
+                            dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the Mamba-2 kernels (scan and conv) run for tensors of ``device`` and ``dtype`` here."""
     return torch.device(device).type == "cpu" and dtype == torch.float32 and _mamba_library() is not None
 
 
@@ -237,7 +239,7 @@ def ssd_chunk_fits(x: torch.Tensor, C: torch.Tensor) -> bool:
     if not (x.device.type == C.device.type == "cpu" and x.dtype == C.dtype == torch.float32
             and 1 <= L <= SSD_MAX_DIM and all(d % 16 == 0 and 16 <= d <= SSD_MAX_DIM for d in (p, n))):
         return False
-    return ssd_chunk_available()
+    return mamba_kernels_available()
 
 
 def _ssd_check(cb, a_cs, x, C, S) -> tuple[int, int, int, int, int, int, int]:
@@ -313,7 +315,6 @@ def ssd_chunk_backward(cb: torch.Tensor, a_cs: torch.Tensor, x: torch.Tensor, C:
     return d_cb, d_a, d_x, d_C, d_S
 
 
-
 def ssd_states_forward(a_cs: torch.Tensor, x: torch.Tensor, B: torch.Tensor,
                        min_log_decay: float) -> torch.Tensor:
     """The state each chunk adds by its end: ``states[j] = sum_l exp(max(a[L-1] - a[l], m)) x[l, j] B[l]``
@@ -355,6 +356,7 @@ def ssd_states_backward(a_cs: torch.Tensor, x: torch.Tensor, B: torch.Tensor, gr
                            f"state size {n})")
     return d_a, d_x, d_B
 
+
 CONV_MAX_TAPS = 8  # MAX_K in mamba.c
 
 
@@ -367,7 +369,7 @@ def conv_silu_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.dim() == 3 and x.stride(-1) == 1 and x.shape[1] >= 1 and x.shape[2] >= 1
             and 1 <= weight.shape[-1] <= CONV_MAX_TAPS):
         return False
-    return ssd_chunk_available()
+    return mamba_kernels_available()
 
 
 def _conv_check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -76,8 +76,8 @@ class _DecayedScores(torch.autograd.Function):
 
 
 class _ChunkScanC(torch.autograd.Function):
-    """Steps 1 and 4 of :func:`ssd_scan` -- each chunk's outputs from its own inputs and from the
-    state entering it -- in one C kernel per direction (CPU, float32; ``kinetic/kernels/mamba.c``).
+    """Step 3 of :func:`ssd_scan` -- each chunk's outputs from its own inputs and from the state
+    entering it -- in one C kernel per direction (CPU, float32; ``kinetic/kernels/mamba.c``).
     Each head's L x L tile is built in a small buffer, used and dropped, and rebuilt in the backward
     pass, so neither direction writes or reads the (b, g, r, c, L, L) scores or the decayed C rows
     (b, g, r, c, L, n) through memory, and x and y keep the mixer's layout."""
