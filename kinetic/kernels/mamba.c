@@ -114,6 +114,27 @@ static inline void task_of(int64_t t, int G, int C, int64_t* b, int* g, int* c) 
     *c = (int)(t % C);
 }
 
+/* The (b, g, r, c) block of a tensor whose strides start at st[k] (X_B, Y_B, DX_B, S_B or DS_B) */
+static inline int64_t head_at(const int64_t* st, int k, int64_t b, int g, int r, int c) {
+    return b * st[k] + g * st[k + 1] + r * st[k + 2] + c * st[k + 3];
+}
+
+/* The (b, g, c) block of a tensor whose strides start at st[k] (C_B or DC_B) */
+static inline int64_t group_at(const int64_t* st, int k, int64_t b, int g, int c) {
+    return b * st[k] + g * st[k + 1] + c * st[k + 2];
+}
+
+/* Each OpenMP thread's scratch buffer of n floats; a failed allocation sets *err = 2 and the thread
+ * skips its tasks. */
+static inline float* thread_buffer(size_t n, int* err) {
+    float* buf = malloc(sizeof(float) * n);
+    if (!buf) {
+#pragma omp atomic write
+        *err = 2;
+    }
+    return buf;
+}
+
 /* One head's decay tiles (see decay_tiles) and ea[l] = exp(max(a[l], min_log)), the decay of the
  * incoming state by position l. */
 static void head_decays(const float* restrict cb, const float* restrict a, int L, int Lp, float min_log,
@@ -166,11 +187,7 @@ int kinetic_ssd_chunk_forward(const float* cb, const float* a, const float* x, c
 #pragma omp parallel
     {
         /* e, w: L x Lp tiles; sT: N x P (S transposed); ea: L */
-        float* buf = malloc(sizeof(float) * ((size_t)2 * L * Lp + (size_t)N * P + Lp));
-        if (!buf) {
-#pragma omp atomic write
-            err = 2;
-        }
+        float* buf = thread_buffer((size_t)2 * L * Lp + (size_t)N * P + Lp, &err);
         float *e = buf, *w = buf + (size_t)L * Lp, *sT = buf + (size_t)2 * L * Lp;
         float* ea = sT + (size_t)N * P;
 #pragma omp for schedule(static)
@@ -180,12 +197,12 @@ int kinetic_ssd_chunk_forward(const float* cb, const float* a, const float* x, c
             int g, c;
             task_of(t, G, C, &b, &g, &c);
             const float* cbm = cb + t * L * L;
-            const float* Ct = Cm + b * st[C_B] + g * st[C_G] + c * st[C_C];
+            const float* Ct = Cm + group_at(st, C_B, b, g, c);
             for (int r = 0; r < R; r++) {
                 const float* av = a + (((b * G + g) * R + r) * C + c) * L;
-                const float* xt = x + b * st[X_B] + g * st[X_G] + r * st[X_R] + c * st[X_C];
-                float* yt = y + b * st[Y_B] + g * st[Y_G] + r * st[Y_R] + c * st[Y_C];
-                const float* Sm = S + b * st[S_B] + g * st[S_G] + r * st[S_R] + c * st[S_C];
+                const float* xt = x + head_at(st, X_B, b, g, r, c);
+                float* yt = y + head_at(st, Y_B, b, g, r, c);
+                const float* Sm = S + head_at(st, S_B, b, g, r, c);
                 head_decays(cbm, av, L, Lp, min_log, e, w, ea);
                 for (int j = 0; j < P; j++)
                     for (int k = 0; k < N; k++) sT[(int64_t)k * P + j] = Sm[(int64_t)j * N + k];
@@ -227,12 +244,8 @@ int kinetic_ssd_chunk_backward(const float* cb, const float* a, const float* x, 
     {
         /* e, w, dm: L x Lp tiles; xT: P x Lp (x transposed, zero past L); u: L x N; ea: L;
            dyT: P x L (dy times ea, transposed) */
-        float* buf = malloc(sizeof(float) * ((size_t)3 * L * Lp + (size_t)P * Lp + (size_t)L * N + Lp +
-                                             (size_t)P * L));
-        if (!buf) {
-#pragma omp atomic write
-            err = 2;
-        }
+        float* buf = thread_buffer((size_t)3 * L * Lp + (size_t)P * Lp + (size_t)L * N + Lp + (size_t)P * L,
+                                   &err);
         float *e = buf, *w = buf + (size_t)L * Lp, *dm = buf + (size_t)2 * L * Lp;
         float* xT = buf + (size_t)3 * L * Lp;
         float* u = xT + (size_t)P * Lp;
@@ -246,18 +259,18 @@ int kinetic_ssd_chunk_backward(const float* cb, const float* a, const float* x, 
             task_of(t, G, C, &b, &g, &c);
             const float* cbm = cb + t * L * L;
             float* dcbm = dcb + t * L * L;
-            const float* Ct = Cm + b * st[C_B] + g * st[C_G] + c * st[C_C];
-            float* dCt = dC + b * st[DC_B] + g * st[DC_G] + c * st[DC_C];
+            const float* Ct = Cm + group_at(st, C_B, b, g, c);
+            float* dCt = dC + group_at(st, DC_B, b, g, c);
             memset(dcbm, 0, sizeof(float) * (size_t)L * L);
             for (int l = 0; l < L; l++) memset(dCt + (int64_t)l * st[DC_L], 0, sizeof(float) * N);
             for (int r = 0; r < R; r++) {
                 const int64_t i = ((b * G + g) * R + r) * C + c;
                 const float* av = a + i * L;
-                const float* xt = x + b * st[X_B] + g * st[X_G] + r * st[X_R] + c * st[X_C];
-                const float* dyt = dy + b * st[Y_B] + g * st[Y_G] + r * st[Y_R] + c * st[Y_C];
-                float* dxt = dx + b * st[DX_B] + g * st[DX_G] + r * st[DX_R] + c * st[DX_C];
-                const float* Sm = S + b * st[S_B] + g * st[S_G] + r * st[S_R] + c * st[S_C];
-                float* dSm = dS + b * st[DS_B] + g * st[DS_G] + r * st[DS_R] + c * st[DS_C];
+                const float* xt = x + head_at(st, X_B, b, g, r, c);
+                const float* dyt = dy + head_at(st, Y_B, b, g, r, c);
+                float* dxt = dx + head_at(st, DX_B, b, g, r, c);
+                const float* Sm = S + head_at(st, S_B, b, g, r, c);
+                float* dSm = dS + head_at(st, DS_B, b, g, r, c);
                 head_decays(cbm, av, L, Lp, min_log, e, w, ea);
                 for (int j = 0; j < P; j++) {
                     float* xj = xT + (int64_t)j * Lp;
@@ -352,11 +365,7 @@ int kinetic_ssd_states_forward(const float* a, const float* x, const float* Bm, 
 #pragma omp parallel
     {
         /* xsT: P x L (x scaled by te, transposed); te: L */
-        float* buf = malloc(sizeof(float) * ((size_t)P * L + L));
-        if (!buf) {
-#pragma omp atomic write
-            err = 2;
-        }
+        float* buf = thread_buffer((size_t)P * L + L, &err);
         float *xsT = buf, *te = buf + (size_t)P * L;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
@@ -368,7 +377,7 @@ int kinetic_ssd_states_forward(const float* a, const float* x, const float* Bm, 
             for (int r = 0; r < R; r++) {
                 const int64_t i = ((b * G + g) * R + r) * C + c;
                 const float* av = a + i * L;
-                const float* xt = x + b * st[X_B] + g * st[X_G] + r * st[X_R] + c * st[X_C];
+                const float* xt = x + head_at(st, X_B, b, g, r, c);
                 float* out = states + i * P * N;
                 to_end(av, L, min_log, te);
                 for (int l = 0; l < L; l++)
@@ -393,11 +402,7 @@ int kinetic_ssd_states_backward(const float* a, const float* x, const float* Bm,
 #pragma omp parallel
     {
         /* BT: N x Lp (B transposed, zero past L); qT: P x Lp; te: L */
-        float* buf = malloc(sizeof(float) * ((size_t)(N + P) * Lp + Lp));
-        if (!buf) {
-#pragma omp atomic write
-            err = 2;
-        }
+        float* buf = thread_buffer((size_t)(N + P) * Lp + Lp, &err);
         float *BT = buf, *qT = buf + (size_t)N * Lp, *te = qT + (size_t)P * Lp;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
@@ -415,8 +420,8 @@ int kinetic_ssd_states_backward(const float* a, const float* x, const float* Bm,
             for (int r = 0; r < R; r++) {
                 const int64_t i = ((b * G + g) * R + r) * C + c;
                 const float* av = a + i * L;
-                const float* xt = x + b * st[X_B] + g * st[X_G] + r * st[X_R] + c * st[X_C];
-                float* dxt = dx + b * st[DX_B] + g * st[DX_G] + r * st[DX_R] + c * st[DX_C];
+                const float* xt = x + head_at(st, X_B, b, g, r, c);
+                float* dxt = dx + head_at(st, DX_B, b, g, r, c);
                 const float* dS = dstates + i * P * N;
                 to_end(av, L, min_log, te);
                 /* qT[j, l] = dS[j] . B[l], 4 rows j at a time, vectors over l */
