@@ -50,8 +50,9 @@ implementations in the same alternation; their first warm-up iteration, which co
 as ``first s``, and their ratio is compiled kinetic over compiled transformers.
 
 ``--torch-ops`` adds the same kinetic model with its CPU kernels stepped aside
-(``kinetic.kernels.cpu.torch_only``: the Mamba-2 scan and conv through torch's operators) as another
-implementation in the alternation, so the kernels' share of the speed-up is measured in the same run.
+(``kinetic.kernels.cpu.torch_only``: the Mamba-2 scan and conv and the MoE experts through torch's
+operators) as another implementation in the alternation, so the kernels' share of the speed-up is
+measured in the same run.
 """
 
 from __future__ import annotations

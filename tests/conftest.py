@@ -72,6 +72,18 @@ def transformers_mod():
 
 
 @pytest.fixture
+def count_calls(monkeypatch):
+    """``count_calls(module, name)`` wraps ``module.name`` for the test and returns a list that grows
+    by one entry per call (to check that a kernel ran, or did not)."""
+    def install(module, name: str) -> list[int]:
+        calls: list[int] = []
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+        return calls
+    return install
+
+
+@pytest.fixture
 def one_thread():
     """For tests of tiny GEMMs: a second thread does not help them, and on a busy 2-core machine
     OpenMP's spin-waiting makes every matmul ~50x slower. Restored afterwards for the other tests."""

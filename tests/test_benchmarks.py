@@ -69,16 +69,14 @@ def test_model_speed_compiled_rows(tmp_path, capsys, monkeypatch):
     assert "first s" in capsys.readouterr().out
 
 
-def test_model_speed_times_kinetic_without_its_kernels(monkeypatch, capsys):
+def test_model_speed_times_kinetic_without_its_kernels(monkeypatch, capsys, count_calls):
     """--torch-ops adds kinetic with its C kernels stepped aside, and the kernels' gain over it."""
     import model_speed
     import torch
 
     import kinetic.kernels.cpu as kc
 
-    calls = []
-    forward = kc.ssd_chunk_forward
-    monkeypatch.setattr(kc, "ssd_chunk_forward", lambda *a: calls.append(1) or forward(*a))
+    calls = count_calls(kc, "ssd_chunk_forward")
     model = kinetic.NemotronHForCausalLM(kinetic.preset("tiny")).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, 40))
     with torch.no_grad():

@@ -89,15 +89,13 @@ def test_decode_attention_fits_only_where_it_runs():
 
 
 @needs_kernel
-def test_cached_decode_uses_the_kernel_and_matches_torch(monkeypatch):
+def test_cached_decode_uses_the_kernel_and_matches_torch(monkeypatch, count_calls):
     """Decode steps of the tiny preset after a 700-token prompt: the kernel runs for the attention
     layer, and logits equal those with torch's attention."""
     torch.manual_seed(0)
     model = NemotronHForCausalLM(preset("tiny")).eval()
     ids = torch.randint(3, model.config.vocab_size, (1, 700))
-    calls = []
-    kernel = kc.decode_attention
-    monkeypatch.setattr(attention, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    calls = count_calls(attention, "decode_attention")
 
     def decode(use_kernel: bool) -> list[torch.Tensor]:
         fits = kc.decode_attention_fits if use_kernel else (lambda *a: False)
@@ -196,12 +194,9 @@ def scan_with_grads(inputs, chunk, dtype):
 
 
 @pytest.fixture
-def scan_calls(monkeypatch):
+def scan_calls(count_calls):
     """Counts the kernel's forward calls."""
-    calls = []
-    forward = kc.ssd_chunk_forward
-    monkeypatch.setattr(kc, "ssd_chunk_forward", lambda *a: calls.append(1) or forward(*a))
-    return calls
+    return count_calls(kc, "ssd_chunk_forward")
 
 
 @needs_ssd
@@ -352,12 +347,10 @@ def conv_reference(x, weight, bias):
     (1, 1, 8, 4, True, 1.0),  # one step
     (2, 100, 64, 8, True, 1.0),  # the most taps the kernel takes
 ])
-def test_conv_kernel_matches_float64(monkeypatch, b, seqlen, channels, taps, bias, scale):
+def test_conv_kernel_matches_float64(count_calls, b, seqlen, channels, taps, bias, scale):
     """Output and the gradients w.r.t. x (a strided slice, as the input projection's output is),
     the weight and the bias against F.conv1d in float64."""
-    calls = []
-    forward = kc.conv_silu_forward
-    monkeypatch.setattr(kc, "conv_silu_forward", lambda *a: calls.append(1) or forward(*a))
+    calls = count_calls(kc, "conv_silu_forward")
     g = torch.Generator().manual_seed(seqlen)
     wide = torch.randn(b, seqlen, channels + 10, generator=g) * scale
     x = wide[..., 5:5 + channels]

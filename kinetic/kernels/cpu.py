@@ -1,6 +1,6 @@
 """CPU kernels written in C, compiled on first use with the machine's C compiler and loaded by ctypes.
 
-Two libraries so far, each an optional fast path with torch's operators as the fallback the tests
+Three libraries so far, each an optional fast path with torch's operators as the fallback the tests
 compare it with:
 
 - :func:`decode_attention` (``decode_attention.c``): a few query rows per KV head over a long KV
@@ -14,6 +14,10 @@ compare it with:
   for x86-64 Linux CPUs, in C vectorized at the SIMD width the compiler targets (AVX-512, AVX2 or
   SSE2). :func:`mamba_kernels_available` says whether they can run here, else
   ``kinetic.model.mamba2`` and ``kinetic.model.conv`` compose torch operators.
+- :func:`experts_forward` / :func:`experts_backward` (``experts.c``): the routed experts of a MoE
+  layer (up projection, squared ReLU, down projection), a thread per expert with the GEMMs through
+  the BLAS torch links (its ``sgemm_``); for x86-64 Linux. :func:`experts_kernel_available` says
+  whether it can run here, else ``kinetic.model.moe`` calls torch's grouped matmul.
 
 Each library is built once per source, compiler and CPU with ``cc -O3 -march=native -fopenmp`` into
 ``$KINETIC_KERNEL_CACHE`` (default ``~/.cache/kinetic/kernels``), which takes about a second; a
@@ -42,6 +46,7 @@ import torch
 
 _SOURCE = Path(__file__).with_name("decode_attention.c")
 _MAMBA_SOURCE = Path(__file__).with_name("mamba.c")
+_EXPERTS_SOURCE = Path(__file__).with_name("experts.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 
@@ -419,3 +424,117 @@ def conv_silu_backward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if err:
         raise RuntimeError(f"kinetic_conv_silu_backward failed with code {err} ({k} taps, {c} channels)")
     return gx, gwT.t(), gb
+
+
+@functools.cache
+def _blas() -> tuple[int, int | None] | None:
+    """Addresses of the Fortran ``sgemm_`` that torch's CPU library exports (MKL in torch's x86-64
+    builds) and of ``MKL_Set_Num_Threads_Local`` (None if absent); None if there is no ``sgemm_``."""
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch.so"):
+        try:
+            lib = ctypes.CDLL(str(lib_dir / name))
+        except OSError:
+            continue
+        try:
+            gemm = ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
+        except AttributeError:
+            continue
+        try:
+            local = ctypes.cast(lib.MKL_Set_Num_Threads_Local, ctypes.c_void_p).value
+        except AttributeError:
+            local = None
+        return gemm, local
+    return None
+
+
+@functools.cache
+def _experts_library() -> ctypes.CDLL | None:
+    """The MoE experts library, or None where it cannot run (not x86-64 Linux, turned off, or torch
+    exports no ``sgemm_``) or could not be built (warned once)."""
+    if not (enabled() and _linux_x86()) or _blas() is None:
+        return None
+    lib = _load(_EXPERTS_SOURCE, "MoE experts")
+    if lib is None or lib.kinetic_experts_version() != 1:
+        return None
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.kinetic_experts_forward.restype = ctypes.c_int
+    lib.kinetic_experts_forward.argtypes = [ptr, ptr, i64, ptr, i32, i32, i32] + [ptr] * 6
+    lib.kinetic_experts_backward.restype = ctypes.c_int
+    lib.kinetic_experts_backward.argtypes = [ptr, ptr, i64, ptr, i32, i32, i32] + [ptr] * 10
+    return lib
+
+
+def experts_kernel_available(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the MoE experts kernel runs for tensors of ``device`` and ``dtype`` here."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and _experts_library() is not None
+
+
+def experts_fit(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether :func:`experts_forward` takes rows ``x`` and expert weights ``up`` / ``down``: float32
+    CPU tensors outside ``torch.compile``, and the kernel available."""
+    if _stepped_aside or torch.compiler.is_compiling():
+        return False
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, up, down)):
+        return False
+    return experts_kernel_available()
+
+
+def _experts_check(x, up, down, ends) -> tuple[int, int, int]:
+    num, inter, width = up.shape
+    if x.dim() != 2 or x.shape[1] != width or down.shape != (num, width, inter) or ends.shape != (num,):
+        raise ValueError(f"experts: x {tuple(x.shape)}, up {tuple(up.shape)}, down {tuple(down.shape)} and "
+                         f"ends {tuple(ends.shape)} do not fit; expected x (rows, W), up (E, I, W), "
+                         "down (E, W, I), ends (E,)")
+    if ends.dtype != torch.int64:
+        raise ValueError(f"experts: ends must be int64, got {ends.dtype}")
+    return num, width, inter
+
+
+def _big_rows(rows: int) -> int:
+    """Experts with more rows than a thread's share run alone with all threads in their GEMMs (one
+    thread would otherwise work on such an expert while the others wait)."""
+    return max(64, rows // max(1, torch.get_num_threads()))
+
+
+def experts_forward(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ends: torch.Tensor,
+                    keep: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Routed experts over rows ``x`` (rows, W) sorted by expert, expert e owning rows ``ends[e-1]`` to
+    ``ends[e]``: ``relu(x_e up_e^T)^2 down_e^T`` with up (E, I, W) and down (E, W, I). Returns y (rows, W)
+    and, with ``keep`` (for :func:`experts_backward`), the pre-activation u and the activation h
+    (rows, I), else None, None. Check :func:`experts_fit` first."""
+    num, width, inter = _experts_check(x, up, down, ends)
+    x, up, down, ends = x.contiguous(), up.contiguous(), down.contiguous(), ends.contiguous()
+    rows = x.shape[0]
+    y, h = torch.empty(rows, width), torch.empty(rows, inter)
+    u = torch.empty(rows, inter) if keep else None
+    gemm, local = _blas()
+    err = _experts_library().kinetic_experts_forward(
+        gemm, local, _big_rows(rows), ends.data_ptr(), num, width, inter, x.data_ptr(), up.data_ptr(),
+        down.data_ptr(), u.data_ptr() if keep else None, h.data_ptr(), y.data_ptr())
+    if err:
+        raise RuntimeError(f"kinetic_experts_forward failed with code {err} ({num} experts, W={width}, "
+                           f"I={inter})")
+    return y, u, (h if keep else None)
+
+
+def experts_backward(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ends: torch.Tensor,
+                     u: torch.Tensor, h: torch.Tensor, grad: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`experts_forward`'s y (given ``grad`` of it) with respect to x, up and down,
+    from the u and h that forward kept."""
+    num, width, inter = _experts_check(x, up, down, ends)
+    x, up, down, ends = x.contiguous(), up.contiguous(), down.contiguous(), ends.contiguous()
+    grad = grad.contiguous()
+    rows = x.shape[0]
+    du, dx = torch.empty(rows, inter), torch.empty(rows, width)
+    dup, ddown = torch.empty(num, inter, width), torch.empty(num, width, inter)
+    gemm, local = _blas()
+    err = _experts_library().kinetic_experts_backward(
+        gemm, local, _big_rows(rows), ends.data_ptr(), num, width, inter, x.data_ptr(), up.data_ptr(),
+        down.data_ptr(), u.data_ptr(), h.data_ptr(), grad.data_ptr(), du.data_ptr(), dx.data_ptr(),
+        dup.data_ptr(), ddown.data_ptr())
+    if err:
+        raise RuntimeError(f"kinetic_experts_backward failed with code {err} ({num} experts, W={width}, "
+                           f"I={inter})")
+    return dx, dup, ddown

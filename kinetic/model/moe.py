@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kinetic.config import ModelConfig
+from kinetic.kernels import cpu as cpu_kernels
 from kinetic.model.mlp import MLP, relu2
 
 # torch._grouped_mm runs all experts' matmuls in one call; used where torch supports it (CPU float32,
@@ -147,6 +148,26 @@ class TopKRouter(nn.Module):
         return logits, weights * self.scaling, indices
 
 
+class _ExpertsC(torch.autograd.Function):
+    """Every routed expert's up projection, squared ReLU and down projection over rows sorted by
+    expert, in C on CPUs (``kinetic/kernels/experts.c``): a thread takes whole experts, runs their
+    GEMMs through torch's BLAS single-threaded and applies the activation (forward) or its gradient
+    (backward) while the expert's block is in cache. torch's grouped matmul instead splits each small
+    GEMM between the threads, and the activation is extra passes."""
+
+    @staticmethod
+    def forward(ctx, xs, up, down, ends):
+        keep = any(ctx.needs_input_grad)
+        y, u, h = cpu_kernels.experts_forward(xs, up, down, ends, keep)
+        if keep:
+            ctx.save_for_backward(xs, up, down, ends, u, h)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (*cpu_kernels.experts_backward(*ctx.saved_tensors, grad), None)
+
+
 # Inference on at most this many (token, expert) assignments -- a decode or verification step --
 # gathers the chosen experts' weights and runs two batched matmuls, instead of visiting every expert
 # (a grouped GEMM over mostly empty groups costs a call per expert on CPU).
@@ -181,7 +202,9 @@ class Experts(nn.Module):
         counts = count_per_expert(flat, self.up_proj.shape[0])
         token_of = order // k  # the token of each expert-sorted assignment
         xs = x.index_select(0, token_of)  # (tokens * k, width), grouped by expert
-        if self.grouped and (use_grouped_mm(x) or torch.compiler.is_compiling()):
+        if self.grouped and cpu_kernels.experts_fit(xs, self.up_proj, self.down_proj):
+            ys = _ExpertsC.apply(xs, self.up_proj, self.down_proj, counts.cumsum(0))
+        elif self.grouped and (use_grouped_mm(x) or torch.compiler.is_compiling()):
             offsets = counts.cumsum(0).to(torch.int32)
             h = relu2(grouped_mm(xs, self.up_proj.transpose(1, 2), offsets))
             ys = grouped_mm(h, self.down_proj.transpose(1, 2), offsets)

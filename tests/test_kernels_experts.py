@@ -1,0 +1,173 @@
+"""The MoE experts kernel (kinetic/kernels/experts.c): each expert's up projection, squared ReLU and
+down projection, forward and backward, against the per-expert loop in float64."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import kinetic.kernels.cpu as kc
+from kinetic.config import preset
+from kinetic.model.moe import Experts, MoE
+
+needs_experts = pytest.mark.skipif(not kc.experts_kernel_available(),
+                                   reason="the experts kernel needs x86-64 Linux, a C compiler and a torch "
+                                          "that exports sgemm_")
+
+
+@pytest.fixture
+def expert_calls(count_calls):
+    """Counts the kernel's forward calls."""
+    return count_calls(kc, "experts_forward")
+
+
+def routing(tokens: int, experts: int, k: int, skew: float, empty: int, seed: int):
+    """(tokens, k) distinct experts per token, expert ``empty`` never chosen (if >= 0), and a
+    ``skew`` share of the tokens sent to expert 0 first."""
+    g = torch.Generator().manual_seed(seed)
+    pool = [e for e in range(experts) if e != empty]
+    rows = []
+    for _ in range(tokens):
+        perm = [pool[i] for i in torch.randperm(len(pool), generator=g)[:k].tolist()]
+        if torch.rand((), generator=g).item() < skew and 0 not in perm:
+            perm[0] = 0
+        rows.append(perm)
+    return torch.tensor(rows), torch.rand(tokens, k, generator=g)
+
+
+def run_experts(experts: Experts, x, indices, weights, dtype):
+    """Output and gradients (x, up, down) of a weighted sum of squares of the experts' output."""
+    module = Experts(*experts.up_proj.shape[:1], experts.up_proj.shape[2], experts.up_proj.shape[1])
+    module.load_state_dict(experts.state_dict())
+    module = module.to(dtype)
+    module.grouped = dtype == torch.float32  # float64: the per-expert loop, the reference
+    x = x.detach().to(dtype, copy=True).requires_grad_(True)
+    y = module(x, indices, weights.to(dtype))
+    probe = torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)
+    (y * probe).sum().backward()
+    return y.detach(), x.grad, module.up_proj.grad, module.down_proj.grad
+
+
+@needs_experts
+@pytest.mark.parametrize("num,width,inter,tokens,k,skew,empty,threads", [
+    (8, 32, 48, 50, 2, 0.0, 7, 2),  # an expert without tokens gets zero gradients
+    (64, 128, 256, 512, 4, 0.0, -1, 2),  # the small preset's latent MoE shapes
+    (4, 24, 40, 300, 1, 0.8, -1, 2),  # expert 0 has most rows: it runs alone, BLAS-threaded
+    (6, 16, 16, 1, 2, 0.0, -1, 2),  # a single token
+    (8, 40, 24, 90, 3, 0.3, 2, 1),  # one thread
+])
+def test_experts_kernel_matches_float64(expert_calls, num, width, inter, tokens, k, skew, empty, threads):
+    torch.manual_seed(tokens)
+    experts = Experts(num, width, inter)
+    torch.nn.init.normal_(experts.up_proj, std=width ** -0.5)
+    torch.nn.init.normal_(experts.down_proj, std=inter ** -0.5)
+    x = torch.randn(tokens, width)
+    indices, weights = routing(tokens, num, k, skew, empty, seed=tokens)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = run_experts(experts, x, indices, weights, torch.float32)
+    finally:
+        torch.set_num_threads(before)
+    assert len(expert_calls) == 1
+    want = run_experts(experts, x, indices, weights, torch.float64)
+    assert len(expert_calls) == 1  # float64 stays with torch
+    for name, a, r in zip(["y", "dx", "dup", "ddown"], got, want, strict=True):
+        assert a.dtype == torch.float32 and a.shape == r.shape, name
+        torch.testing.assert_close(a.double(), r, atol=1e-5 * r.abs().max().item(), rtol=1e-5, msg=name)
+    if empty >= 0:
+        assert not got[2][empty].any() and not got[3][empty].any()
+
+
+@needs_experts
+def test_experts_kernel_in_inference_matches_training(expert_calls):
+    """Under no_grad the kernel keeps no pre-activation (squared in place); same output."""
+    torch.manual_seed(0)
+    moe = MoE(preset("small")).eval()
+    for p in moe.parameters():
+        if p.dim() >= 2:
+            torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5)
+    x = torch.randn(2, 100, moe.gate.weight.shape[1])
+    with torch.no_grad():
+        fast = moe(x)
+    train = moe(x.requires_grad_(True))
+    with torch.no_grad(), kc.torch_only():
+        ref = moe(x)
+    assert len(expert_calls) == 2
+    torch.testing.assert_close(fast, train.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_experts_kernel_fits_only_where_it_runs():
+    x, up, down = torch.randn(10, 16), torch.randn(4, 24, 16), torch.randn(4, 16, 24)
+    assert kc.experts_fit(x, up, down) == kc.experts_kernel_available()
+    assert not kc.experts_kernel_available("cpu", torch.float64) and not kc.experts_kernel_available("meta")
+    assert not kc.experts_fit(x.double(), up.double(), down.double())
+    assert not kc.experts_fit(x, up.bfloat16(), down)
+    with kc.torch_only():
+        assert not kc.experts_fit(x, up, down)
+
+
+@needs_experts
+def test_experts_kernel_names_a_mismatched_shape():
+    x, up, down = torch.randn(10, 16), torch.randn(4, 24, 16), torch.randn(4, 16, 24)
+    ends = torch.tensor([2, 5, 5, 10])
+    with pytest.raises(ValueError, match=r"down \(4, 24, 16\).*expected x \(rows, W\), up \(E, I, W\)"):
+        kc.experts_forward(x, up, down.transpose(1, 2), ends, False)
+    with pytest.raises(ValueError, match="ends must be int64"):
+        kc.experts_forward(x, up, down, ends.int(), False)
+
+
+def test_without_a_blas_the_experts_run_through_torch(monkeypatch):
+    """A torch that exports no sgemm_: the kernel is unavailable and the MoE still computes."""
+    monkeypatch.setattr(kc, "_blas", lambda: None)
+    kc._experts_library.cache_clear()
+    try:
+        assert not kc.experts_kernel_available()
+        torch.manual_seed(1)
+        experts = Experts(4, 16, 32)
+        torch.nn.init.normal_(experts.up_proj)
+        torch.nn.init.normal_(experts.down_proj)
+        x = torch.randn(20, 16)
+        indices, weights = routing(20, 4, 2, 0.0, -1, seed=1)
+        got = run_experts(experts, x, indices, weights, torch.float32)
+        want = run_experts(experts, x, indices, weights, torch.float64)
+        scale = want[0].abs().max().item()
+        torch.testing.assert_close(got[0].double(), want[0], atol=1e-5 * scale, rtol=1e-5)
+    finally:
+        kc._experts_library.cache_clear()
+
+
+@pytest.mark.skipif(not kc._linux_x86(), reason="the experts kernel is only built on x86-64 Linux")
+def test_a_failed_experts_kernel_build_warns_once(monkeypatch, tmp_path, expert_calls):
+    monkeypatch.setenv("KINETIC_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    kc._experts_library.cache_clear()
+    try:
+        if kc._blas() is None:
+            pytest.skip("this torch exports no sgemm_")
+        with pytest.warns(UserWarning, match="MoE experts kernel is unavailable"):
+            assert not kc.experts_kernel_available()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not kc.experts_kernel_available()
+        experts = Experts(4, 16, 32)
+        torch.nn.init.normal_(experts.up_proj)
+        torch.nn.init.normal_(experts.down_proj)
+        indices, weights = routing(20, 4, 2, 0.0, -1, seed=2)
+        run_experts(experts, torch.randn(20, 16), indices, weights, torch.float32)
+        assert not expert_calls
+    finally:
+        kc._experts_library.cache_clear()
+
+
+def test_the_experts_kernel_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("KINETIC_CPU_KERNELS", "0")
+    kc._experts_library.cache_clear()
+    try:
+        assert not kc.experts_kernel_available()
+        assert not kc.experts_fit(torch.randn(4, 16), torch.randn(2, 8, 16), torch.randn(2, 16, 8))
+    finally:
+        kc._experts_library.cache_clear()
