@@ -455,13 +455,13 @@ def _experts_library() -> ctypes.CDLL | None:
     if not (enabled() and _linux_x86()) or _blas() is None:
         return None
     lib = _load(_EXPERTS_SOURCE, "MoE experts")
-    if lib is None or lib.kinetic_experts_version() != 1:
+    if lib is None or lib.kinetic_experts_version() != 2:
         return None
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.kinetic_experts_forward.restype = ctypes.c_int
-    lib.kinetic_experts_forward.argtypes = [ptr, ptr, i64, ptr, i32, i32, i32] + [ptr] * 6
+    lib.kinetic_experts_forward.argtypes = [ptr, ptr, i64, ptr, i32, i32, i32] + [ptr] * 5
     lib.kinetic_experts_backward.restype = ctypes.c_int
-    lib.kinetic_experts_backward.argtypes = [ptr, ptr, i64, ptr, i32, i32, i32] + [ptr] * 10
+    lib.kinetic_experts_backward.argtypes = [ptr, ptr, i64, ptr, i32, i32, i32] + [ptr] * 8
     return lib
 
 
@@ -498,42 +498,40 @@ def _big_rows(rows: int) -> int:
 
 
 def experts_forward(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ends: torch.Tensor,
-                    keep: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                    keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Routed experts over rows ``x`` (rows, W) sorted by expert, expert e owning rows ``ends[e-1]`` to
     ``ends[e]``: ``relu(x_e up_e^T)^2 down_e^T`` with up (E, I, W) and down (E, W, I). Returns y (rows, W)
-    and, with ``keep`` (for :func:`experts_backward`), the pre-activation u and the activation h
-    (rows, I), else None, None. Check :func:`experts_fit` first."""
+    and, with ``keep`` (for :func:`experts_backward`), the pre-activation u (rows, I), else None.
+    Check :func:`experts_fit` first."""
     num, width, inter = _experts_check(x, up, down, ends)
     x, up, down, ends = x.contiguous(), up.contiguous(), down.contiguous(), ends.contiguous()
     rows = x.shape[0]
-    y, h = torch.empty(rows, width), torch.empty(rows, inter)
+    y = torch.empty(rows, width)
     u = torch.empty(rows, inter) if keep else None
     gemm, local = _blas()
     err = _experts_library().kinetic_experts_forward(
         gemm, local, _big_rows(rows), ends.data_ptr(), num, width, inter, x.data_ptr(), up.data_ptr(),
-        down.data_ptr(), u.data_ptr() if keep else None, h.data_ptr(), y.data_ptr())
+        down.data_ptr(), u.data_ptr() if keep else None, y.data_ptr())
     if err:
         raise RuntimeError(f"kinetic_experts_forward failed with code {err} ({num} experts, W={width}, "
                            f"I={inter})")
-    return y, u, (h if keep else None)
+    return y, u
 
 
 def experts_backward(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ends: torch.Tensor,
-                     u: torch.Tensor, h: torch.Tensor, grad: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     u: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of :func:`experts_forward`'s y (given ``grad`` of it) with respect to x, up and down,
-    from the u and h that forward kept."""
+    from the pre-activation u that forward kept."""
     num, width, inter = _experts_check(x, up, down, ends)
     x, up, down, ends = x.contiguous(), up.contiguous(), down.contiguous(), ends.contiguous()
-    grad = grad.contiguous()
+    u, grad = u.contiguous(), grad.contiguous()
     rows = x.shape[0]
-    du, dx = torch.empty(rows, inter), torch.empty(rows, width)
+    dx = torch.empty(rows, width)
     dup, ddown = torch.empty(num, inter, width), torch.empty(num, width, inter)
     gemm, local = _blas()
     err = _experts_library().kinetic_experts_backward(
         gemm, local, _big_rows(rows), ends.data_ptr(), num, width, inter, x.data_ptr(), up.data_ptr(),
-        down.data_ptr(), u.data_ptr(), h.data_ptr(), grad.data_ptr(), du.data_ptr(), dx.data_ptr(),
-        dup.data_ptr(), ddown.data_ptr())
+        down.data_ptr(), u.data_ptr(), grad.data_ptr(), dx.data_ptr(), dup.data_ptr(), ddown.data_ptr())
     if err:
         raise RuntimeError(f"kinetic_experts_backward failed with code {err} ({num} experts, W={width}, "
                            f"I={inter})")

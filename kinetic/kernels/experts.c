@@ -14,7 +14,8 @@
  * (a hundred-odd rows per expert) splitting each GEMM between threads costs more than it saves; the
  * activation and its gradient are further passes over the (rows x I) tensors. Here each thread takes
  * whole experts and runs their GEMMs single-threaded with the activation applied while the expert's
- * block is in cache. The GEMM itself is BLAS's: the caller passes the address of the Fortran
+ * block is in cache, in a scratch block of its own: only u is stored for the backward pass, which
+ * recomputes h from it, and inference stores neither. The GEMM itself is BLAS's: the caller passes the address of the Fortran
  * `sgemm_` its torch links (MKL in torch's x86-64 builds), and optionally the BLAS's
  * `MKL_Set_Num_Threads_Local`, used to keep each call on its own thread. An expert with more than
  * `big` rows runs on its own, before the others, with all the threads inside its GEMMs.
@@ -23,6 +24,7 @@
  */
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef void (*sgemm_fn)(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -30,7 +32,7 @@ typedef void (*sgemm_fn)(const char* transa, const char* transb, const int* m, c
                          const float* beta, float* c, const int* ldc);
 typedef int (*threads_fn)(int);
 
-int kinetic_experts_version(void) { return 1; }
+int kinetic_experts_version(void) { return 2; }
 
 /* Row-major C (M x N) = op(A) (M x K) op(B) (K x N), through column-major BLAS: C^T = op(B)^T op(A)^T.
  * ta: A is stored K x M (row-major, leading dimension lda); tb: B is stored N x K. */
@@ -44,28 +46,35 @@ typedef struct {
     sgemm_fn gemm;
     int E, W, I;
     const int64_t* ends;
-    const float *x, *up, *down, *u, *h, *dy;
-    float *u_out, *h_out, *y, *du, *dx, *dup, *ddown;
+    const float *x, *up, *down, *u, *dy;
+    float *u_out, *y, *dx, *dup, *ddown;
 } Job;
 
-static void forward_one(const Job* j, int e) {
-    const int64_t lo = e ? j->ends[e - 1] : 0;
-    const int m = (int)(j->ends[e] - lo), W = j->W, I = j->I;
-    if (m <= 0) return;
-    float* h = j->h_out + lo * I;
-    /* without u_out (inference) the pre-activation goes straight into h and is squared in place */
-    float* u = j->u_out ? j->u_out + lo * I : h;
-    mm(j->gemm, 0, 1, m, I, W, j->x + lo * W, W, j->up + (int64_t)e * I * W, W, u, I);
-    for (int64_t i = 0; i < (int64_t)m * I; i++) {
+static int64_t rows_of(const Job* j, int e) { return j->ends[e] - (e ? j->ends[e - 1] : 0); }
+
+/* h = relu(u)^2 over n floats */
+static void relu2(const float* u, float* h, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
         const float r = u[i] > 0.0f ? u[i] : 0.0f;
         h[i] = r * r;
     }
-    mm(j->gemm, 0, 1, m, W, I, h, I, j->down + (int64_t)e * W * I, I, j->y + lo * W, W);
 }
 
-static void backward_one(const Job* j, int e) {
+/* scratch: two blocks of (the most rows of one expert) x I floats, the calling thread's own */
+static void forward_one(const Job* j, int e, float* scratch) {
     const int64_t lo = e ? j->ends[e - 1] : 0;
-    const int m = (int)(j->ends[e] - lo), W = j->W, I = j->I;
+    const int m = (int)rows_of(j, e), W = j->W, I = j->I;
+    if (m <= 0) return;
+    /* the pre-activation goes to u_out when the backward pass needs it, else to scratch */
+    float* u = j->u_out ? j->u_out + lo * I : scratch;
+    mm(j->gemm, 0, 1, m, I, W, j->x + lo * W, W, j->up + (int64_t)e * I * W, W, u, I);
+    relu2(u, scratch, (int64_t)m * I);
+    mm(j->gemm, 0, 1, m, W, I, scratch, I, j->down + (int64_t)e * W * I, I, j->y + lo * W, W);
+}
+
+static void backward_one(const Job* j, int e, float* scratch) {
+    const int64_t lo = e ? j->ends[e - 1] : 0;
+    const int m = (int)rows_of(j, e), W = j->W, I = j->I;
     float* dup = j->dup + (int64_t)e * I * W;
     float* ddown = j->ddown + (int64_t)e * W * I;
     if (m <= 0) {  /* an expert without tokens gets zero gradients */
@@ -73,50 +82,60 @@ static void backward_one(const Job* j, int e) {
         memset(ddown, 0, sizeof(float) * W * I);
         return;
     }
-    const float *x = j->x + lo * W, *dy = j->dy + lo * W, *u = j->u + lo * I, *h = j->h + lo * I;
-    float* du = j->du + lo * I;
-    mm(j->gemm, 1, 0, W, I, m, dy, W, h, I, ddown, I);                       /* dy^T h */
+    const float *x = j->x + lo * W, *dy = j->dy + lo * W, *u = j->u + lo * I;
+    float *h = scratch, *du = scratch + (int64_t)m * I;
+    relu2(u, h, (int64_t)m * I);                                               /* recomputed */
+    mm(j->gemm, 1, 0, W, I, m, dy, W, h, I, ddown, I);                         /* dy^T h */
     mm(j->gemm, 0, 0, m, I, W, dy, W, j->down + (int64_t)e * W * I, I, du, I); /* dh = dy down */
     for (int64_t i = 0; i < (int64_t)m * I; i++) du[i] *= u[i] > 0.0f ? 2.0f * u[i] : 0.0f;
-    mm(j->gemm, 1, 0, I, W, m, du, I, x, W, dup, W);                          /* du^T x */
+    mm(j->gemm, 1, 0, I, W, m, du, I, x, W, dup, W);                           /* du^T x */
     mm(j->gemm, 0, 0, m, W, I, du, I, j->up + (int64_t)e * I * W, W, j->dx + lo * W, W);
 }
 
 /* Experts with more than `big` rows one after another, with the BLAS's own threads; then the others,
- * a whole expert per task. */
-static void run(const Job* j, threads_fn local_threads, int64_t big, void (*one)(const Job*, int)) {
+ * a whole expert per task. Returns 0, or 2 if scratch memory could not be allocated. */
+static int run(const Job* j, threads_fn local_threads, int64_t big, void (*one)(const Job*, int, float*)) {
+    int64_t most = 0;
+    for (int e = 0; e < j->E; e++) most = rows_of(j, e) > most ? rows_of(j, e) : most;
+    const size_t block = (size_t)(2 * most * j->I + 16) * sizeof(float);
+    int failed = 0;
+    float* mine = malloc(block);
+    if (!mine) return 2;
     for (int e = 0; e < j->E; e++)
-        if (j->ends[e] - (e ? j->ends[e - 1] : 0) > big) one(j, e);
-#pragma omp parallel
+        if (rows_of(j, e) > big) one(j, e, mine);
+    free(mine);
+#pragma omp parallel reduction(| : failed)
     {
+        float* scratch = malloc(block);
         const int before = local_threads ? local_threads(1) : 0;
 #pragma omp for schedule(dynamic, 1)
         for (int e = 0; e < j->E; e++)
-            if (j->ends[e] - (e ? j->ends[e - 1] : 0) <= big) one(j, e);
+            if (scratch && rows_of(j, e) <= big) one(j, e, scratch);
         if (local_threads) local_threads(before);
+        failed |= !scratch;
+        free(scratch);
     }
+    return failed ? 2 : 0;
 }
 
-/* x (rows x W), up (E x I x W), down (E x W x I), ends (E) -> y (rows x W); h (rows x I) and, when
- * u is not NULL, u (rows x I) kept for the backward pass. Returns 0, or 1 on bad sizes. */
+/* x (rows x W), up (E x I x W), down (E x W x I), ends (E) -> y (rows x W); when u is not NULL the
+ * pre-activation u (rows x I) is kept there for the backward pass. Returns 0, 1 on bad sizes, 2 when
+ * out of memory. */
 int kinetic_experts_forward(void* gemm, void* local_threads, int64_t big, const int64_t* ends, int E, int W,
-                            int I, const float* x, const float* up, const float* down, float* u, float* h,
-                            float* y) {
+                            int I, const float* x, const float* up, const float* down, float* u, float* y) {
     if (!gemm || E < 1 || W < 1 || I < 1) return 1;
     Job j = {.gemm = (sgemm_fn)gemm, .E = E, .W = W, .I = I, .ends = ends, .x = x, .up = up, .down = down,
-             .u_out = u, .h_out = h, .y = y};
-    run(&j, (threads_fn)local_threads, big, forward_one);
-    return 0;
+             .u_out = u, .y = y};
+    return run(&j, (threads_fn)local_threads, big, forward_one);
 }
 
-/* The gradients of kinetic_experts_forward's y given dy (rows x W): dx (rows x W), dup (E x I x W),
- * ddown (E x W x I); du (rows x I) is scratch. Returns 0, or 1 on bad sizes. */
+/* The gradients of kinetic_experts_forward's y given dy (rows x W), from the u it kept: dx (rows x W),
+ * dup (E x I x W), ddown (E x W x I). Returns 0, 1 on bad sizes, 2 when out of memory. */
 int kinetic_experts_backward(void* gemm, void* local_threads, int64_t big, const int64_t* ends, int E, int W,
                              int I, const float* x, const float* up, const float* down, const float* u,
-                             const float* h, const float* dy, float* du, float* dx, float* dup, float* ddown) {
+                             const float* dy, float* dx, float* dup, float* ddown) {
     if (!gemm || E < 1 || W < 1 || I < 1) return 1;
     Job j = {.gemm = (sgemm_fn)gemm, .E = E, .W = W, .I = I, .ends = ends, .x = x, .up = up, .down = down,
-             .u = u, .h = h, .dy = dy, .du = du, .dx = dx, .dup = dup, .ddown = ddown};
-    run(&j, (threads_fn)local_threads, big, backward_one);
-    return 0;
+             .u = u, .dy = dy, .dx = dx, .dup = dup, .ddown = ddown};
+    return run(&j, (threads_fn)local_threads, big, backward_one);
 }

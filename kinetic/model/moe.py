@@ -152,15 +152,16 @@ class _ExpertsC(torch.autograd.Function):
     """Every routed expert's up projection, squared ReLU and down projection over rows sorted by
     expert, in C on CPUs (``kinetic/kernels/experts.c``): a thread takes whole experts, runs their
     GEMMs through torch's BLAS single-threaded and applies the activation (forward) or its gradient
-    (backward) while the expert's block is in cache. torch's grouped matmul instead splits each small
-    GEMM between the threads, and the activation is extra passes."""
+    (backward) while the expert's block is in cache; only the pre-activation is kept for the backward
+    pass. torch's grouped matmul instead splits each small GEMM between the threads, and the
+    activation is extra passes."""
 
     @staticmethod
     def forward(ctx, xs, up, down, ends):
         keep = any(ctx.needs_input_grad)
-        y, u, h = cpu_kernels.experts_forward(xs, up, down, ends, keep)
+        y, u = cpu_kernels.experts_forward(xs, up, down, ends, keep)
         if keep:
-            ctx.save_for_backward(xs, up, down, ends, u, h)
+            ctx.save_for_backward(xs, up, down, ends, u)
         return y
 
     @staticmethod
