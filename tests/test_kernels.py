@@ -180,12 +180,15 @@ def scan_inputs(b, seqlen, heads, p, groups, n, init, dt_scale=0.3, seed=0):
     return x, dt, A, B, C, s0
 
 
-def scan_with_grads(inputs, chunk, dtype):
-    """ssd_scan's outputs and the gradients of a random projection of them w.r.t. every input."""
+def scan_with_grads(inputs, chunk, dtype, skip=True):
+    """ssd_scan's outputs and the gradients of a random projection of them w.r.t. every input (with
+    ``skip``, the D skip weights too)."""
     x, dt, A, B, C, s0 = inputs
-    leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (x, dt, B, C)]
+    D = torch.linspace(-1.5, 2.0, x.shape[2])
+    leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (x, dt, B, C, D)[:4 + skip]]
     s = s0.detach().to(dtype).clone().requires_grad_() if s0 is not None else None
-    y, final = mamba2.ssd_scan(leaves[0], leaves[1], A.to(dtype), leaves[2], leaves[3], chunk, s)
+    y, final = mamba2.ssd_scan(leaves[0], leaves[1], A.to(dtype), leaves[2], leaves[3], chunk, s,
+                               leaves[4] if skip else None)
     g = torch.Generator().manual_seed(1)
     loss = (y * torch.randn(y.shape, generator=g).to(dtype)).sum()
     loss = loss + (final * torch.randn(final.shape, generator=g).to(dtype)).sum()
@@ -210,14 +213,15 @@ def scan_calls(count_calls):
 ])
 def test_scan_kernel_matches_float64(scan_calls, b, seqlen, heads, p, groups, n, chunk, init):
     """The kernels' (chunk states and chunk outputs) outputs, final state and the gradients w.r.t. x,
-    dt, B, C and the initial state against torch's composition of the same scan in float64."""
+    dt, B, C, the skip weights D and the initial state against torch's composition of the same scan
+    in float64."""
     inputs = scan_inputs(b, seqlen, heads, p, groups, n, init, seed=seqlen)
     got = scan_with_grads(inputs, chunk, torch.float32)
     assert len(scan_calls) == 1
     want = scan_with_grads(inputs, chunk, torch.float64)
     assert len(scan_calls) == 1  # float64 stays with torch
-    names = ["y", "final", "dx", "ddt", "dB", "dC", "dinitial"]
-    assert len(got) == len(want) == 6 + init
+    names = ["y", "final", "dx", "ddt", "dB", "dC", "dD", "dinitial"]
+    assert len(got) == len(want) == 7 + init
     for name, a, r in zip(names[:len(got)], got, want, strict=True):
         assert a.dtype == torch.float32 and a.shape == r.shape, name
         torch.testing.assert_close(a.double(), r, atol=2e-5 * r.abs().max().item(), rtol=1e-5, msg=name)
@@ -254,14 +258,17 @@ def test_scan_kernel_fits_only_where_it_runs():
 def test_scan_kernel_names_a_mismatched_shape():
     x, a = torch.randn(1, 2, 4, 3, 64, 32), torch.randn(1, 2, 4, 3, 64)
     C, S = torch.randn(1, 2, 3, 64, 64), torch.randn(1, 2, 4, 3, 32, 64)
-    cb = torch.randn(1, 2, 3, 64, 64)
+    cb, D = torch.randn(1, 2, 3, 64, 64), torch.randn(8)
+    m = mamba2.MIN_LOG_DECAY
     wrong = r"S has shape \(1, 2, 4, 3, 64, 32\), expected \(1, 2, 4, 3, 32, 64\)"
     with pytest.raises(ValueError, match=wrong):
-        kc.ssd_chunk_forward(cb, a, x, C, S.transpose(-1, -2), mamba2.MIN_LOG_DECAY)
+        kc.ssd_chunk_forward(cb, a, x, a, C, S.transpose(-1, -2), D, m)
+    with pytest.raises(ValueError, match=r"D has shape \(4,\), expected \(8,\)"):
+        kc.ssd_chunk_forward(cb, a, x, a, C, S, D[:4], m)
     with pytest.raises(ValueError, match="x must be a float32 CPU tensor"):
-        kc.ssd_chunk_forward(cb, a, x.double(), C, S, mamba2.MIN_LOG_DECAY)
-    with pytest.raises(ValueError, match=r"a_cs \(1, 2, 4, 3, 64\) and B \(1, 2, 3, 32, 64\) do not fit"):
-        kc.ssd_states_forward(a, x, C[..., :32].transpose(-1, -2), mamba2.MIN_LOG_DECAY)
+        kc.ssd_chunk_forward(cb, a, x.double(), a, C, S, None, m)
+    with pytest.raises(ValueError, match=r"dt \(1, 2, 4, 3, 32\) and B \(1, 2, 3, 64, 64\) do not fit"):
+        kc.ssd_states_forward(a, x, a[..., :32], C, m)
 
 
 @needs_ssd

@@ -157,13 +157,13 @@ def _mamba_library() -> ctypes.CDLL | None:
         return None
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.kinetic_ssd_chunk_forward.restype = ctypes.c_int
-    lib.kinetic_ssd_chunk_forward.argtypes = [ptr] * 7 + [i64] + [i32] * 6 + [ctypes.c_float]
+    lib.kinetic_ssd_chunk_forward.argtypes = [ptr] * 9 + [i64] + [i32] * 6 + [ctypes.c_float]
     lib.kinetic_ssd_chunk_backward.restype = ctypes.c_int
-    lib.kinetic_ssd_chunk_backward.argtypes = [ptr] * 12 + [i64] + [i32] * 6 + [ctypes.c_float]
+    lib.kinetic_ssd_chunk_backward.argtypes = [ptr] * 16 + [i64] + [i32] * 6 + [ctypes.c_float]
     lib.kinetic_ssd_states_forward.restype = ctypes.c_int
-    lib.kinetic_ssd_states_forward.argtypes = [ptr] * 5 + [i64] + [i32] * 6 + [ctypes.c_float]
+    lib.kinetic_ssd_states_forward.argtypes = [ptr] * 6 + [i64] + [i32] * 6 + [ctypes.c_float]
     lib.kinetic_ssd_states_backward.restype = ctypes.c_int
-    lib.kinetic_ssd_states_backward.argtypes = [ptr] * 8 + [i64] + [i32] * 6 + [ctypes.c_float]
+    lib.kinetic_ssd_states_backward.argtypes = [ptr] * 10 + [i64] + [i32] * 6 + [ctypes.c_float]
     lib.kinetic_conv_silu_forward.restype = ctypes.c_int
     lib.kinetic_conv_silu_forward.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, i32]
     lib.kinetic_conv_silu_backward.restype = ctypes.c_int
@@ -247,16 +247,19 @@ def ssd_chunk_fits(x: torch.Tensor, C: torch.Tensor) -> bool:
     return mamba_kernels_available()
 
 
-def _ssd_check(cb, a_cs, x, C, S) -> tuple[int, int, int, int, int, int, int]:
+def _ssd_check(cb, a_cs, x, dt, C, S, D) -> tuple[int, int, int, int, int, int, int]:
     b, g, r, c, L, p = x.shape
     n = C.shape[-1]
-    want = {"cb": (b, g, c, L, L), "a_cs": (b, g, r, c, L), "C": (b, g, c, L, n), "S": (b, g, r, c, p, n)}
-    for name, t in (("cb", cb), ("a_cs", a_cs), ("C", C), ("S", S)):
+    want = {"cb": (b, g, c, L, L), "a_cs": (b, g, r, c, L), "dt": (b, g, r, c, L), "C": (b, g, c, L, n),
+            "S": (b, g, r, c, p, n), "D": (g * r,)}
+    for name, t in (("cb", cb), ("a_cs", a_cs), ("dt", dt), ("C", C), ("S", S), ("D", D)):
+        if t is None:
+            continue
         if tuple(t.shape) != want[name]:
             raise ValueError(f"ssd_chunk: {name} has shape {tuple(t.shape)}, expected {want[name]} for x "
                              f"of shape {tuple(x.shape)} (b, g, r, c, L, p)")
-    for name, t in (("x", x), ("C", C), ("S", S)):
-        if t.dtype != torch.float32 or t.device.type != "cpu":
+    for name, t in (("x", x), ("dt", dt), ("C", C), ("S", S), ("D", D)):
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
             raise ValueError(f"ssd_chunk: {name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
     return b, g, r, c, L, p, n
 
@@ -271,95 +274,112 @@ def _strides(*groups: tuple[torch.Tensor, int]) -> torch.Tensor:
     return torch.tensor([s for t, k in groups for s in t.stride()[:k]], dtype=torch.int64)
 
 
-def ssd_chunk_forward(cb: torch.Tensor, a_cs: torch.Tensor, x: torch.Tensor, C: torch.Tensor,
-                      S: torch.Tensor, min_log_decay: float) -> torch.Tensor:
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None else None
+
+
+def ssd_chunk_forward(cb: torch.Tensor, a_cs: torch.Tensor, x: torch.Tensor, dt: torch.Tensor,
+                      C: torch.Tensor, S: torch.Tensor, D: torch.Tensor | None, min_log_decay: float
+                      ) -> torch.Tensor:
     """Each chunk's SSD outputs: for every (batch b, group g, head r, chunk c) and position l,
-    ``y[l] = sum_{s<=l} cb[l, s] exp(max(a[l] - a[s], m)) x[s] + exp(max(a[l], m)) S C[l]^T`` with
-    m = ``min_log_decay``. cb (b, g, c, L, L) are the group's C B^T scores, a_cs (b, g, r, c, L) each
-    head's cumulative log-decay, x (b, g, r, c, L, p) its inputs times dt, C (b, g, c, L, n) the
-    group's C rows and S (b, g, r, c, p, n) the state entering each chunk. x, C and S may be strided
-    views. Returns y (b, g, r, c, L, p), a view of a tensor laid out (b, c, L, g, r, p) -- the
-    mixer's (batch, position, head, p). Check :func:`ssd_chunk_fits` first."""
-    b, g, r, c, L, p, n = _ssd_check(cb, a_cs, x, C, S)
-    cb, a_cs, x, C = cb.contiguous(), a_cs.contiguous(), _rows(x), _rows(C)
+    ``y[l] = sum_{s<=l} cb[l, s] exp(max(a[l] - a[s], m)) dt[s] x[s] + exp(max(a[l], m)) S C[l]^T + D x[l]``
+    with m = ``min_log_decay``. cb (b, g, c, L, L) are the group's C B^T scores, a_cs (b, g, r, c, L)
+    each head's cumulative log-decay, dt (b, g, r, c, L) its step sizes, x (b, g, r, c, L, p) its
+    inputs, C (b, g, c, L, n) the group's C rows, S (b, g, r, c, p, n) the state entering each chunk
+    and D (g * r,) the heads' skip weights (None: no skip term). x, C and S may be strided views.
+    Returns y (b, g, r, c, L, p), a view of a tensor laid out (b, c, L, g, r, p) -- the mixer's
+    (batch, position, head, p). Check :func:`ssd_chunk_fits` first."""
+    b, g, r, c, L, p, n = _ssd_check(cb, a_cs, x, dt, C, S, D)
+    cb, a_cs, dt, x, C = cb.contiguous(), a_cs.contiguous(), dt.contiguous(), _rows(x), _rows(C)
+    D = D.contiguous() if D is not None else None
     if S.stride(-1) != 1 or S.stride(-2) != n:
         S = S.contiguous()
     y = torch.empty(b, c, L, g, r, p).permute(0, 3, 4, 1, 2, 5)
     st = _strides((x, 5), (y, 5), (x, 5), (C, 4), (C, 4), (S, 4), (S, 4))
     err = _mamba_library().kinetic_ssd_chunk_forward(
-        cb.data_ptr(), a_cs.data_ptr(), x.data_ptr(), C.data_ptr(), S.data_ptr(), y.data_ptr(), st.data_ptr(),
-        b, g, r, c, L, p, n, min_log_decay)
+        cb.data_ptr(), a_cs.data_ptr(), x.data_ptr(), dt.data_ptr(), _ptr(D), C.data_ptr(), S.data_ptr(),
+        y.data_ptr(), st.data_ptr(), b, g, r, c, L, p, n, min_log_decay)
     if err:
         raise RuntimeError(f"kinetic_ssd_chunk_forward failed with code {err} (chunk {L}, head size {p}, "
                            f"state size {n})")
     return y
 
 
-def ssd_chunk_backward(cb: torch.Tensor, a_cs: torch.Tensor, x: torch.Tensor, C: torch.Tensor,
-                       S: torch.Tensor, grad: torch.Tensor, min_log_decay: float
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def ssd_chunk_backward(cb: torch.Tensor, a_cs: torch.Tensor, x: torch.Tensor, dt: torch.Tensor,
+                       C: torch.Tensor, S: torch.Tensor, D: torch.Tensor | None, grad: torch.Tensor,
+                       min_log_decay: float) -> tuple[torch.Tensor, ...]:
     """The gradients of :func:`ssd_chunk_forward`'s output (given ``grad`` of it) with respect to
-    cb, a_cs, x, C and S, in that order; the clamps at ``min_log_decay`` pass gradients through
-    (where they bind the weights are below 1e-26)."""
-    b, g, r, c, L, p, n = _ssd_check(cb, a_cs, x, C, S)
-    cb, a_cs, x, C, grad = cb.contiguous(), a_cs.contiguous(), _rows(x), _rows(C), _rows(grad)
+    cb, a_cs, x, dt (through the dt factor only; a_cs's own dependence on dt is the caller's), C, S and
+    D (None without D), in that order; the clamps at ``min_log_decay`` pass gradients through (where
+    they bind the weights are below 1e-26)."""
+    b, g, r, c, L, p, n = _ssd_check(cb, a_cs, x, dt, C, S, D)
+    cb, a_cs, dt, x, C = cb.contiguous(), a_cs.contiguous(), dt.contiguous(), _rows(x), _rows(C)
+    D, grad = (D.contiguous() if D is not None else None), _rows(grad)
     if S.stride(-1) != 1 or S.stride(-2) != n:
         S = S.contiguous()
-    d_cb, d_a = torch.empty_like(cb), torch.empty_like(a_cs)
+    d_cb, d_a, d_dt = torch.empty_like(cb), torch.empty_like(a_cs), torch.empty_like(a_cs)
     d_x = torch.empty(b, c, L, g, r, p).permute(0, 3, 4, 1, 2, 5)  # the mixer's layout, like x's
     d_C = torch.empty(b, c, L, g, n).permute(0, 3, 1, 2, 4)
     d_S = torch.empty(b, g, r, c, p, n)
+    d_D = torch.empty(b, g, r, c) if D is not None else None  # per chunk, summed below
     st = _strides((x, 5), (grad, 5), (d_x, 5), (C, 4), (d_C, 4), (S, 4), (d_S, 4))
     err = _mamba_library().kinetic_ssd_chunk_backward(
-        cb.data_ptr(), a_cs.data_ptr(), x.data_ptr(), C.data_ptr(), S.data_ptr(), grad.data_ptr(),
-        d_cb.data_ptr(), d_a.data_ptr(), d_x.data_ptr(), d_C.data_ptr(), d_S.data_ptr(), st.data_ptr(),
-        b, g, r, c, L, p, n, min_log_decay)
+        cb.data_ptr(), a_cs.data_ptr(), x.data_ptr(), dt.data_ptr(), _ptr(D), C.data_ptr(), S.data_ptr(),
+        grad.data_ptr(), d_cb.data_ptr(), d_a.data_ptr(), d_x.data_ptr(), d_dt.data_ptr(), _ptr(d_D),
+        d_C.data_ptr(), d_S.data_ptr(), st.data_ptr(), b, g, r, c, L, p, n, min_log_decay)
     if err:
         raise RuntimeError(f"kinetic_ssd_chunk_backward failed with code {err} (chunk {L}, head size {p}, "
                            f"state size {n})")
-    return d_cb, d_a, d_x, d_C, d_S
+    return d_cb, d_a, d_x, d_dt, d_C, d_S, (d_D.sum((0, 3)).reshape(g * r) if D is not None else None)
 
 
-def ssd_states_forward(a_cs: torch.Tensor, x: torch.Tensor, B: torch.Tensor,
-                       min_log_decay: float) -> torch.Tensor:
-    """The state each chunk adds by its end: ``states[j] = sum_l exp(max(a[L-1] - a[l], m)) x[l, j] B[l]``
-    for every (batch, group, head, chunk), m = ``min_log_decay``; a_cs (b, g, r, c, L), x (b, g, r,
-    c, L, p) (may be a strided view), B (b, g, c, L, n). Returns (b, g, r, c, p, n), contiguous.
-    Check :func:`ssd_chunk_fits` first."""
+def _states_check(a_cs: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor
+                  ) -> tuple[int, int, int, int, int, int, int]:
     b, g, r, c, L, p = x.shape
     n = B.shape[-1]
-    if a_cs.shape != (b, g, r, c, L) or B.shape != (b, g, c, L, n):
-        raise ValueError(f"ssd_states: a_cs {tuple(a_cs.shape)} and B {tuple(B.shape)} do not fit x of shape "
-                         f"{tuple(x.shape)}; expected a_cs (b, g, r, c, L) and B (b, g, c, L, n)")
-    a_cs, x, B = a_cs.contiguous(), _rows(x), B.contiguous()
+    if a_cs.shape != (b, g, r, c, L) or dt.shape != (b, g, r, c, L) or B.shape != (b, g, c, L, n):
+        raise ValueError(f"ssd_states: a_cs {tuple(a_cs.shape)}, dt {tuple(dt.shape)} and B {tuple(B.shape)} "
+                         f"do not fit x of shape {tuple(x.shape)}; expected a_cs and dt (b, g, r, c, L) and "
+                         "B (b, g, c, L, n)")
+    return b, g, r, c, L, p, n
+
+
+def ssd_states_forward(a_cs: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor,
+                       min_log_decay: float) -> torch.Tensor:
+    """The state each chunk adds by its end:
+    ``states[j] = sum_l exp(max(a[L-1] - a[l], m)) dt[l] x[l, j] B[l]`` for every (batch, group, head,
+    chunk), m = ``min_log_decay``; a_cs and dt (b, g, r, c, L), x (b, g, r, c, L, p) (may be a strided
+    view), B (b, g, c, L, n). Returns (b, g, r, c, p, n), contiguous. Check :func:`ssd_chunk_fits` first."""
+    b, g, r, c, L, p, n = _states_check(a_cs, x, dt, B)
+    a_cs, dt, x, B = a_cs.contiguous(), dt.contiguous(), _rows(x), B.contiguous()
     states = torch.empty(b, g, r, c, p, n)
     st = _strides((x, 5), (x, 5), (x, 5), (B, 4), (B, 4), (states, 4), (states, 4))
     err = _mamba_library().kinetic_ssd_states_forward(
-        a_cs.data_ptr(), x.data_ptr(), B.data_ptr(), states.data_ptr(), st.data_ptr(), b, g, r, c, L, p, n,
-        min_log_decay)
+        a_cs.data_ptr(), x.data_ptr(), dt.data_ptr(), B.data_ptr(), states.data_ptr(), st.data_ptr(),
+        b, g, r, c, L, p, n, min_log_decay)
     if err:
         raise RuntimeError(f"kinetic_ssd_states_forward failed with code {err} (chunk {L}, head size {p}, "
                            f"state size {n})")
     return states
 
 
-def ssd_states_backward(a_cs: torch.Tensor, x: torch.Tensor, B: torch.Tensor, grad: torch.Tensor,
-                        min_log_decay: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ssd_states_backward(a_cs: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor,
+                        grad: torch.Tensor, min_log_decay: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of :func:`ssd_states_forward`'s output (given ``grad`` of it) with respect to
-    a_cs, x (laid out (b, c, L, g, r, p), like the mixer's) and B."""
-    b, g, r, c, L, p = x.shape
-    n = B.shape[-1]
-    a_cs, x, B, grad = a_cs.contiguous(), _rows(x), B.contiguous(), grad.contiguous()
-    d_a, d_B = torch.empty_like(a_cs), torch.empty_like(B)
+    a_cs, x (laid out (b, c, L, g, r, p), like the mixer's), dt (through the dt factor) and B."""
+    b, g, r, c, L, p, n = _states_check(a_cs, x, dt, B)
+    a_cs, dt, x, B, grad = a_cs.contiguous(), dt.contiguous(), _rows(x), B.contiguous(), grad.contiguous()
+    d_a, d_dt, d_B = torch.empty_like(a_cs), torch.empty_like(a_cs), torch.empty_like(B)
     d_x = torch.empty(b, c, L, g, r, p).permute(0, 3, 4, 1, 2, 5)
     st = _strides((x, 5), (x, 5), (d_x, 5), (B, 4), (B, 4), (grad, 4), (grad, 4))
     err = _mamba_library().kinetic_ssd_states_backward(
-        a_cs.data_ptr(), x.data_ptr(), B.data_ptr(), grad.data_ptr(), d_a.data_ptr(), d_x.data_ptr(),
-        d_B.data_ptr(), st.data_ptr(), b, g, r, c, L, p, n, min_log_decay)
+        a_cs.data_ptr(), x.data_ptr(), dt.data_ptr(), B.data_ptr(), grad.data_ptr(), d_a.data_ptr(),
+        d_x.data_ptr(), d_dt.data_ptr(), d_B.data_ptr(), st.data_ptr(), b, g, r, c, L, p, n, min_log_decay)
     if err:
         raise RuntimeError(f"kinetic_ssd_states_backward failed with code {err} (chunk {L}, head size {p}, "
                            f"state size {n})")
-    return d_a, d_x, d_B
+    return d_a, d_x, d_dt, d_B
 
 
 CONV_MAX_TAPS = 8  # MAX_K in mamba.c

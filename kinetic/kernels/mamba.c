@@ -6,11 +6,15 @@
  * tensors.
  *
  * For each (batch, group, chunk) and each head r of the group, with the head's cumulative
- * log-decays a (L), the group's scores cb = C B^T (L x L) and rows C (L x N), the head's inputs x
- * (L x P, already multiplied by dt) and the state entering the chunk S (P x N):
+ * log-decays a (L), step sizes dt (L) and skip weight D, the group's scores cb = C B^T (L x L) and
+ * rows C (L x N), the head's inputs x (L x P) and the state entering the chunk S (P x N):
  *
  *     w[l, s] = cb[l, s] * exp(max(a[l] - a[s], min_log))   for s <= l (0 above the diagonal)
- *     y[l, :] = sum_s w[l, s] x[s, :]  +  exp(max(a[l], min_log)) * S C[l, :]^T
+ *     y[l, :] = sum_s w[l, s] dt[s] x[s, :]  +  exp(max(a[l], min_log)) * S C[l, :]^T  +  D x[l, :]
+ *
+ * dt is folded into the tiles and D into the output rows, so neither x dt nor D x is a tensor of
+ * its own (nor, backward, are their gradients); the kernels return d dt and d D for the terms
+ * written here (the scan's cumulative log-decays a = cumsum(dt A) are torch's).
  *
  * torch builds w as a (batch, groups, heads, chunks, L, L) tensor and C repeated per head with its
  * decay as another (.., L, N) one, and passes over them several times forward and backward; here
@@ -20,7 +24,8 @@
  * the SIMD -march=native offers; built by kinetic/kernels/cpu.py; OpenMP over (batch, group, chunk).
  *
  * Shapes (element strides in `st`, the innermost dimension contiguous):
- *   cb (Bz, G, C, L, L) and a (Bz, G, R, C, L) contiguous;
+ *   cb (Bz, G, C, L, L), a, dt, da and ddt (Bz, G, R, C, L) contiguous; D (G * R) or NULL, dD
+ *   (Bz, G, R, C) per-chunk sums;
  *   x, y, dy, dx (Bz, G, R, C, L, P): strides b, g, r, c, l;
  *   Cm, dC (Bz, G, C, L, N): strides b, g, c, l;
  *   S, dS (Bz, G, R, C, P, N): strides b, g, r, c (each P x N block contiguous).
@@ -70,9 +75,9 @@ static inline vf vload(const float* p) { return *(const vf_u*)p; }
 static inline void vstore(float* p, vf v) { *(vf_u*)p = v; }
 
 /* One head's tiles, row stride Lp (L rounded up to 16), zero above the diagonal and past L:
- * e[l, s] = exp(max(a[l] - a[s], min_log)) and w = cb * e. */
-static void decay_tiles(const float* restrict cb, const float* restrict a, int L, int Lp,
-                        float min_log, float* restrict e, float* restrict w) {
+ * e[l, s] = exp(max(a[l] - a[s], min_log)) and w = cb * e, times dt[s] if dt is not NULL. */
+static void decay_tiles(const float* restrict cb, const float* restrict a, const float* restrict dt, int L,
+                        int Lp, float min_log, float* restrict e, float* restrict w) {
     for (int l = 0; l < L; l++) {
         const float al = a[l];
         float* el = e + (int64_t)l * Lp;
@@ -84,6 +89,8 @@ static void decay_tiles(const float* restrict cb, const float* restrict a, int L
             el[s] = exp_in_range(d);
             wl[s] = cbl[s] * el[s];
         }
+        if (dt)
+            for (int s = 0; s <= l; s++) wl[s] *= dt[s];
         for (int s = l + 1; s < Lp; s++) el[s] = wl[s] = 0.0f;
     }
 }
@@ -137,9 +144,9 @@ static inline float* thread_buffer(size_t n, int* err) {
 
 /* One head's decay tiles (see decay_tiles) and ea[l] = exp(max(a[l], min_log)), the decay of the
  * incoming state by position l. */
-static void head_decays(const float* restrict cb, const float* restrict a, int L, int Lp, float min_log,
-                        float* restrict e, float* restrict w, float* restrict ea) {
-    decay_tiles(cb, a, L, Lp, min_log, e, w);
+static void head_decays(const float* restrict cb, const float* restrict a, const float* restrict dt, int L,
+                        int Lp, float min_log, float* restrict e, float* restrict w, float* restrict ea) {
+    decay_tiles(cb, a, dt, L, Lp, min_log, e, w);
     for (int l = 0; l < L; l++) ea[l] = exp_in_range(a[l] < min_log ? min_log : a[l]);
 }
 
@@ -177,9 +184,9 @@ static void head_decays(const float* restrict cb, const float* restrict a, int L
         }                                                                                  \
     }
 
-int kinetic_ssd_chunk_forward(const float* cb, const float* a, const float* x, const float* Cm,
-                              const float* S, float* y, const int64_t* st, int64_t Bz, int G, int R,
-                              int C, int L, int P, int N, float min_log) {
+int kinetic_ssd_chunk_forward(const float* cb, const float* a, const float* x, const float* dt,
+                              const float* D, const float* Cm, const float* S, float* y, const int64_t* st,
+                              int64_t Bz, int G, int R, int C, int L, int P, int N, float min_log) {
     if (bad_dims(L, P, N, min_log)) return 1;
     const int Lp = (L + V - 1) / V * V;
     const int64_t tasks = Bz * G * C;
@@ -199,11 +206,13 @@ int kinetic_ssd_chunk_forward(const float* cb, const float* a, const float* x, c
             const float* cbm = cb + t * L * L;
             const float* Ct = Cm + group_at(st, C_B, b, g, c);
             for (int r = 0; r < R; r++) {
-                const float* av = a + (((b * G + g) * R + r) * C + c) * L;
+                const int64_t i = ((b * G + g) * R + r) * C + c;
+                const float* av = a + i * L;
                 const float* xt = x + head_at(st, X_B, b, g, r, c);
                 float* yt = y + head_at(st, Y_B, b, g, r, c);
                 const float* Sm = S + head_at(st, S_B, b, g, r, c);
-                head_decays(cbm, av, L, Lp, min_log, e, w, ea);
+                const float skip = D ? D[g * R + r] : 0.0f;
+                head_decays(cbm, av, dt + i * L, L, Lp, min_log, e, w, ea);
                 for (int j = 0; j < P; j++)
                     for (int k = 0; k < N; k++) sT[(int64_t)k * P + j] = Sm[(int64_t)j * N + k];
                 for (int j0 = 0; j0 < P; j0 += 2 * V) {
@@ -219,9 +228,10 @@ int kinetic_ssd_chunk_forward(const float* cb, const float* a, const float* x, c
 #undef C_AT
                         for (int q = 0; q < rows; q++) {
                             float* yl = yt + (int64_t)(l0 + q) * st[Y_L] + j0;
+                            const float* xl = xt + (int64_t)(l0 + q) * st[X_L] + j0;
                             const float eq = ea[l0 + q];
-                            vstore(yl, acc[q][0] + eq * off[q][0]);
-                            if (two) vstore(yl + V, acc[q][1] + eq * off[q][1]);
+                            vstore(yl, acc[q][0] + eq * off[q][0] + skip * vload(xl));
+                            if (two) vstore(yl + V, acc[q][1] + eq * off[q][1] + skip * vload(xl + V));
                         }
                     }
                 }
@@ -232,18 +242,19 @@ int kinetic_ssd_chunk_forward(const float* cb, const float* a, const float* x, c
     return err;
 }
 
-int kinetic_ssd_chunk_backward(const float* cb, const float* a, const float* x, const float* Cm,
-                               const float* S, const float* dy, float* dcb, float* da, float* dx,
-                               float* dC, float* dS, const int64_t* st, int64_t Bz, int G, int R,
-                               int C, int L, int P, int N, float min_log) {
+int kinetic_ssd_chunk_backward(const float* cb, const float* a, const float* x, const float* dt,
+                               const float* D, const float* Cm, const float* S, const float* dy, float* dcb,
+                               float* da, float* dx, float* ddt, float* dD, float* dC, float* dS,
+                               const int64_t* st, int64_t Bz, int G, int R, int C, int L, int P, int N,
+                               float min_log) {
     if (bad_dims(L, P, N, min_log)) return 1;
     const int Lp = (L + V - 1) / V * V;
     const int64_t tasks = Bz * G * C; /* each task's R heads all add into its dcb and dC tiles */
     int err = 0;
 #pragma omp parallel
     {
-        /* e, w, dm: L x Lp tiles; xT: P x Lp (x transposed, zero past L); u: L x N; ea: L;
-           dyT: P x L (dy times ea, transposed) */
+        /* e, w, dm: L x Lp tiles (w without dt); xT: P x Lp (x dt transposed, zero past L); u: L x N;
+           ea: L; dyT: P x L (dy times ea, transposed) */
         float* buf = thread_buffer((size_t)3 * L * Lp + (size_t)P * Lp + (size_t)L * N + Lp + (size_t)P * L,
                                    &err);
         float *e = buf, *w = buf + (size_t)L * Lp, *dm = buf + (size_t)2 * L * Lp;
@@ -271,14 +282,15 @@ int kinetic_ssd_chunk_backward(const float* cb, const float* a, const float* x, 
                 float* dxt = dx + head_at(st, DX_B, b, g, r, c);
                 const float* Sm = S + head_at(st, S_B, b, g, r, c);
                 float* dSm = dS + head_at(st, DS_B, b, g, r, c);
-                head_decays(cbm, av, L, Lp, min_log, e, w, ea);
+                const float* dtv = dt + i * L;
+                head_decays(cbm, av, NULL, L, Lp, min_log, e, w, ea);
                 for (int j = 0; j < P; j++) {
                     float* xj = xT + (int64_t)j * Lp;
-                    for (int s = 0; s < L; s++) xj[s] = xt[(int64_t)s * st[X_L] + j];
+                    for (int s = 0; s < L; s++) xj[s] = dtv[s] * xt[(int64_t)s * st[X_L] + j];
                     for (int s = L; s < Lp; s++) xj[s] = 0.0f;
                     for (int l = 0; l < L; l++) dyT[(int64_t)j * L + l] = ea[l] * dyt[(int64_t)l * st[Y_L] + j];
                 }
-                /* dm[l, s] = dy[l] . x[s] for s <= l (rounded up to whole vectors), 4 rows at a time */
+                /* dm[l, s] = dy[l] . x[s] dt[s] for s <= l (rounded up to whole vectors), 4 rows at a time */
                 for (int l0 = 0; l0 < L; l0 += 4) {
                     const int rows = L - l0 < 4 ? L - l0 : 4;
                     const int width = (l0 + rows - 1) / V * V + V;
@@ -329,10 +341,26 @@ int kinetic_ssd_chunk_backward(const float* cb, const float* a, const float* x, 
 #define DYT_AT(q, l) dyT[(int64_t)(i0 + q) * L + l]
                 BLOCKED_PRODUCT(dSm, N, P, N, DYT_AT, 0, L, Ct, st[C_L], SET)
 #undef DYT_AT
-                /* dx[s, :] = sum_{l >= s} w[l, s] dy[l, :], 4 rows of dx at a time */
+                /* the gradient of x dt, gx[s, :] = sum_{l >= s} w[l, s] dy[l, :], 4 rows at a time, into dx;
+                   then d dt[s] = x[s] . gx[s], dx[s] = dt[s] gx[s] + D dy[s], and d D = sum_s x[s] . dy[s] */
 #define WT_AT(q, l) w[(int64_t)(l) * Lp + i0 + q]
                 BLOCKED_PRODUCT(dxt, st[DX_L], L, P, WT_AT, i0, L, dyt, st[Y_L], SET)
 #undef WT_AT
+                const float skip = D ? D[g * R + r] : 0.0f;
+                float dskip = 0.0f;
+                for (int s = 0; s < L; s++) {
+                    const float* xs = xt + (int64_t)s * st[X_L];
+                    const float* dys = dyt + (int64_t)s * st[Y_L];
+                    float* dxs = dxt + (int64_t)s * st[DX_L];
+                    float dd = 0.0f;
+                    for (int j = 0; j < P; j++) {
+                        dd += xs[j] * dxs[j];
+                        dskip += xs[j] * dys[j];
+                        dxs[j] = dtv[s] * dxs[j] + skip * dys[j];
+                    }
+                    ddt[i * L + s] = dd;
+                }
+                if (dD) dD[i] = dskip;
             }
         }
         free(buf);
@@ -342,12 +370,13 @@ int kinetic_ssd_chunk_backward(const float* cb, const float* a, const float* x, 
 
 /* The state each chunk adds by its end, per head:
  *
- *     states[j, :] = sum_l te[l] x[l, j] B[l, :],   te[l] = exp(max(a[L-1] - a[l], min_log))
+ *     states[j, :] = sum_l te[l] dt[l] x[l, j] B[l, :],   te[l] = exp(max(a[L-1] - a[l], min_log))
  *
  * x strided as in the chunk kernel (st: X_B, X_G, X_R, X_C, X_L; dx likewise at DX_*), a (Bz, G, R, C,
  * L) contiguous, B and dB (Bz, G, C, L, N) contiguous, states and dstates (Bz, G, R, C, P, N)
- * contiguous -- the layout the chunk-to-chunk pass reads without a copy. Backward: dB sums the R
- * heads of a group; da through te with the clamp passed through. */
+ * contiguous -- the layout the chunk-to-chunk pass reads without a copy; dt, da and ddt like a.
+ * Backward: dB sums the R heads of a group; da through te with the clamp passed through; ddt is
+ * the gradient through the dt factor written here. */
 /* te[l] = exp(max(a[L-1] - a[l], min_log)): the decay from position l to the chunk's end */
 static inline void to_end(const float* restrict a, int L, float min_log, float* restrict te) {
     for (int l = 0; l < L; l++) {
@@ -356,15 +385,15 @@ static inline void to_end(const float* restrict a, int L, float min_log, float* 
     }
 }
 
-int kinetic_ssd_states_forward(const float* a, const float* x, const float* Bm, float* states,
-                               const int64_t* st, int64_t Bz, int G, int R, int C, int L, int P, int N,
-                               float min_log) {
+int kinetic_ssd_states_forward(const float* a, const float* x, const float* dt, const float* Bm,
+                               float* states, const int64_t* st, int64_t Bz, int G, int R, int C, int L, int P,
+                               int N, float min_log) {
     if (bad_dims(L, P, N, min_log)) return 1;
     const int64_t tasks = Bz * G * C;
     int err = 0;
 #pragma omp parallel
     {
-        /* xsT: P x L (x scaled by te, transposed); te: L */
+        /* xsT: P x L (x scaled by te dt, transposed); te: L */
         float* buf = thread_buffer((size_t)P * L + L, &err);
         float *xsT = buf, *te = buf + (size_t)P * L;
 #pragma omp for schedule(static)
@@ -380,6 +409,7 @@ int kinetic_ssd_states_forward(const float* a, const float* x, const float* Bm, 
                 const float* xt = x + head_at(st, X_B, b, g, r, c);
                 float* out = states + i * P * N;
                 to_end(av, L, min_log, te);
+                for (int l = 0; l < L; l++) te[l] *= dt[i * L + l];
                 for (int l = 0; l < L; l++)
                     for (int j = 0; j < P; j++) xsT[(int64_t)j * L + l] = te[l] * xt[(int64_t)l * st[X_L] + j];
 #define XS_AT(q, l) xsT[(int64_t)(i0 + q) * L + l]
@@ -392,18 +422,19 @@ int kinetic_ssd_states_forward(const float* a, const float* x, const float* Bm, 
     return err;
 }
 
-int kinetic_ssd_states_backward(const float* a, const float* x, const float* Bm, const float* dstates,
-                                float* da, float* dx, float* dB, const int64_t* st, int64_t Bz, int G, int R,
-                                int C, int L, int P, int N, float min_log) {
+int kinetic_ssd_states_backward(const float* a, const float* x, const float* dt, const float* Bm,
+                                const float* dstates, float* da, float* dx, float* ddt, float* dB,
+                                const int64_t* st, int64_t Bz, int G, int R, int C, int L, int P, int N,
+                                float min_log) {
     if (bad_dims(L, P, N, min_log)) return 1;
     const int Lp = (L + V - 1) / V * V;
     const int64_t tasks = Bz * G * C;
     int err = 0;
 #pragma omp parallel
     {
-        /* BT: N x Lp (B transposed, zero past L); qT: P x Lp; te: L */
-        float* buf = thread_buffer((size_t)(N + P) * Lp + Lp, &err);
-        float *BT = buf, *qT = buf + (size_t)N * Lp, *te = qT + (size_t)P * Lp;
+        /* BT: N x Lp (B transposed, zero past L); qT: P x Lp; te, td (te dt): L */
+        float* buf = thread_buffer((size_t)(N + P) * Lp + 2 * Lp, &err);
+        float *BT = buf, *qT = buf + (size_t)N * Lp, *te = qT + (size_t)P * Lp, *td = te + Lp;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
             if (!buf) continue;
@@ -423,30 +454,34 @@ int kinetic_ssd_states_backward(const float* a, const float* x, const float* Bm,
                 const float* xt = x + head_at(st, X_B, b, g, r, c);
                 float* dxt = dx + head_at(st, DX_B, b, g, r, c);
                 const float* dS = dstates + i * P * N;
+                const float* dtv = dt + i * L;
                 to_end(av, L, min_log, te);
+                for (int l = 0; l < L; l++) td[l] = te[l] * dtv[l];
                 /* qT[j, l] = dS[j] . B[l], 4 rows j at a time, vectors over l */
 #define DS_AT(q, k) dS[(int64_t)(i0 + q) * N + k]
                 BLOCKED_PRODUCT(qT, Lp, P, Lp, DS_AT, 0, N, BT, Lp, SET)
 #undef DS_AT
-                /* dx[l, j] = te[l] q[l, j]; d te[l] = x[l] . q[l] */
+                /* dx[l, j] = te[l] dt[l] q[l, j]; with xq = x[l] . q[l]: d dt[l] = te[l] xq and
+                   d (a[L-1] - a[l]) = te[l] dt[l] xq */
                 float dlast = 0.0f;
                 float* dav = da + i * L;
                 for (int l = 0; l < L; l++) {
                     const float* xl = xt + (int64_t)l * st[X_L];
                     float* dxl = dxt + (int64_t)l * st[DX_L];
-                    float dte = 0.0f;
+                    float xq = 0.0f;
                     for (int j = 0; j < P; j++) {
                         const float q = qT[(int64_t)j * Lp + l];
-                        dxl[j] = te[l] * q;
-                        dte += xl[j] * q;
+                        dxl[j] = td[l] * q;
+                        xq += xl[j] * q;
                     }
-                    const float g = te[l] * dte; /* d loss / d (a[L-1] - a[l]) */
+                    ddt[i * L + l] = te[l] * xq;
+                    const float g = td[l] * xq;
                     dav[l] = -g;
                     dlast += g;
                 }
                 dav[L - 1] += dlast;
-                /* dB[l, :] += sum_j te[l] x[l, j] dS[j, :], 4 rows l at a time */
-#define XS_AT(q, j) (te[i0 + q] * xt[(int64_t)(i0 + q) * st[X_L] + j])
+                /* dB[l, :] += sum_j te[l] dt[l] x[l, j] dS[j, :], 4 rows l at a time */
+#define XS_AT(q, j) (td[i0 + q] * xt[(int64_t)(i0 + q) * st[X_L] + j])
                 BLOCKED_PRODUCT(dBt, N, L, N, XS_AT, 0, P, dS, N, ADD)
 #undef XS_AT
             }

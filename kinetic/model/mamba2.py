@@ -77,16 +77,17 @@ class _DecayedScores(torch.autograd.Function):
 
 class _ChunkScanC(torch.autograd.Function):
     """Step 3 of :func:`ssd_scan` -- each chunk's outputs from its own inputs and from the state
-    entering it -- in one C kernel per direction (CPU, float32; ``kinetic/kernels/mamba.c``).
-    Each head's L x L tile is built in a small buffer, used and dropped, and rebuilt in the backward
-    pass, so neither direction writes or reads the (b, g, r, c, L, L) scores or the decayed C rows
-    (b, g, r, c, L, n) through memory, and x and y keep the mixer's layout."""
+    entering it, plus the D skip -- in one C kernel per direction (CPU, float32;
+    ``kinetic/kernels/mamba.c``). Each head's L x L tile is built in a small buffer, used and dropped,
+    and rebuilt in the backward pass, so neither direction writes or reads the (b, g, r, c, L, L)
+    scores or the decayed C rows (b, g, r, c, L, n) through memory; x and y keep the mixer's layout,
+    and dt and D are applied in the kernel (no x dt or D x tensors, nor their gradients)."""
 
     @staticmethod
-    def forward(ctx, cb, a_cs, x, C, s_in):
+    def forward(ctx, cb, a_cs, x, dt, C, s_in, D):
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(cb, a_cs, x, C, s_in)
-        return cpu_kernels.ssd_chunk_forward(cb, a_cs, x, C, s_in, MIN_LOG_DECAY)
+            ctx.save_for_backward(cb, a_cs, x, dt, C, s_in, D)
+        return cpu_kernels.ssd_chunk_forward(cb, a_cs, x, dt, C, s_in, D, MIN_LOG_DECAY)
 
     @staticmethod
     def backward(ctx, grad):
@@ -95,14 +96,14 @@ class _ChunkScanC(torch.autograd.Function):
 
 class _ChunkStatesC(torch.autograd.Function):
     """Step 1 of :func:`ssd_scan` -- the state each chunk adds by its end -- in C (CPU, float32):
-    x is read in the mixer's layout and the states are written as the chunk-to-chunk pass reads them,
-    so neither the decayed inputs nor their transposed copy are made."""
+    x is read in the mixer's layout, dt applied in the kernel, and the states are written as the
+    chunk-to-chunk pass reads them, so neither the decayed inputs nor their transposed copy are made."""
 
     @staticmethod
-    def forward(ctx, a_cs, x, B):
+    def forward(ctx, a_cs, x, dt, B):
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(a_cs, x, B)
-        return cpu_kernels.ssd_states_forward(a_cs, x, B, MIN_LOG_DECAY)
+            ctx.save_for_backward(a_cs, x, dt, B)
+        return cpu_kernels.ssd_states_forward(a_cs, x, dt, B, MIN_LOG_DECAY)
 
     @staticmethod
     def backward(ctx, grad):
@@ -135,6 +136,7 @@ def ssd_scan(
     C: torch.Tensor,  # (b, l, g, n)
     chunk_size: int,
     initial_state: torch.Tensor | None = None,  # (b, h, p, n)
+    D: torch.Tensor | None = None,  # (h,): adds the skip term D x to y
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD (state-space duality) scan in float32. Returns y (b, l, h, p), final state.
 
@@ -153,20 +155,22 @@ def ssd_scan(
         B = F.pad(B, (0, 0, 0, 0, 0, pad))
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
     c, L = (seqlen + pad) // chunk_size, chunk_size
-    # x dt in the mixer's layout (b, c, L, g, r, p), seen head-major as (b, g, r, c, L, p)
-    xdt = (x * dt.unsqueeze(-1)).view(b, c, L, g, r, p).permute(0, 3, 4, 1, 2, 5)
-    dt = dt.view(b, c, L, g, r).permute(0, 3, 4, 1, 2)  # (b, g, r, c, L)
+    # x in the mixer's layout (b, c, L, g, r, p), seen head-major as (b, g, r, c, L, p)
+    x_heads = x.view(b, c, L, g, r, p).permute(0, 3, 4, 1, 2, 5)
+    dt_heads = dt.view(b, c, L, g, r).permute(0, 3, 4, 1, 2)  # (b, g, r, c, L)
     B = B.view(b, c, L, g, n).permute(0, 3, 1, 2, 4).contiguous()  # (b, g, c, L, n)
     C = C.view(b, c, L, g, n).permute(0, 3, 1, 2, 4).contiguous()
-    a_cs = (dt * A.view(1, g, r, 1, 1)).cumsum(-1)  # (b, g, r, c, L): cumulative log-decay
+    a_cs = (dt_heads * A.view(1, g, r, 1, 1)).cumsum(-1)  # (b, g, r, c, L): cumulative log-decay
     cb = C @ B.transpose(-1, -2)  # (b, g, c, L, L): C_l . B_s within each chunk, shared by a group's heads
-    kernel = cpu_kernels.ssd_chunk_fits(xdt, C)
-    if not kernel:  # torch's batched matmuls below want it head-major in memory
-        xdt = xdt.contiguous()
+    kernel = cpu_kernels.ssd_chunk_fits(x_heads, C)
+    if kernel:  # the kernels multiply by dt (and add D x) as they go
+        dt_heads = dt_heads.contiguous()
+    else:  # x dt, head-major in memory for torch's batched matmuls below
+        xdt = (x * dt.unsqueeze(-1)).view(b, c, L, g, r, p).permute(0, 3, 4, 1, 2, 5).contiguous()
 
     # 1. the state each chunk adds by its end: sum_l decay(l -> end) * x_l dt_l B_l^T
     if kernel:  # (b, g, r, c, p, n) in memory, seen as (b, g, c, r, p, n)
-        states = _ChunkStatesC.apply(a_cs, xdt, B).permute(0, 1, 3, 2, 4, 5)
+        states = _ChunkStatesC.apply(a_cs, x_heads, dt_heads, B).permute(0, 1, 3, 2, 4, 5)
     else:
         to_end = torch.exp((a_cs[..., -1:] - a_cs).clamp_(min=MIN_LOG_DECAY)).unsqueeze(-1)  # (.., L, 1)
         xd = (xdt * to_end).permute(0, 1, 3, 2, 5, 4).reshape(b, g, c, r * p, L)
@@ -177,14 +181,16 @@ def ssd_scan(
     final = final.reshape(b, h, p, n)
 
     # 3. each chunk's outputs: a decayed, causal "attention" C_l . B_s over its own positions, plus
-    #    what its incoming state contributes, exp(a_cs_l) C_l . s_in
-    if kernel:
-        y = _ChunkScanC.apply(cb, a_cs, xdt, C, s_in)  # (b, g, r, c, L, p) over a (b, c, L, g, r, p) tensor
+    #    what its incoming state contributes, exp(a_cs_l) C_l . s_in (and the skip D x)
+    if kernel:  # (b, g, r, c, L, p) over a (b, c, L, g, r, p) tensor
+        y = _ChunkScanC.apply(cb, a_cs, x_heads, dt_heads, C, s_in, D)
         return y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * L, h, p)[:, :seqlen], final
     y = _DecayedScores.apply(cb, a_cs) @ xdt  # (b, g, r, c, L, p)
     c_in = C.unsqueeze(2) * torch.exp(a_cs.clamp(min=MIN_LOG_DECAY)).unsqueeze(-1)  # (b, g, r, c, L, n)
     y = torch.baddbmm(y.view(-1, L, p), c_in.view(-1, L, n), s_in.reshape(-1, p, n).transpose(1, 2))
     y = y.view(b, g, r, c, L, p).permute(0, 3, 4, 1, 2, 5).reshape(b, c * L, h, p)
+    if D is not None:
+        y = y + x * D[:, None]
     return y[:, :seqlen], final
 
 
@@ -282,11 +288,11 @@ class Mamba2Mixer(nn.Module):
             y, states = ssd_states(*args, initial_state)
             cache.track_mamba(self.cache_key, window, states, self.kernel)
             final = states[:, -1]
+            y = y + args[0] * self.D.float()[:, None]
         else:
-            y, final = ssd_scan(*args, self.chunk_size, initial_state)
+            y, final = ssd_scan(*args, self.chunk_size, initial_state, self.D.float())
         if cache is not None:
             cache.set_ssm_state(self.cache_key, final)
-        y = y + xs.reshape(b, seqlen, self.num_heads, self.head_dim).float() * self.D.float()[:, None]
         y = self.norm(y.reshape(b, seqlen, self.inner), z)
         return self.out_proj(y.to(hidden.dtype))
 
