@@ -16,6 +16,7 @@ import kinetic.model.conv as conv
 import kinetic.model.mamba2 as mamba2
 from kinetic.config import preset
 from kinetic.model import InferenceCache, NemotronHForCausalLM
+from kinetic.model.norm import GatedRMSNorm
 
 AVX512 = "avx512f" in kc._cpu_flags()
 needs_kernel = pytest.mark.skipif(not kc.decode_attention_available(),
@@ -394,3 +395,60 @@ def test_conv_kernel_fits_only_where_it_runs():
 def test_conv_kernel_names_a_mismatched_weight():
     with pytest.raises(ValueError, match=r"weight \(16, 4\) / bias None do not fit x of 32 channels"):
         kc.conv_silu_forward(torch.randn(1, 5, 32), torch.randn(16, 4), None)
+
+
+# --- the gated RMSNorm (mamba.c) ---------------------------------------------------------------------
+
+@needs_ssd
+@pytest.mark.parametrize("b,seqlen,width,group,scale", [
+    (4, 64, 512, 256, 1.0),  # the small preset's mixer: two groups of 256
+    (1, 5, 24, 8, 1.0),  # groups shorter than a vector: the scalar remainder of the sums
+    (2, 9, 48, 48, 30.0),  # one group; gates far into both tails of the sigmoid
+])
+def test_gated_norm_kernel_matches_float64(count_calls, b, seqlen, width, group, scale):
+    """Output and the gradients w.r.t. x, the gate (a strided slice, as the input projection's
+    output is) and the weight against the composite reference in float64."""
+    calls = count_calls(kc, "gated_norm_forward")
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(b, seqlen, width, generator=g)
+    wide = torch.randn(b, seqlen, width + 7, generator=g) * scale
+    weight = torch.randn(width, generator=g)
+    grad = torch.randn(b, seqlen, width, generator=g)
+
+    def run(dtype, fast):
+        norm = GatedRMSNorm(width, group).to(dtype)
+        norm.weight.data.copy_(weight)
+        xs = x.to(dtype, copy=True).requires_grad_()
+        wide_ = wide.to(dtype, copy=True).requires_grad_()
+        out = norm(xs, wide_[..., 3:3 + width]) if fast else norm.reference(xs, wide_[..., 3:3 + width])
+        (out * grad.to(dtype)).sum().backward()
+        return out.detach(), xs.grad, wide_.grad, norm.weight.grad
+
+    got = run(torch.float32, True)
+    assert len(calls) == 1
+    want = run(torch.float64, False)
+    for name, a, r in zip(["out", "dx", "dgate", "dweight"], got, want, strict=True):
+        assert a.dtype == torch.float32 and a.shape == r.shape, name
+        torch.testing.assert_close(a.double(), r, atol=2e-6 * r.abs().max().item(), rtol=1e-5, msg=name)
+    with torch.no_grad():  # inference: the kernel without keeping 1/rms, the same output
+        norm = GatedRMSNorm(width, group)
+        norm.weight.data.copy_(weight)
+        torch.testing.assert_close(norm(x, wide[..., 3:3 + width]), got[0], atol=0, rtol=0)
+    assert len(calls) == 2
+
+
+def test_gated_norm_kernel_fits_only_where_it_runs():
+    x, gate, w = torch.randn(2, 5, 32), torch.randn(2, 5, 32), torch.randn(32)
+    assert kc.gated_norm_fits(x, gate, w, 16) == kc.mamba_kernels_available()
+    assert not kc.gated_norm_fits(x.double(), gate.double(), w.double(), 16)
+    assert not kc.gated_norm_fits(x, gate, w, 12)  # 32 channels are not groups of 12
+    assert not kc.gated_norm_fits(x.transpose(1, 2).contiguous().transpose(1, 2), gate, w, 16)
+    assert not kc.gated_norm_fits(x[0], gate[0], w, 16)  # 2-D
+    with kc.torch_only():
+        assert not kc.gated_norm_fits(x, gate, w, 16)
+
+
+@needs_ssd
+def test_gated_norm_kernel_names_a_mismatch():
+    with pytest.raises(ValueError, match=r"weight \(16,\) do not fit groups of 8"):
+        kc.gated_norm_forward(torch.randn(1, 3, 32), torch.randn(1, 3, 32), torch.randn(16), 8, 1e-5, False)

@@ -9,11 +9,12 @@ compare it with:
   ``scaled_dot_product_attention`` runs.
 - :func:`ssd_chunk_forward` / :func:`ssd_chunk_backward` (``mamba.c``): each chunk's outputs of
   Mamba-2's chunked scan without its (heads x chunks x L x L) tensor, :func:`ssd_states_forward` /
-  :func:`ssd_states_backward`, the state each chunk adds, and :func:`conv_silu_forward`
-  / :func:`conv_silu_backward`, its causal depthwise convolution with the SiLU in one pass each way;
+  :func:`ssd_states_backward`, the state each chunk adds, :func:`conv_silu_forward`
+  / :func:`conv_silu_backward`, its causal depthwise convolution with the SiLU in one pass each way,
+  and :func:`gated_norm_forward` / :func:`gated_norm_backward`, the mixer's closing gated RMSNorm;
   for x86-64 Linux CPUs, in C vectorized at the SIMD width the compiler targets (AVX-512, AVX2 or
   SSE2). :func:`mamba_kernels_available` says whether they can run here, else
-  ``kinetic.model.mamba2`` and ``kinetic.model.conv`` compose torch operators.
+  ``kinetic.model.mamba2``, ``kinetic.model.conv`` and ``kinetic.model.norm`` compose torch operators.
 - :func:`experts_forward` / :func:`experts_backward` (``experts.c``): the routed experts of a MoE
   layer (up projection, squared ReLU, down projection), a thread per expert with the GEMMs through
   the BLAS torch links (its ``sgemm_``); for x86-64 Linux. :func:`experts_kernel_available` says
@@ -168,6 +169,11 @@ def _mamba_library() -> ctypes.CDLL | None:
     lib.kinetic_conv_silu_forward.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, i32]
     lib.kinetic_conv_silu_backward.restype = ctypes.c_int
     lib.kinetic_conv_silu_backward.argtypes = [ptr, i64, i64] + [ptr] * 6 + [i64, i64, i64, i32]
+    lib.kinetic_gated_norm_forward.restype = ctypes.c_int
+    lib.kinetic_gated_norm_forward.argtypes = [ptr, i64, i64, ptr, i64, i64] + [ptr] * 3 + [i64] * 4 + [
+        ctypes.c_float]
+    lib.kinetic_gated_norm_backward.restype = ctypes.c_int
+    lib.kinetic_gated_norm_backward.argtypes = [ptr, i64, i64, ptr, i64, i64] + [ptr] * 6 + [i64] * 4
     return lib
 
 
@@ -227,7 +233,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 def mamba_kernels_available(device: torch.device | str = "cpu",
                             dtype: torch.dtype = torch.float32) -> bool:
-    """Whether the Mamba-2 kernels (scan and conv) run for tensors of ``device`` and ``dtype`` here."""
+    """Whether the Mamba-2 kernels (scan, conv and gated norm) run for tensors of ``device`` and
+    ``dtype`` here."""
     return torch.device(device).type == "cpu" and dtype == torch.float32 and _mamba_library() is not None
 
 
@@ -556,3 +563,63 @@ def experts_backward(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ends
         raise RuntimeError(f"kinetic_experts_backward failed with code {err} ({num} experts, W={width}, "
                            f"I={inter})")
     return dx, dup, ddown
+
+
+def gated_norm_fits(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, group_size: int) -> bool:
+    """Whether :func:`gated_norm_forward` takes ``x`` and ``gate`` (b, l, W) and ``weight`` (W,):
+    float32 CPU tensors outside ``torch.compile``, channels contiguous, W a multiple of
+    ``group_size``, the kernels available."""
+    if _stepped_aside or torch.compiler.is_compiling():
+        return False
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, gate, weight)):
+        return False
+    if not (x.dim() == gate.dim() == 3 and x.shape == gate.shape and x.stride(-1) == gate.stride(-1) == 1
+            and weight.shape == x.shape[-1:] and x.shape[1] >= 1 and x.shape[-1] % group_size == 0):
+        return False
+    return mamba_kernels_available()
+
+
+def _norm_rows(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, group_size: int):
+    if x.dim() != 3 or gate.shape != x.shape or weight.shape != x.shape[-1:] or x.shape[-1] % group_size:
+        raise ValueError(f"gated_norm: x {tuple(x.shape)}, gate {tuple(gate.shape)} and weight "
+                         f"{tuple(weight.shape)} do not fit groups of {group_size}; expected x and gate "
+                         "(b, l, W), weight (W,), W a multiple of the group size")
+    return _rows(x), _rows(gate), weight.contiguous()
+
+
+def gated_norm_forward(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float,
+                       keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``weight * rmsnorm_groups(x * silu(gate))`` for x and gate (b, l, W) (strided rows allowed),
+    groups of ``group_size`` channels. Returns the output (b, l, W) and, with ``keep`` (for
+    :func:`gated_norm_backward`), each group's 1/rms (b, l, W / group_size), else None. Check
+    :func:`gated_norm_fits` first."""
+    x, gate, weight = _norm_rows(x, gate, weight, group_size)
+    b, seqlen, width = x.shape
+    out = torch.empty(b, seqlen, width)
+    rstd = torch.empty(b, seqlen, width // group_size) if keep else None
+    err = _mamba_library().kinetic_gated_norm_forward(
+        x.data_ptr(), x.stride(0), x.stride(1), gate.data_ptr(), gate.stride(0), gate.stride(1),
+        weight.data_ptr(), out.data_ptr(), _ptr(rstd), b, seqlen, width, group_size, eps)
+    if err:
+        raise RuntimeError(f"kinetic_gated_norm_forward failed with code {err} (width {width}, groups of "
+                           f"{group_size})")
+    return out, rstd
+
+
+def gated_norm_backward(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                        grad: torch.Tensor, group_size: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`gated_norm_forward`'s output (given ``grad`` of it) with respect to x,
+    gate and weight, from the 1/rms it kept."""
+    x, gate, weight = _norm_rows(x, gate, weight, group_size)
+    b, seqlen, width = x.shape
+    rstd, grad = rstd.contiguous(), grad.contiguous()
+    dx, dgate, dweight = torch.empty(b, seqlen, width), torch.empty(b, seqlen, width), torch.empty(width)
+    err = _mamba_library().kinetic_gated_norm_backward(
+        x.data_ptr(), x.stride(0), x.stride(1), gate.data_ptr(), gate.stride(0), gate.stride(1),
+        weight.data_ptr(), rstd.data_ptr(), grad.data_ptr(), dx.data_ptr(), dgate.data_ptr(),
+        dweight.data_ptr(), b, seqlen, width, group_size)
+    if err:
+        raise RuntimeError(f"kinetic_gated_norm_backward failed with code {err} (width {width}, groups of "
+                           f"{group_size})")
+    return dx, dgate, dweight

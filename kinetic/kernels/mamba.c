@@ -1,6 +1,6 @@
 /* Mamba-2 on CPUs, float32, forward and backward: the chunked SSD scan's per-chunk outputs (here),
- * the state each chunk adds by its end (after them), and the short causal convolution with its SiLU
- * (at the end of the file).
+ * the state each chunk adds by its end (after them), the short causal convolution with its SiLU,
+ * and the gated RMSNorm that closes the mixer (at the end of the file).
  *
  * The scan: each chunk's outputs from its inputs and its incoming state, without the scan's largest
  * tensors.
@@ -32,6 +32,7 @@
  * Backward: dcb and dC sum the R heads of a group; da is d/d a with the clamps passed through (where
  * they bind the weights are below 1e-26). P and N are multiples of 16, L, P, N <= 256.
  */
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -611,6 +612,113 @@ int kinetic_conv_silu_backward(const float* x, int64_t x_sb, int64_t x_sl, const
                 for (int64_t c = 0; c < Cn; c++) gbias[c] += m[(int64_t)K * Cn + c];
         }
     }
+    free(sums);
+    return err;
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * The gated RMSNorm that closes each Mamba-2 mixer, per row and per group of Gs channels, float32:
+ *
+ *     h = x * silu(z),   out = w * h * rstd,   rstd = 1 / sqrt(mean over the group of h^2 + eps)
+ *
+ * x and z rows (b, t) at x + b * x_sb + t * x_sl (likewise z; channels contiguous: the scan's output
+ * and a slice of the input projection's), out, grad, dx and dz (Bz, T, W) contiguous, rstd (Bz, T,
+ * W / Gs). One pass over x and z forward (h is built in the output row, then scaled); the backward
+ * recomputes silu(z) and h in a per-thread row buffer instead of storing them, and sums the weight
+ * gradient in per-thread buffers. OpenMP over rows.
+ */
+/* s = sigmoid(z) and h = x * z * s for one row segment of n channels */
+static inline void gate_row(const float* restrict x, const float* restrict z, int64_t n, float* restrict s,
+                            float* restrict h) {
+    for (int64_t j = 0; j < n; j++) {
+        s[j] = 1.0f / (1.0f + exp_clamped(-z[j]));
+        h[j] = x[j] * z[j] * s[j];
+    }
+}
+
+/* sum of a[j] * b[j] over n floats, in vectors (the remainder scalar) */
+static inline float dot(const float* restrict a, const float* restrict b, int64_t n) {
+    vf acc = {0};
+    int64_t j = 0;
+    for (; j + V <= n; j += V) acc += vload(a + j) * vload(b + j);
+    float sum = 0.0f;
+    for (int k = 0; k < V; k++) sum += acc[k];
+    for (; j < n; j++) sum += a[j] * b[j];
+    return sum;
+}
+
+int kinetic_gated_norm_forward(const float* x, int64_t x_sb, int64_t x_sl, const float* z, int64_t z_sb,
+                               int64_t z_sl, const float* w, float* out, float* rstd, int64_t Bz, int64_t T,
+                               int64_t W, int64_t Gs, float eps) {
+    if (Gs < 1 || W < Gs || W % Gs || T < 1) return 1;
+    const int64_t groups = W / Gs;
+    int err = 0;
+#pragma omp parallel
+    {
+        float* s = thread_buffer((size_t)W, &err);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < Bz * T; i++) {
+            if (!s) continue;
+            const int64_t b = i / T, t = i % T;
+            float* o = out + i * W;
+            gate_row(x + b * x_sb + t * x_sl, z + b * z_sb + t * z_sl, W, s, o);
+            for (int64_t k = 0; k < groups; k++) {
+                float* ok = o + k * Gs;
+                const float r = 1.0f / sqrtf(dot(ok, ok, Gs) / (float)Gs + eps);
+                if (rstd) rstd[i * groups + k] = r;
+                const float* wk = w + k * Gs;
+                for (int64_t j = 0; j < Gs; j++) ok[j] *= r * wk[j];
+            }
+        }
+        free(s);
+    }
+    return err;
+}
+
+/* dx, dz (Bz, T, W) and dw (W), from rstd as the forward pass wrote it */
+int kinetic_gated_norm_backward(const float* x, int64_t x_sb, int64_t x_sl, const float* z, int64_t z_sb,
+                                int64_t z_sl, const float* w, const float* rstd, const float* grad, float* dx,
+                                float* dz, float* dw, int64_t Bz, int64_t T, int64_t W, int64_t Gs) {
+    if (Gs < 1 || W < Gs || W % Gs || T < 1) return 1;
+    const int64_t groups = W / Gs;
+    const int threads = omp_get_max_threads();
+    float* sums = calloc((size_t)threads * W, sizeof(float));
+    if (!sums) return 2;
+    int err = 0;
+#pragma omp parallel
+    {
+        /* s: sigmoid(z); nh: h * rstd; gn: grad * w */
+        float* buf = thread_buffer((size_t)3 * W, &err);
+        float *s = buf, *nh = buf + W, *gn = buf + 2 * W;
+        float* mine = sums + (size_t)omp_get_thread_num() * W;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < Bz * T; i++) {
+            if (!buf) continue;
+            const int64_t b = i / T, t = i % T;
+            const float *xr = x + b * x_sb + t * x_sl, *zr = z + b * z_sb + t * z_sl, *g = grad + i * W;
+            float *dxr = dx + i * W, *dzr = dz + i * W;
+            gate_row(xr, zr, W, s, nh);
+            for (int64_t j = 0; j < W; j++) gn[j] = g[j] * w[j];
+            for (int64_t k = 0; k < groups; k++) {
+                const int64_t o = k * Gs;
+                const float r = rstd[i * groups + k];
+                for (int64_t j = o; j < o + Gs; j++) {
+                    nh[j] *= r;
+                    mine[j] += g[j] * nh[j];
+                }
+                const float mean_dot = dot(gn + o, nh + o, Gs) / (float)Gs;
+                for (int64_t j = o; j < o + Gs; j++) {
+                    const float gh = (gn[j] - nh[j] * mean_dot) * r; /* d loss / d h */
+                    dxr[j] = gh * zr[j] * s[j];
+                    /* d silu(z) / dz = s (1 + z (1 - s)) */
+                    dzr[j] = gh * xr[j] * s[j] * (1.0f + zr[j] * (1.0f - s[j]));
+                }
+            }
+        }
+        free(buf);
+    }
+    for (int th = 0; th < threads; th++)
+        for (int64_t j = 0; j < W; j++) dw[j] = (th ? dw[j] : 0.0f) + sums[(size_t)th * W + j];
     free(sums);
     return err;
 }

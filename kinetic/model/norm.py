@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kinetic.kernels import cpu as cpu_kernels
+
 
 class _RMSNormFn(torch.autograd.Function):
     """``weight * x / rms(x)`` in float32 with a hand-written backward that saves what autograd's
@@ -94,6 +96,24 @@ class _GatedRMSNormFn(torch.autograd.Function):
         return grad_x, grad_gate, grad_weight, None, None
 
 
+class _GatedRMSNormC(torch.autograd.Function):
+    """The same in C on CPUs (float32; ``kinetic/kernels/mamba.c``): one pass over x and the gate
+    forward, keeping only each group's 1/rms; the backward recomputes silu(gate) and the product."""
+
+    @staticmethod
+    def forward(ctx, x, gate, weight, group_size: int, eps: float):
+        out, rstd = cpu_kernels.gated_norm_forward(x, gate, weight, group_size, eps, keep=True)
+        ctx.save_for_backward(x, gate, weight, rstd)
+        ctx.group_size = group_size
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, gate, weight, rstd = ctx.saved_tensors
+        return (*cpu_kernels.gated_norm_backward(x, gate, weight, rstd, grad, ctx.group_size), None, None)
+
+
 class GatedRMSNorm(nn.Module):
     """``rmsnorm(x * silu(gate))`` computed per group of ``group_size`` channels (Mamba-2's norm)."""
 
@@ -104,6 +124,11 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.gated_norm_fits(x, gate, self.weight, self.group_size):
+            if not torch.is_grad_enabled():
+                return cpu_kernels.gated_norm_forward(x, gate, self.weight, self.group_size, self.eps,
+                                                      keep=False)[0]
+            return _GatedRMSNormC.apply(x, gate, self.weight, self.group_size, self.eps)
         if not torch.is_grad_enabled():  # inference: the same math without autograd.Function's overhead
             normed = _gated_normalize(x, gate, self.group_size, self.eps)[3]
             return self.weight * normed.to(x.dtype)
