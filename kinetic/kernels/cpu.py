@@ -1,6 +1,6 @@
 """CPU kernels written in C, compiled on first use with the machine's C compiler and loaded by ctypes.
 
-Three libraries so far, each an optional fast path with torch's operators as the fallback the tests
+Four libraries so far, each an optional fast path with torch's operators as the fallback the tests
 compare it with:
 
 - :func:`decode_attention` (``decode_attention.c``): a few query rows per KV head over a long KV
@@ -19,6 +19,11 @@ compare it with:
   layer (up projection, squared ReLU, down projection), a thread per expert with the GEMMs through
   the BLAS torch links (its ``sgemm_``); for x86-64 Linux. :func:`experts_kernel_available` says
   whether it can run here, else ``kinetic.model.moe`` calls torch's grouped matmul.
+- :func:`attention_forward` / :func:`attention_backward` (``attention.c``): causal self-attention
+  over whole sequences (training, and forward passes without a cache), a thread per (batch, query
+  head), blocks of queries through the same BLAS with the softmax in between; for x86-64 Linux.
+  :func:`attention_kernel_available` says whether it can run here, else
+  ``scaled_dot_product_attention`` runs.
 
 Each library is built once per source, compiler and CPU with ``cc -O3 -march=native -fopenmp`` into
 ``$KINETIC_KERNEL_CACHE`` (default ``~/.cache/kinetic/kernels``), which takes about a second; a
@@ -48,6 +53,7 @@ import torch
 _SOURCE = Path(__file__).with_name("decode_attention.c")
 _MAMBA_SOURCE = Path(__file__).with_name("mamba.c")
 _EXPERTS_SOURCE = Path(__file__).with_name("experts.c")
+_ATTENTION_SOURCE = Path(__file__).with_name("attention.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 
@@ -93,7 +99,8 @@ def build(source: Path, compiler: str | None = None) -> Path:
     compiler = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    text = source.read_bytes()
+    # the source and the headers beside it (a change to either is a new build)
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
     cpu = sorted(_cpu_flags())
     key = hashlib.sha256(b"\0".join([text, " ".join(FLAGS).encode(), compiler.encode(),
                                      " ".join(cpu).encode(), platform.machine().encode()])).hexdigest()[:16]
@@ -623,3 +630,92 @@ def gated_norm_backward(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tenso
         raise RuntimeError(f"kinetic_gated_norm_backward failed with code {err} (width {width}, groups of "
                            f"{group_size})")
     return dx, dgate, dweight
+
+
+@functools.cache
+def _attention_library() -> ctypes.CDLL | None:
+    """The causal-attention library, or None where it cannot run (not x86-64 Linux, turned off, or
+    torch exports no ``sgemm_``) or could not be built (warned once)."""
+    if not (enabled() and _linux_x86()) or _blas() is None:
+        return None
+    lib = _load(_ATTENTION_SOURCE, "causal-attention")
+    if lib is None or lib.kinetic_attention_version() != 1:
+        return None
+    ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.kinetic_attention_forward.restype = ctypes.c_int
+    lib.kinetic_attention_forward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, i32,
+                                              i32, i32, f32, ptr, ptr]
+    lib.kinetic_attention_backward.restype = ctypes.c_int
+    lib.kinetic_attention_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr,
+                                               i64, i64, i32, i32, i32, f32, ptr, ptr, ptr]
+    return lib
+
+
+def attention_kernel_available(device: torch.device | str = "cpu",
+                               dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the causal-attention kernel runs for tensors of ``device`` and ``dtype`` here."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and _attention_library() is not None
+
+
+ATTENTION_MAX_LEN = 16384  # the kernel's per-thread buffers hold 2 x 64 x L floats
+
+
+def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`attention_forward` takes q (b, l, heads, d) and k, v (b, l, kv_heads, d):
+    float32 CPU tensors outside ``torch.compile``, heads a multiple of kv_heads, at most
+    ``ATTENTION_MAX_LEN`` positions, the kernel available."""
+    if _stepped_aside or torch.compiler.is_compiling():
+        return False
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 for t in (q, k, v)):
+        return False
+    b, seqlen, heads, dim = q.shape
+    if not (k.shape == v.shape and k.shape[:2] == (b, seqlen) and k.shape[3] == dim
+            and heads % k.shape[2] == 0 and 1 <= seqlen <= ATTENTION_MAX_LEN):
+        return False
+    return attention_kernel_available()
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, keep: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal attention of q (b, l, heads, d) over k, v (b, l, kv_heads, d) -- query head h reads KV
+    head h // (heads // kv_heads) -- with scores ``scale * q . k``. Returns the output (b, l, heads,
+    d) and, with ``keep`` (for :func:`attention_backward`), each query's log-sum-exp of its scores
+    (b, heads, l), else None. Check :func:`attention_fits` first."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    b, seqlen, heads, dim = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(b, heads, seqlen) if keep else None
+    gemm, local = _blas()
+    err = _attention_library().kinetic_attention_forward(
+        gemm, local, q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0),
+        k.stride(1), b, seqlen, heads, k.shape[2], dim, scale, out.data_ptr(), _ptr(lse))
+    if err:
+        raise RuntimeError(f"kinetic_attention_forward failed with code {err} ({heads} heads over "
+                           f"{k.shape[2]}, head size {dim}, {seqlen} positions)")
+    return out, lse
+
+
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, grad: torch.Tensor, scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`attention_forward`'s output (given ``grad`` of it) with respect to q, k
+    and v, from the output and log-sum-exp it returned."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out, grad = out.contiguous(), grad.contiguous()
+    b, seqlen, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    dq = torch.empty_like(q)
+    dk, dv = torch.empty(b, heads, seqlen, dim), torch.empty(b, heads, seqlen, dim)  # per query head
+    gemm, local = _blas()
+    err = _attention_library().kinetic_attention_backward(
+        gemm, local, q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0),
+        k.stride(1), out.data_ptr(), grad.data_ptr(), lse.contiguous().data_ptr(), b, seqlen, heads, kv_heads,
+        dim, scale, dq.data_ptr(), dk.data_ptr(), dv.data_ptr())
+    if err:
+        raise RuntimeError(f"kinetic_attention_backward failed with code {err} ({heads} heads over "
+                           f"{kv_heads}, head size {dim}, {seqlen} positions)")
+    if heads != kv_heads:  # sum each KV head's query heads
+        dk = dk.view(b, kv_heads, heads // kv_heads, seqlen, dim).sum(2)
+        dv = dv.view(b, kv_heads, heads // kv_heads, seqlen, dim).sum(2)
+    return dq, dk.transpose(1, 2), dv.transpose(1, 2)
+

@@ -15,10 +15,10 @@
  * activation and its gradient are further passes over the (rows x I) tensors. Here each thread takes
  * whole experts and runs their GEMMs single-threaded with the activation applied while the expert's
  * block is in cache, in a scratch block of its own: only u is stored for the backward pass, which
- * recomputes h from it, and inference stores neither. The GEMM itself is BLAS's: the caller passes the address of the Fortran
- * `sgemm_` its torch links (MKL in torch's x86-64 builds), and optionally the BLAS's
- * `MKL_Set_Num_Threads_Local`, used to keep each call on its own thread. An expert with more than
- * `big` rows runs on its own, before the others, with all the threads inside its GEMMs.
+ * recomputes h from it, and inference stores neither. The GEMM itself is BLAS's: the caller passes
+ * the address of the Fortran `sgemm_` its torch links (MKL in torch's x86-64 builds), and optionally
+ * the BLAS's `MKL_Set_Num_Threads_Local`, used to keep each call on its own thread. An expert with
+ * more than `big` rows runs on its own, before the others, with all the threads inside its GEMMs.
  *
  * Built by kinetic/kernels/cpu.py; OpenMP is torch's (libgomp).
  */

@@ -38,27 +38,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fast_exp.h"
+
 #define MAX_DIM 256
 
-/* exp(x) for -87 <= x <= 88: 2^(x log2 e) split into a rounded integer n (-126..127) and a fraction
- * f in [-0.5, 0.5]; 2^f by a degree-6 polynomial (relative error ~2e-7), times 2^n built in the
- * exponent bits. Branch-free and without library calls, so loops over it vectorize. */
-static inline float exp_in_range(float x) {
-    float t = x * 1.44269504088896341f;
-    float n = (t + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
-    float f = t - n;
-    float p = 1.5403530393381606e-4f;
-    p = p * f + 1.3333558146428443e-3f;
-    p = p * f + 9.6181291076284772e-3f;
-    p = p * f + 5.5504108664821580e-2f;
-    p = p * f + 2.4022650695910071e-1f;
-    p = p * f + 6.9314718055994531e-1f;
-    p = p * f + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
 
 /* V floats, loaded from and stored to any float address: GCC/Clang vector extensions at the
  * width of the SIMD registers -march=native offers (wider types than the registers are lowered

@@ -1,7 +1,8 @@
 """Grouped-query attention without positional encoding (NemotronH's Mamba layers carry position).
 
-Computed by ``scaled_dot_product_attention``; with an ``InferenceCache`` the keys/values of earlier
-tokens are read from and appended to that layer's KV cache.
+Computed by ``scaled_dot_product_attention`` (on CPUs in float32, whole sequences without a cache go
+through kinetic's causal-attention kernel instead); with an ``InferenceCache`` the keys/values of
+earlier tokens are read from and appended to that layer's KV cache.
 """
 
 from __future__ import annotations
@@ -12,7 +13,30 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kinetic.config import ModelConfig
+from kinetic.kernels import cpu as cpu_kernels
 from kinetic.kernels.cpu import decode_attention, decode_attention_fits
+
+
+class _CausalAttentionC(torch.autograd.Function):
+    """Causal self-attention in C on CPUs (float32; ``kinetic/kernels/attention.c``): a thread per
+    (batch, query head), blocks of 64 queries against the keys up to the block's end through torch's
+    BLAS, the softmax in between; the backward recomputes the probabilities from each query's
+    log-sum-exp. q (b, l, heads, d), k and v (b, l, kv_heads, d) in the projections' layout."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        keep = any(ctx.needs_input_grad)
+        out, lse = cpu_kernels.attention_forward(q, k, v, scale, keep)
+        if keep:
+            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*cpu_kernels.attention_backward(q, k, v, out, lse, grad, ctx.scale), None)
 
 
 class Attention(nn.Module):
@@ -30,9 +54,15 @@ class Attention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, cache=None) -> torch.Tensor:
         b, q_len, _ = hidden.shape
-        q = self.q_proj(hidden).view(b, q_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden).view(b, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden).view(b, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(hidden).view(b, q_len, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden).view(b, q_len, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden).view(b, q_len, self.num_kv_heads, self.head_dim)
+        if cache is None and q_len > 1 and cpu_kernels.attention_fits(q, k, v):
+            # CPU float32 training / prefill without a cache: the causal-attention kernel reads the
+            # projections' layout and writes o_proj's (no transposed copies)
+            out = _CausalAttentionC.apply(q, k, v, self.head_dim ** -0.5)
+            return self.o_proj(out.view(b, q_len, self.num_heads * self.head_dim))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         past = 0
         if getattr(cache, "static", False):  # fixed-address decode step (see static_cache.py)
             k_buf, v_buf = cache.append_kv_static(self.cache_key, k, v)
