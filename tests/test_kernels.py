@@ -452,3 +452,35 @@ def test_gated_norm_kernel_fits_only_where_it_runs():
 def test_gated_norm_kernel_names_a_mismatch():
     with pytest.raises(ValueError, match=r"weight \(16,\) do not fit groups of 8"):
         kc.gated_norm_forward(torch.randn(1, 3, 32), torch.randn(1, 3, 32), torch.randn(16), 8, 1e-5, False)
+
+
+@needs_ssd
+def test_rms_norm_kernel_matches_float64(count_calls):
+    """The plain RMSNorm through the same kernel (no gate, one group): output and the gradients
+    w.r.t. a strided input and the weight against F.rms_norm in float64."""
+    from kinetic.model.norm import RMSNorm
+
+    calls = count_calls(kc, "gated_norm_forward")
+    g = torch.Generator().manual_seed(8)
+    wide = torch.randn(3, 40, 100, generator=g) * 2
+    weight = torch.rand(88, generator=g) + 0.5
+    grad = torch.randn(3, 40, 88, generator=g)
+
+    def run(dtype, fast):
+        base = wide.to(dtype, copy=True).requires_grad_()
+        w = weight.to(dtype, copy=True).requires_grad_()
+        x = base[..., 5:93]
+        if fast:
+            norm = RMSNorm(88)
+            norm.weight = w = torch.nn.Parameter(w.detach())
+            out = norm(x)
+        else:
+            out = F.rms_norm(x, (88,), w, 1e-5)
+        (out * grad.to(dtype)).sum().backward()
+        return out.detach(), base.grad, w.grad
+
+    got = run(torch.float32, True)
+    assert len(calls) == 1
+    want = run(torch.float64, False)
+    for name, a, r in zip(["out", "dx", "dweight"], got, want, strict=True):
+        torch.testing.assert_close(a.double(), r, atol=2e-6 * r.abs().max().item(), rtol=1e-5, msg=name)

@@ -572,60 +572,70 @@ def experts_backward(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ends
     return dx, dup, ddown
 
 
-def gated_norm_fits(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, group_size: int) -> bool:
-    """Whether :func:`gated_norm_forward` takes ``x`` and ``gate`` (b, l, W) and ``weight`` (W,):
-    float32 CPU tensors outside ``torch.compile``, channels contiguous, W a multiple of
-    ``group_size``, the kernels available."""
+def gated_norm_fits(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor,
+                    group_size: int) -> bool:
+    """Whether :func:`gated_norm_forward` takes ``x`` and ``gate`` (b, l, W; gate None: a plain
+    RMSNorm) and ``weight`` (W,): float32 CPU tensors outside ``torch.compile``, channels contiguous,
+    W a multiple of ``group_size``, the kernels available."""
     if _stepped_aside or torch.compiler.is_compiling():
         return False
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, gate, weight)):
+    tensors = (x, weight) if gate is None else (x, gate, weight)
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
         return False
-    if not (x.dim() == gate.dim() == 3 and x.shape == gate.shape and x.stride(-1) == gate.stride(-1) == 1
-            and weight.shape == x.shape[-1:] and x.shape[1] >= 1 and x.shape[-1] % group_size == 0):
+    if not (x.dim() == 3 and x.stride(-1) == 1 and weight.shape == x.shape[-1:] and x.shape[1] >= 1
+            and x.shape[-1] % group_size == 0):
+        return False
+    if gate is not None and not (gate.shape == x.shape and gate.stride(-1) == 1):
         return False
     return mamba_kernels_available()
 
 
-def _norm_rows(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, group_size: int):
-    if x.dim() != 3 or gate.shape != x.shape or weight.shape != x.shape[-1:] or x.shape[-1] % group_size:
-        raise ValueError(f"gated_norm: x {tuple(x.shape)}, gate {tuple(gate.shape)} and weight "
+def _norm_rows(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, group_size: int):
+    if (x.dim() != 3 or (gate is not None and gate.shape != x.shape) or weight.shape != x.shape[-1:]
+            or x.shape[-1] % group_size):
+        gate_shape = None if gate is None else tuple(gate.shape)
+        raise ValueError(f"gated_norm: x {tuple(x.shape)}, gate {gate_shape} and weight "
                          f"{tuple(weight.shape)} do not fit groups of {group_size}; expected x and gate "
                          "(b, l, W), weight (W,), W a multiple of the group size")
-    return _rows(x), _rows(gate), weight.contiguous()
+    return _rows(x), (_rows(gate) if gate is not None else None), weight.contiguous()
 
 
-def gated_norm_forward(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float,
-                       keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _gate_args(gate: torch.Tensor | None) -> tuple[int | None, int, int]:
+    return (gate.data_ptr(), gate.stride(0), gate.stride(1)) if gate is not None else (None, 0, 0)
+
+
+def gated_norm_forward(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, group_size: int,
+                       eps: float, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``weight * rmsnorm_groups(x * silu(gate))`` for x and gate (b, l, W) (strided rows allowed),
-    groups of ``group_size`` channels. Returns the output (b, l, W) and, with ``keep`` (for
-    :func:`gated_norm_backward`), each group's 1/rms (b, l, W / group_size), else None. Check
-    :func:`gated_norm_fits` first."""
+    groups of ``group_size`` channels; without a gate ``weight * rmsnorm_groups(x)``. Returns the
+    output (b, l, W) and, with ``keep`` (for :func:`gated_norm_backward`), each group's 1/rms (b, l,
+    W / group_size), else None. Check :func:`gated_norm_fits` first."""
     x, gate, weight = _norm_rows(x, gate, weight, group_size)
     b, seqlen, width = x.shape
     out = torch.empty(b, seqlen, width)
     rstd = torch.empty(b, seqlen, width // group_size) if keep else None
     err = _mamba_library().kinetic_gated_norm_forward(
-        x.data_ptr(), x.stride(0), x.stride(1), gate.data_ptr(), gate.stride(0), gate.stride(1),
-        weight.data_ptr(), out.data_ptr(), _ptr(rstd), b, seqlen, width, group_size, eps)
+        x.data_ptr(), x.stride(0), x.stride(1), *_gate_args(gate), weight.data_ptr(), out.data_ptr(),
+        _ptr(rstd), b, seqlen, width, group_size, eps)
     if err:
         raise RuntimeError(f"kinetic_gated_norm_forward failed with code {err} (width {width}, groups of "
                            f"{group_size})")
     return out, rstd
 
 
-def gated_norm_backward(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+def gated_norm_backward(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, rstd: torch.Tensor,
                         grad: torch.Tensor, group_size: int
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The gradients of :func:`gated_norm_forward`'s output (given ``grad`` of it) with respect to x,
-    gate and weight, from the 1/rms it kept."""
+    gate (None without one) and weight, from the 1/rms it kept."""
     x, gate, weight = _norm_rows(x, gate, weight, group_size)
     b, seqlen, width = x.shape
     rstd, grad = rstd.contiguous(), grad.contiguous()
-    dx, dgate, dweight = torch.empty(b, seqlen, width), torch.empty(b, seqlen, width), torch.empty(width)
+    dx, dweight = torch.empty(b, seqlen, width), torch.empty(width)
+    dgate = torch.empty(b, seqlen, width) if gate is not None else None
     err = _mamba_library().kinetic_gated_norm_backward(
-        x.data_ptr(), x.stride(0), x.stride(1), gate.data_ptr(), gate.stride(0), gate.stride(1),
-        weight.data_ptr(), rstd.data_ptr(), grad.data_ptr(), dx.data_ptr(), dgate.data_ptr(),
-        dweight.data_ptr(), b, seqlen, width, group_size)
+        x.data_ptr(), x.stride(0), x.stride(1), *_gate_args(gate), weight.data_ptr(), rstd.data_ptr(),
+        grad.data_ptr(), dx.data_ptr(), _ptr(dgate), dweight.data_ptr(), b, seqlen, width, group_size)
     if err:
         raise RuntimeError(f"kinetic_gated_norm_backward failed with code {err} (width {width}, groups of "
                            f"{group_size})")

@@ -604,15 +604,20 @@ int kinetic_conv_silu_backward(const float* x, int64_t x_sb, int64_t x_sl, const
  *
  *     h = x * silu(z),   out = w * h * rstd,   rstd = 1 / sqrt(mean over the group of h^2 + eps)
  *
+ * and, with z NULL (h = x) and one group, the model's plain RMSNorm.
  * x and z rows (b, t) at x + b * x_sb + t * x_sl (likewise z; channels contiguous: the scan's output
  * and a slice of the input projection's), out, grad, dx and dz (Bz, T, W) contiguous, rstd (Bz, T,
  * W / Gs). One pass over x and z forward (h is built in the output row, then scaled); the backward
  * recomputes silu(z) and h in a per-thread row buffer instead of storing them, and sums the weight
  * gradient in per-thread buffers. OpenMP over rows.
  */
-/* s = sigmoid(z) and h = x * z * s for one row segment of n channels */
+/* s = sigmoid(z) and h = x * z * s for one row segment of n channels; h = x without z */
 static inline void gate_row(const float* restrict x, const float* restrict z, int64_t n, float* restrict s,
                             float* restrict h) {
+    if (!z) {
+        memcpy(h, x, sizeof(float) * n);
+        return;
+    }
     for (int64_t j = 0; j < n; j++) {
         s[j] = 1.0f / (1.0f + exp_clamped(-z[j]));
         h[j] = x[j] * z[j] * s[j];
@@ -644,7 +649,7 @@ int kinetic_gated_norm_forward(const float* x, int64_t x_sb, int64_t x_sl, const
             if (!s) continue;
             const int64_t b = i / T, t = i % T;
             float* o = out + i * W;
-            gate_row(x + b * x_sb + t * x_sl, z + b * z_sb + t * z_sl, W, s, o);
+            gate_row(x + b * x_sb + t * x_sl, z ? z + b * z_sb + t * z_sl : NULL, W, s, o);
             for (int64_t k = 0; k < groups; k++) {
                 float* ok = o + k * Gs;
                 const float r = 1.0f / sqrtf(dot(ok, ok, Gs) / (float)Gs + eps);
@@ -658,7 +663,7 @@ int kinetic_gated_norm_forward(const float* x, int64_t x_sb, int64_t x_sl, const
     return err;
 }
 
-/* dx, dz (Bz, T, W) and dw (W), from rstd as the forward pass wrote it */
+/* dx, dz (Bz, T, W; dz unused without z) and dw (W), from rstd as the forward pass wrote it */
 int kinetic_gated_norm_backward(const float* x, int64_t x_sb, int64_t x_sl, const float* z, int64_t z_sb,
                                 int64_t z_sl, const float* w, const float* rstd, const float* grad, float* dx,
                                 float* dz, float* dw, int64_t Bz, int64_t T, int64_t W, int64_t Gs) {
@@ -678,8 +683,9 @@ int kinetic_gated_norm_backward(const float* x, int64_t x_sb, int64_t x_sl, cons
         for (int64_t i = 0; i < Bz * T; i++) {
             if (!buf) continue;
             const int64_t b = i / T, t = i % T;
-            const float *xr = x + b * x_sb + t * x_sl, *zr = z + b * z_sb + t * z_sl, *g = grad + i * W;
-            float *dxr = dx + i * W, *dzr = dz + i * W;
+            const float *xr = x + b * x_sb + t * x_sl, *zr = z ? z + b * z_sb + t * z_sl : NULL;
+            const float* g = grad + i * W;
+            float *dxr = dx + i * W, *dzr = dz ? dz + i * W : NULL;
             gate_row(xr, zr, W, s, nh);
             for (int64_t j = 0; j < W; j++) gn[j] = g[j] * w[j];
             for (int64_t k = 0; k < groups; k++) {
@@ -690,6 +696,10 @@ int kinetic_gated_norm_backward(const float* x, int64_t x_sb, int64_t x_sl, cons
                     mine[j] += g[j] * nh[j];
                 }
                 const float mean_dot = dot(gn + o, nh + o, Gs) / (float)Gs;
+                if (!zr) {
+                    for (int64_t j = o; j < o + Gs; j++) dxr[j] = (gn[j] - nh[j] * mean_dot) * r;
+                    continue;
+                }
                 for (int64_t j = o; j < o + Gs; j++) {
                     const float gh = (gn[j] - nh[j] * mean_dot) * r; /* d loss / d h */
                     dxr[j] = gh * zr[j] * s[j];

@@ -40,6 +40,24 @@ class _RMSNormFn(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
+class _RMSNormC(torch.autograd.Function):
+    """The same in C on CPUs (float32; the gated norm's kernel without a gate, one group): one pass
+    each way, the backward's weight gradient summed per thread."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        out, rstd = cpu_kernels.gated_norm_forward(x, None, weight, x.shape[-1], eps, keep=True)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        dx, _, dweight = cpu_kernels.gated_norm_backward(x, None, weight, rstd, grad, x.shape[-1])
+        return dx, dweight, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -49,6 +67,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and torch.is_grad_enabled()
                 and (x.requires_grad or self.weight.requires_grad)):  # CUDA keeps its fused kernel
+            if cpu_kernels.gated_norm_fits(x, None, self.weight, x.shape[-1]):
+                return _RMSNormC.apply(x, self.weight, self.eps)
             return _RMSNormFn.apply(x, self.weight, self.eps)
         out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
         return out.to(x.dtype)
