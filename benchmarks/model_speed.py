@@ -169,13 +169,31 @@ COMPONENTS = {
 def breakdown(model: torch.nn.Module, ids: torch.Tensor, is_kinetic: bool, iters: int) -> dict[str, float]:
     """Median forward milliseconds spent in each kind of mixer (all layers of that kind together),
     in ``lm_head``, and in everything else (embedding, norms, residual adds, dense MLP layers),
-    timed with module hooks in ``eval()`` mode under ``torch.no_grad()``."""
+    timed with module hooks in ``eval()`` mode under ``torch.no_grad()``. kinetic's logits come from
+    ``kinetic.model.nemotron_h.head_logits``, which may not call the lm_head module (large logits are
+    written into huge pages), so for kinetic that function is timed instead."""
     kind_of = {cls: kind for kind, classes in COMPONENTS.items() for cls in classes}
     spent: dict[str, float] = {}
     started: dict[int, float] = {}
     hooks = []
+    patched = contextlib.ExitStack()
+    if is_kinetic:
+        import kinetic.model.nemotron_h as nemotron_h
+
+        head_logits = nemotron_h.head_logits
+
+        def timed_head_logits(*args: Any) -> torch.Tensor:
+            t0 = time.perf_counter()
+            out = head_logits(*args)
+            spent["lm_head"] = spent.get("lm_head", 0.0) + time.perf_counter() - t0
+            return out
+
+        patched.enter_context(_patch(nemotron_h, "head_logits", timed_head_logits))
     for name, module in model.named_modules():
-        kind = "lm_head" if name in ("lm_head", "inner.lm_head") else kind_of.get(type(module).__name__)
+        if name in ("lm_head", "inner.lm_head"):
+            kind = None if is_kinetic else "lm_head"
+        else:
+            kind = kind_of.get(type(module).__name__)
         if kind is None:
             continue
         hooks.append(module.register_forward_pre_hook(
@@ -196,8 +214,19 @@ def breakdown(model: torch.nn.Module, ids: torch.Tensor, is_kinetic: bool, iters
     finally:
         for h in hooks:
             h.remove()
+        patched.close()
     keys = [*COMPONENTS, "lm_head", "other", "total"]
     return {k: statistics.median(r.get(k, 0.0) for r in runs[1:]) * 1e3 for k in keys}
+
+
+@contextlib.contextmanager
+def _patch(module: Any, name: str, value: Any):
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
 
 
 BLOCK_KINDS = {"M": "mamba", "E": "moe", "*": "attention", "-": "mlp"}
