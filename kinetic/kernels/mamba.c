@@ -148,16 +148,42 @@ static void head_decays(const float* restrict cb, const float* restrict a, const
         }                                                                           \
     }
 
+/* The same for 4V columns at once: 16 accumulators, 4 vector loads of m and 4 scalars of a per k. */
+#define ROWS_TIMES_4V(acc, rows, arow, k0, k1, m, ms, j0)                           \
+    for (int k = (k0); k < (k1); k++) {                                             \
+        const float* mk = (m) + (int64_t)k * (ms) + (j0);                           \
+        vf m0 = vload(mk), m1 = vload(mk + V), m2 = vload(mk + 2 * V), m3 = vload(mk + 3 * V); \
+        for (int q = 0; q < 4; q++) {                                               \
+            if (q >= (rows)) break;                                                 \
+            const float aq = arow(q, k);                                            \
+            acc[q][0] += aq * m0;                                                   \
+            acc[q][1] += aq * m1;                                                   \
+            acc[q][2] += aq * m2;                                                   \
+            acc[q][3] += aq * m3;                                                   \
+        }                                                                           \
+    }
+
 /* out[i, j] = (or += with ADD) sum_{k0 <= k < k1} arow(q, k) m[k, j] for rows i < nrows, columns
- * j < ncols (a multiple of V): blocks of 4 rows (i0 + q) x 2V columns. arow, k0 and k1 may use i0
- * and rows (the block's first row and its row count); out rows at stride os. */
+ * j < ncols (a multiple of V): blocks of 4 rows (i0 + q) x 4V columns, then 2V (and V) for what is
+ * left. arow, k0 and k1 may use i0 and rows (the block's first row and its row count); out rows at
+ * stride os. */
 #define SET(o, v) vstore((o), (v))
 #define ADD(o, v) vstore((o), vload(o) + (v))
 #define BLOCKED_PRODUCT(out, os, nrows, ncols, arow, k0, k1, m, ms, STORE)                 \
-    for (int c0 = 0; c0 < (ncols); c0 += 2 * V) {                                          \
-        const int two = c0 + V < (ncols);                                                  \
+    for (int c0 = 0; c0 < (ncols);) {                                                      \
+        const int wide = c0 + 4 * V <= (ncols);                                            \
+        const int two = !wide && c0 + V < (ncols);                                         \
         for (int i0 = 0; i0 < (nrows); i0 += 4) {                                          \
             const int rows = (nrows) - i0 < 4 ? (nrows) - i0 : 4;                          \
+            if (wide) {                                                                    \
+                vf acc[4][4] = {{{0}}};                                                    \
+                ROWS_TIMES_4V(acc, rows, arow, k0, k1, m, ms, c0)                          \
+                for (int q = 0; q < rows; q++) {                                           \
+                    float* o_ = (out) + (int64_t)(i0 + q) * (os) + c0;                     \
+                    for (int u_ = 0; u_ < 4; u_++) STORE(o_ + u_ * V, acc[q][u_]);         \
+                }                                                                          \
+                continue;                                                                  \
+            }                                                                              \
             vf acc[4][2] = {{{0}}};                                                        \
             ROWS_TIMES(acc, rows, arow, k0, k1, m, ms, c0, two)                            \
             for (int q = 0; q < rows; q++) {                                               \
@@ -166,6 +192,7 @@ static void head_decays(const float* restrict cb, const float* restrict a, const
                 if (two) STORE(o_ + V, acc[q][1]);                                         \
             }                                                                              \
         }                                                                                  \
+        c0 += wide ? 4 * V : 2 * V;                                                        \
     }
 
 int kinetic_ssd_chunk_forward(const float* cb, const float* a, const float* x, const float* dt,
