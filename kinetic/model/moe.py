@@ -165,6 +165,7 @@ class _ExpertsC(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         return (*cpu_kernels.experts_backward(*ctx.saved_tensors, grad), None)
 
