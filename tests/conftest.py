@@ -9,6 +9,7 @@ import math
 import socket
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -81,6 +82,30 @@ def count_calls(monkeypatch):
         monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or original(*a, **k))
         return calls
     return install
+
+
+@pytest.fixture
+def failed_build(monkeypatch, tmp_path):
+    """``with failed_build(loader, message, available):`` builds kinetic's CPU kernels with a compiler
+    that always fails. ``available()`` warns once (``message``), then stays False without a second
+    warning; inside the block the test checks torch's fallback. The cached ``loader`` of
+    kinetic.kernels.cpu is cleared on the way in and out."""
+    monkeypatch.setenv("KINETIC_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+
+    @contextlib.contextmanager
+    def fails(loader, message: str, available):
+        loader.cache_clear()
+        try:
+            with pytest.warns(UserWarning, match=message):
+                assert not available()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # the failure is remembered: no second warning
+                assert not available()
+            yield
+        finally:
+            loader.cache_clear()
+    return fails
 
 
 @pytest.fixture

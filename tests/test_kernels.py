@@ -4,7 +4,6 @@ references and inside the model, when they are used and when they are not, and h
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 import torch
@@ -119,22 +118,12 @@ def test_cached_decode_uses_the_kernel_and_matches_torch(monkeypatch, count_call
 
 
 @pytest.mark.skipif(not AVX512, reason="the kernel is only built on CPUs with AVX-512")
-def test_a_failed_build_warns_once_and_leaves_torchs_attention(monkeypatch, tmp_path):
-    monkeypatch.setenv("KINETIC_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    kc._library.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match="decode-attention kernel is unavailable"):
-            assert not kc.decode_attention_available()
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # the failure is remembered: no second warning
-            assert not kc.decode_attention_available()
+def test_a_failed_build_warns_once_and_leaves_torchs_attention(failed_build):
+    with failed_build(kc._library, "decode-attention kernel is unavailable", kc.decode_attention_available):
         q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
         assert not kc.decode_attention_fits(q, k, v)
         out = attention._sdpa(q, k, v, None, False)  # the decode attention still works, through torch
         torch.testing.assert_close(out.double(), reference(q, k, v), atol=1e-6, rtol=1e-5)
-    finally:
-        kc._library.cache_clear()
 
 
 def test_the_kernels_can_be_turned_off(monkeypatch):
@@ -300,23 +289,13 @@ def test_model_training_step_with_the_mamba_kernels_matches_torch(scan_calls):
 
 
 @pytest.mark.skipif(not kc._linux_x86(), reason="the scan kernel is only built on x86-64 Linux")
-def test_a_failed_scan_kernel_build_warns_once_and_leaves_torchs_scan(monkeypatch, tmp_path, scan_calls):
-    monkeypatch.setenv("KINETIC_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", "false")
-    kc._mamba_library.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match="Mamba-2 kernel is unavailable"):
-            assert not kc.mamba_kernels_available()
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert not kc.mamba_kernels_available()
+def test_a_failed_scan_kernel_build_warns_once_and_leaves_torchs_scan(failed_build, scan_calls):
+    with failed_build(kc._mamba_library, "Mamba-2 kernel is unavailable", kc.mamba_kernels_available):
         inputs = scan_inputs(1, 70, 4, 16, 2, 16, False)
         got = scan_with_grads(inputs, 32, torch.float32)  # torch's scan, still right
         want = scan_with_grads(inputs, 32, torch.float64)
         assert not scan_calls
         torch.testing.assert_close(got[0].double(), want[0], atol=1e-5, rtol=1e-5)
-    finally:
-        kc._mamba_library.cache_clear()
 
 
 @needs_ssd

@@ -3,8 +3,6 @@ down projection, forward and backward, against the per-expert loop in float64.""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -141,26 +139,16 @@ def test_without_a_blas_the_experts_run_through_torch(monkeypatch):
 
 
 @pytest.mark.skipif(not kc._linux_x86(), reason="the experts kernel is only built on x86-64 Linux")
-def test_a_failed_experts_kernel_build_warns_once(monkeypatch, tmp_path, expert_calls):
-    monkeypatch.setenv("KINETIC_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", "false")
-    kc._experts_library.cache_clear()
-    try:
-        if kc._blas() is None:
-            pytest.skip("this torch exports no sgemm_")
-        with pytest.warns(UserWarning, match="MoE experts kernel is unavailable"):
-            assert not kc.experts_kernel_available()
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert not kc.experts_kernel_available()
+def test_a_failed_experts_kernel_build_warns_once(failed_build, expert_calls):
+    if kc._blas() is None:
+        pytest.skip("this torch exports no sgemm_")
+    with failed_build(kc._experts_library, "MoE experts kernel is unavailable", kc.experts_kernel_available):
         experts = Experts(4, 16, 32)
         torch.nn.init.normal_(experts.up_proj)
         torch.nn.init.normal_(experts.down_proj)
         indices, weights = routing(20, 4, 2, 0.0, -1, seed=2)
         run_experts(experts, torch.randn(20, 16), indices, weights, torch.float32)
         assert not expert_calls
-    finally:
-        kc._experts_library.cache_clear()
 
 
 def test_the_experts_kernel_can_be_turned_off(monkeypatch):
