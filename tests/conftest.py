@@ -109,6 +109,21 @@ def failed_build(monkeypatch, tmp_path):
 
 
 @pytest.fixture
+def without_blas(monkeypatch):
+    """A torch that exports no ``sgemm_``: the BLAS-backed kernels (MoE experts, causal attention) are
+    unavailable for the test; their cached loaders are cleared on the way in and out."""
+    import kinetic.kernels.cpu as kc
+
+    monkeypatch.setattr(kc, "_blas", lambda: None)
+    loaders = (kc._experts_library, kc._attention_library)
+    for loader in loaders:
+        loader.cache_clear()
+    yield
+    for loader in loaders:
+        loader.cache_clear()
+
+
+@pytest.fixture
 def one_thread():
     """For tests of tiny GEMMs: a second thread does not help them, and on a busy 2-core machine
     OpenMP's spin-waiting makes every matmul ~50x slower. Restored afterwards for the other tests."""

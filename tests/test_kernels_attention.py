@@ -98,25 +98,19 @@ def test_attention_kernel_fits_only_where_it_runs():
         assert not kc.attention_fits(q, k, k)
 
 
-def test_without_a_blas_attention_runs_through_sdpa(monkeypatch, count_calls):
-    monkeypatch.setattr(kc, "_blas", lambda: None)
-    kc._attention_library.cache_clear()
+def test_without_a_blas_attention_runs_through_sdpa(without_blas, count_calls):
     calls = count_calls(kc, "attention_forward")
-    try:
-        assert not kc.attention_kernel_available()
-        torch.manual_seed(1)
-        layer = attention.Attention(preset("tiny"))
-        x = torch.randn(1, 20, layer.q_proj.in_features)
-        layer(x).sum().backward()
-        assert not calls
-    finally:
-        kc._attention_library.cache_clear()
+    assert not kc.attention_kernel_available()
+    torch.manual_seed(1)
+    layer = attention.Attention(preset("tiny"))
+    x = torch.randn(1, 20, layer.q_proj.in_features)
+    layer(x).sum().backward()
+    assert not calls
 
 
-@pytest.mark.skipif(not kc._linux_x86(), reason="the attention kernel is only built on x86-64 Linux")
+@pytest.mark.skipif(not kc._linux_x86() or kc._blas() is None,
+                    reason="the attention kernel is only built on x86-64 Linux, with torch's sgemm_")
 def test_a_failed_attention_kernel_build_warns_once(failed_build, count_calls):
-    if kc._blas() is None:
-        pytest.skip("this torch exports no sgemm_")
     calls = count_calls(kc, "attention_forward")
     with failed_build(kc._attention_library, "causal-attention kernel is unavailable",
                       kc.attention_kernel_available):

@@ -118,30 +118,24 @@ def test_experts_kernel_names_a_mismatched_shape():
         kc.experts_forward(x, up, down, ends.int(), False)
 
 
-def test_without_a_blas_the_experts_run_through_torch(monkeypatch):
+def test_without_a_blas_the_experts_run_through_torch(without_blas):
     """A torch that exports no sgemm_: the kernel is unavailable and the MoE still computes."""
-    monkeypatch.setattr(kc, "_blas", lambda: None)
-    kc._experts_library.cache_clear()
-    try:
-        assert not kc.experts_kernel_available()
-        torch.manual_seed(1)
-        experts = Experts(4, 16, 32)
-        torch.nn.init.normal_(experts.up_proj)
-        torch.nn.init.normal_(experts.down_proj)
-        x = torch.randn(20, 16)
-        indices, weights = routing(20, 4, 2, 0.0, -1, seed=1)
-        got = run_experts(experts, x, indices, weights, torch.float32)
-        want = run_experts(experts, x, indices, weights, torch.float64)
-        scale = want[0].abs().max().item()
-        torch.testing.assert_close(got[0].double(), want[0], atol=1e-5 * scale, rtol=1e-5)
-    finally:
-        kc._experts_library.cache_clear()
+    assert not kc.experts_kernel_available()
+    torch.manual_seed(1)
+    experts = Experts(4, 16, 32)
+    torch.nn.init.normal_(experts.up_proj)
+    torch.nn.init.normal_(experts.down_proj)
+    x = torch.randn(20, 16)
+    indices, weights = routing(20, 4, 2, 0.0, -1, seed=1)
+    got = run_experts(experts, x, indices, weights, torch.float32)
+    want = run_experts(experts, x, indices, weights, torch.float64)
+    scale = want[0].abs().max().item()
+    torch.testing.assert_close(got[0].double(), want[0], atol=1e-5 * scale, rtol=1e-5)
 
 
-@pytest.mark.skipif(not kc._linux_x86(), reason="the experts kernel is only built on x86-64 Linux")
+@pytest.mark.skipif(not kc._linux_x86() or kc._blas() is None,
+                    reason="the experts kernel is only built on x86-64 Linux, with torch's sgemm_")
 def test_a_failed_experts_kernel_build_warns_once(failed_build, expert_calls):
-    if kc._blas() is None:
-        pytest.skip("this torch exports no sgemm_")
     with failed_build(kc._experts_library, "MoE experts kernel is unavailable", kc.experts_kernel_available):
         experts = Experts(4, 16, 32)
         torch.nn.init.normal_(experts.up_proj)
