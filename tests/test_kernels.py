@@ -16,6 +16,7 @@ import kinetic.model.mamba2 as mamba2
 from kinetic.config import preset
 from kinetic.model import InferenceCache, NemotronHForCausalLM
 from kinetic.model.norm import GatedRMSNorm
+from kinetic.model.shared_grad import split_shared
 
 AVX512 = "avx512f" in kc._cpu_flags()
 needs_kernel = pytest.mark.skipif(not kc.decode_attention_available(),
@@ -262,12 +263,22 @@ def test_scan_kernel_names_a_mismatched_shape():
 
 
 @needs_ssd
-def test_model_training_step_with_the_mamba_kernels_matches_torch(scan_calls):
+def test_model_training_step_with_the_mamba_kernels_matches_torch(scan_calls, monkeypatch):
     """A forward + backward of the tiny preset (MTP included): loss and every parameter's gradient
-    equal those of torch's scan and conv, and the scan kernel ran once per Mamba layer."""
+    equal those of torch's scan and conv, and the scan kernel ran once per Mamba layer. The kernels
+    wrote their gradients straight into the in_proj and chunk-carry splits' buffers: only dt's
+    gradient (from torch's softplus) was copied, and the unused final state's zero-filled."""
     torch.manual_seed(0)
     model = NemotronHForCausalLM(preset("tiny")).train()
     ids = torch.randint(0, model.config.vocab_size, (2, 70))
+    splits = []
+
+    def recorded_split(*args, **kwargs):
+        parts, shared = split_shared(*args, **kwargs)
+        splits.append(shared)
+        return parts, shared
+
+    monkeypatch.setattr(mamba2, "split_shared", recorded_split)
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -279,6 +290,8 @@ def test_model_training_step_with_the_mamba_kernels_matches_torch(scan_calls):
     config = model.config
     mamba_layers = (config.hybrid_override_pattern + config.mtp_hybrid_override_pattern).count("M")
     assert len(scan_calls) == mamba_layers > 0
+    assert len(splits) == 2 * mamba_layers  # in_proj's, then the carry's, per layer
+    assert [s.copied for s in splits] == [[2], [1]] * mamba_layers
     with kc.torch_only():
         ref_loss, ref_grads = step()
     assert len(scan_calls) == mamba_layers
@@ -374,6 +387,58 @@ def test_conv_kernel_fits_only_where_it_runs():
 def test_conv_kernel_names_a_mismatched_weight():
     with pytest.raises(ValueError, match=r"weight \(16, 4\) / bias None do not fit x of 32 channels"):
         kc.conv_silu_forward(torch.randn(1, 5, 32), torch.randn(16, 4), None)
+
+
+@needs_ssd
+def test_backward_kernels_write_into_strided_destinations():
+    """The conv's x gradient, the gated norm's gate gradient and the chunk kernel's state gradient,
+    each written into a slice of a larger NaN-filled buffer (as kinetic.model.shared_grad asks):
+    equal to the kernel's own output, nothing outside the slice touched; a misfit is named."""
+    g = torch.Generator().manual_seed(3)
+    x, grad = torch.randn(2, 9, 32, generator=g), torch.randn(2, 9, 32, generator=g)
+    w = torch.randn(32, 4, generator=g)
+    buffer = torch.full((2, 9, 50), float("nan"))
+    gx, gw, gb = kc.conv_silu_backward(x, w, None, grad)
+    got = kc.conv_silu_backward(x, w, None, grad, buffer[..., 10:42])
+    assert got[0].data_ptr() == buffer[..., 10:42].data_ptr() and gb is None
+    torch.testing.assert_close(buffer[..., 10:42], gx, rtol=0, atol=0)
+    torch.testing.assert_close(got[1], gw, rtol=0, atol=0)
+    assert buffer[..., :10].isnan().all() and buffer[..., 42:].isnan().all()
+    with pytest.raises(ValueError, match=r"gx: got \(2, 9, 31\).*expected a float32 CPU tensor of shape "
+                       r"\(2, 9, 32\) with contiguous channels"):
+        kc.conv_silu_backward(x, w, None, grad, buffer[..., :31])
+    with pytest.raises(ValueError, match="gx: .*strides"):
+        kc.conv_silu_backward(x, w, None, grad, buffer.transpose(1, 2)[..., :9, :].transpose(1, 2)[:, :, :32])
+
+    gate, weight = torch.randn(2, 9, 32, generator=g), torch.randn(32, generator=g)
+    _, rstd = kc.gated_norm_forward(x, gate, weight, 16, 1e-5, keep=True)
+    dx, dgate, dweight = kc.gated_norm_backward(x, gate, weight, rstd, grad, 16)
+    buffer = torch.full((2, 9, 50), float("nan"))
+    got = kc.gated_norm_backward(x, gate, weight, rstd, grad, 16, buffer[..., 5:37])
+    for a, r in zip(got, (dx, dgate, dweight), strict=True):
+        torch.testing.assert_close(a, r, rtol=0, atol=0)
+    assert buffer[..., :5].isnan().all() and buffer[..., 37:].isnan().all()
+    with pytest.raises(ValueError, match="dgate: got"):
+        kc.gated_norm_backward(x, gate, weight, rstd, grad, 16, buffer[:1, :, 5:37])
+
+    b, c, L, gr, r, p, n = 1, 2, 64, 2, 2, 32, 64
+    cb = torch.randn(b, gr, c, L, L, generator=g)
+    a_cs = torch.randn(b, gr, r, c, L, generator=g).clamp(max=0)
+    xh = torch.randn(b, gr, r, c, L, p, generator=g)
+    dth = torch.rand(b, gr, r, c, L, generator=g)
+    Ch = torch.randn(b, gr, c, L, n, generator=g)
+    S = torch.randn(b, gr, r, c, p, n, generator=g)
+    dy = torch.randn(b, gr, r, c, L, p, generator=g)
+    m = mamba2.MIN_LOG_DECAY
+    want = kc.ssd_chunk_backward(cb, a_cs, xh, dth, Ch, S, None, dy, m)
+    buffer = torch.full((b, gr, r, c + 1, p, n), float("nan"))
+    got = kc.ssd_chunk_backward(cb, a_cs, xh, dth, Ch, S, None, dy, m, buffer[:, :, :, :c])
+    assert got[5].data_ptr() == buffer.data_ptr() and buffer[:, :, :, c].isnan().all()
+    for a, r_ in zip(got, want, strict=True):
+        if r_ is not None:
+            torch.testing.assert_close(a, r_, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"d_S \(1, 2, 2, 2, 64, 32\)"):
+        kc.ssd_chunk_backward(cb, a_cs, xh, dth, Ch, S, None, dy, m, buffer[:, :, :, :c].transpose(-1, -2))
 
 
 # --- the gated RMSNorm (mamba.c) ---------------------------------------------------------------------

@@ -175,12 +175,14 @@ def _mamba_library() -> ctypes.CDLL | None:
     lib.kinetic_conv_silu_forward.restype = ctypes.c_int
     lib.kinetic_conv_silu_forward.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, i32]
     lib.kinetic_conv_silu_backward.restype = ctypes.c_int
-    lib.kinetic_conv_silu_backward.argtypes = [ptr, i64, i64] + [ptr] * 6 + [i64, i64, i64, i32]
+    lib.kinetic_conv_silu_backward.argtypes = [ptr, i64, i64] + [ptr] * 4 + [i64, i64, ptr, ptr] + [
+        i64, i64, i64, i32]
     lib.kinetic_gated_norm_forward.restype = ctypes.c_int
     lib.kinetic_gated_norm_forward.argtypes = [ptr, i64, i64, ptr, i64, i64] + [ptr] * 3 + [i64] * 4 + [
         ctypes.c_float]
     lib.kinetic_gated_norm_backward.restype = ctypes.c_int
-    lib.kinetic_gated_norm_backward.argtypes = [ptr, i64, i64, ptr, i64, i64] + [ptr] * 6 + [i64] * 4
+    lib.kinetic_gated_norm_backward.argtypes = ([ptr, i64, i64, ptr, i64, i64] + [ptr] * 5 + [i64, i64, ptr]
+                                                + [i64] * 4)
     return lib
 
 
@@ -321,11 +323,12 @@ def ssd_chunk_forward(cb: torch.Tensor, a_cs: torch.Tensor, x: torch.Tensor, dt:
 
 def ssd_chunk_backward(cb: torch.Tensor, a_cs: torch.Tensor, x: torch.Tensor, dt: torch.Tensor,
                        C: torch.Tensor, S: torch.Tensor, D: torch.Tensor | None, grad: torch.Tensor,
-                       min_log_decay: float) -> tuple[torch.Tensor, ...]:
+                       min_log_decay: float, d_S: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """The gradients of :func:`ssd_chunk_forward`'s output (given ``grad`` of it) with respect to
     cb, a_cs, x, dt (through the dt factor only; a_cs's own dependence on dt is the caller's), C, S and
     D (None without D), in that order; the clamps at ``min_log_decay`` pass gradients through (where
-    they bind the weights are below 1e-26)."""
+    they bind the weights are below 1e-26). S's gradient is written into ``d_S`` when given (S's shape,
+    each (p, n) state contiguous, any strides outside: a slice of a larger gradient)."""
     b, g, r, c, L, p, n = _ssd_check(cb, a_cs, x, dt, C, S, D)
     cb, a_cs, dt, x, C = cb.contiguous(), a_cs.contiguous(), dt.contiguous(), _rows(x), _rows(C)
     D, grad = (D.contiguous() if D is not None else None), _rows(grad)
@@ -334,7 +337,13 @@ def ssd_chunk_backward(cb: torch.Tensor, a_cs: torch.Tensor, x: torch.Tensor, dt
     d_cb, d_a, d_dt = torch.empty_like(cb), torch.empty_like(a_cs), torch.empty_like(a_cs)
     d_x = torch.empty(b, c, L, g, r, p).permute(0, 3, 4, 1, 2, 5)  # the mixer's layout, like x's
     d_C = torch.empty(b, c, L, g, n).permute(0, 3, 1, 2, 4)
-    d_S = torch.empty(b, g, r, c, p, n)
+    if d_S is None:
+        d_S = torch.empty(b, g, r, c, p, n)
+    elif (d_S.shape != (b, g, r, c, p, n) or d_S.dtype != torch.float32 or d_S.device.type != "cpu"
+          or d_S.stride(-1) != 1 or d_S.stride(-2) != n):
+        raise ValueError(f"ssd_chunk_backward: d_S {tuple(d_S.shape)} {d_S.dtype} with strides "
+                         f"{d_S.stride()}; expected float32 CPU ({b}, {g}, {r}, {c}, {p}, {n}) with "
+                         "contiguous states")
     d_D = torch.empty(b, g, r, c) if D is not None else None  # per chunk, summed below
     st = _strides((x, 5), (grad, 5), (d_x, 5), (C, 4), (d_C, 4), (S, 4), (d_S, 4))
     err = _mamba_library().kinetic_ssd_chunk_backward(
@@ -421,6 +430,18 @@ def _conv_check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _rows(x)
 
 
+def _destination(out: torch.Tensor | None, shape: torch.Size, name: str) -> torch.Tensor:
+    """A new (b, l, c) float32 tensor, or ``out`` checked to be one a kernel can write rows into."""
+    if out is None:
+        return torch.empty(shape)
+    if (out.shape != shape or out.dtype != torch.float32 or out.device.type != "cpu" or out.dim() != 3
+            or out.stride(-1) != 1):
+        raise ValueError(f"{name}: got {tuple(out.shape)} {out.dtype} on {out.device} with strides "
+                         f"{out.stride()}; expected a float32 CPU tensor of shape {tuple(shape)} with "
+                         "contiguous channels (stride 1 in the last dimension)")
+    return out
+
+
 def conv_silu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``silu(causal depthwise conv(x))`` for x (b, l, c) channels last and weight (c, k) (tap k-1
     meets x[t] at output t), plus ``bias`` (c,) if given. Returns (b, l, c), contiguous. Check
@@ -439,22 +460,25 @@ def conv_silu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return y
 
 
-def conv_silu_backward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, grad: torch.Tensor
+def conv_silu_backward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, grad: torch.Tensor,
+                       gx: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The gradients of :func:`conv_silu_forward`'s output (given ``grad`` of it) with respect to x,
-    weight and bias (None without a bias)."""
+    weight and bias (None without a bias). x's gradient is written into ``gx`` when given (x's shape,
+    channels contiguous, rows at any stride: a slice of a larger gradient), else into a new tensor."""
     x = _conv_check(x, weight, bias)
     b, seqlen, c = x.shape
     k = weight.shape[-1]
     wT = weight.t().contiguous()
     bias = bias.contiguous() if bias is not None else None
     grad = grad.contiguous()
-    gx, gwT = torch.empty(b, seqlen, c), torch.empty(k, c)
+    gx = _destination(gx, x.shape, "gx")
+    gwT = torch.empty(k, c)
     gb = torch.empty(c) if bias is not None else None
     err = _mamba_library().kinetic_conv_silu_backward(
         x.data_ptr(), x.stride(0), x.stride(1), wT.data_ptr(), bias.data_ptr() if bias is not None else None,
-        grad.data_ptr(), gx.data_ptr(), gwT.data_ptr(), gb.data_ptr() if gb is not None else None, b, seqlen,
-        c, k)
+        grad.data_ptr(), gx.data_ptr(), gx.stride(0), gx.stride(1), gwT.data_ptr(),
+        gb.data_ptr() if gb is not None else None, b, seqlen, c, k)
     if err:
         raise RuntimeError(f"kinetic_conv_silu_backward failed with code {err} ({k} taps, {c} channels)")
     return gx, gwT.t(), gb
@@ -624,18 +648,22 @@ def gated_norm_forward(x: torch.Tensor, gate: torch.Tensor | None, weight: torch
 
 
 def gated_norm_backward(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, rstd: torch.Tensor,
-                        grad: torch.Tensor, group_size: int
+                        grad: torch.Tensor, group_size: int, dgate: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The gradients of :func:`gated_norm_forward`'s output (given ``grad`` of it) with respect to x,
-    gate (None without one) and weight, from the 1/rms it kept."""
+    gate (None without one) and weight, from the 1/rms it kept. The gate's gradient is written into
+    ``dgate`` when given (the gate's shape, channels contiguous, rows at any stride), else into a new
+    tensor."""
     x, gate, weight = _norm_rows(x, gate, weight, group_size)
     b, seqlen, width = x.shape
     rstd, grad = rstd.contiguous(), grad.contiguous()
     dx, dweight = torch.empty(b, seqlen, width), torch.empty(width)
-    dgate = torch.empty(b, seqlen, width) if gate is not None else None
+    dgate = _destination(dgate, x.shape, "dgate") if gate is not None else None
+    dz_strides = (dgate.stride(0), dgate.stride(1)) if dgate is not None else (0, 0)
     err = _mamba_library().kinetic_gated_norm_backward(
         x.data_ptr(), x.stride(0), x.stride(1), *_gate_args(gate), weight.data_ptr(), rstd.data_ptr(),
-        grad.data_ptr(), dx.data_ptr(), _ptr(dgate), dweight.data_ptr(), b, seqlen, width, group_size)
+        grad.data_ptr(), dx.data_ptr(), _ptr(dgate), *dz_strides, dweight.data_ptr(), b, seqlen, width,
+        group_size)
     if err:
         raise RuntimeError(f"kinetic_gated_norm_backward failed with code {err} (width {width}, groups of "
                            f"{group_size})")

@@ -508,7 +508,8 @@ int kinetic_ssd_states_backward(const float* a, const float* x, const float* dt,
  *     pre[b, t, c] = bias[c] + sum_{s < K, s <= t} wT[K-1-s, c] x[b, t-s, c],   y = pre * sigmoid(pre)
  *
  * x rows (b, t) at x + b * x_sb + t * x_sl with the Cn channels contiguous (a slice of the input
- * projection's output), wT (K, Cn) the weight transposed, y, grad and gx (Bz, T, Cn) contiguous.
+ * projection's output), wT (K, Cn) the weight transposed, y and grad (Bz, T, Cn) contiguous, gx rows
+ * at gx + b * gx_sb + t * gx_sl (channels contiguous: a slice of the input projection's gradient).
  * One pass forward; the backward recomputes pre from x (K multiply-adds) instead of storing it, and
  * sums the weight and bias gradients in per-thread buffers. OpenMP over (sequence, block of steps);
  * the channel loops are plain loops the compiler vectorizes.
@@ -552,10 +553,10 @@ int kinetic_conv_silu_forward(const float* x, int64_t x_sb, int64_t x_sl, const 
     return 0;
 }
 
-/* gx (Bz, T, Cn) and, summed over every sequence and step, gwT (K, Cn) and gbias (Cn; may be NULL) */
+/* gx (rows as above) and, summed over every sequence and step, gwT (K, Cn) and gbias (Cn; may be NULL) */
 int kinetic_conv_silu_backward(const float* x, int64_t x_sb, int64_t x_sl, const float* wT, const float* bias,
-                               const float* grad, float* gx, float* gwT, float* gbias, int64_t Bz, int64_t T,
-                               int64_t Cn, int K) {
+                               const float* grad, float* gx, int64_t gx_sb, int64_t gx_sl, float* gwT,
+                               float* gbias, int64_t Bz, int64_t T, int64_t Cn, int K) {
     if (K < 1 || K > MAX_K || T < 1 || Cn < 1) return 1;
     const int64_t blocks = (T + CONV_BLOCK - 1) / CONV_BLOCK;
     const int threads = omp_get_max_threads();
@@ -590,7 +591,7 @@ int kinetic_conv_silu_backward(const float* x, int64_t x_sb, int64_t x_sl, const
                 }
             }
             for (int64_t t = t0; t < t1; t++) {
-                float* gxt = gx + (b * T + t) * Cn;
+                float* gxt = gx + b * gx_sb + t * gx_sl;
                 const float* gpt = gp + (t - t0) * Cn;
                 const float* wl = wT + (int64_t)(K - 1) * Cn;
                 for (int64_t c = 0; c < Cn; c++) gxt[c] = gpt[c] * wl[c];
@@ -633,8 +634,8 @@ int kinetic_conv_silu_backward(const float* x, int64_t x_sb, int64_t x_sl, const
  *
  * and, with z NULL (h = x) and one group, the model's plain RMSNorm.
  * x and z rows (b, t) at x + b * x_sb + t * x_sl (likewise z; channels contiguous: the scan's output
- * and a slice of the input projection's), out, grad, dx and dz (Bz, T, W) contiguous, rstd (Bz, T,
- * W / Gs). One pass over x and z forward (h is built in the output row, then scaled); the backward
+ * and a slice of the input projection's), out, grad and dx (Bz, T, W) contiguous, dz rows at dz + b *
+ * dz_sb + t * dz_sl (channels contiguous), rstd (Bz, T, W / Gs). One pass over x and z forward (h is built in the output row, then scaled); the backward
  * recomputes silu(z) and h in a per-thread row buffer instead of storing them, and sums the weight
  * gradient in per-thread buffers. OpenMP over rows.
  */
@@ -693,7 +694,8 @@ int kinetic_gated_norm_forward(const float* x, int64_t x_sb, int64_t x_sl, const
 /* dx, dz (Bz, T, W; dz unused without z) and dw (W), from rstd as the forward pass wrote it */
 int kinetic_gated_norm_backward(const float* x, int64_t x_sb, int64_t x_sl, const float* z, int64_t z_sb,
                                 int64_t z_sl, const float* w, const float* rstd, const float* grad, float* dx,
-                                float* dz, float* dw, int64_t Bz, int64_t T, int64_t W, int64_t Gs) {
+                                float* dz, int64_t dz_sb, int64_t dz_sl, float* dw, int64_t Bz, int64_t T,
+                                int64_t W, int64_t Gs) {
     if (Gs < 1 || W < Gs || W % Gs || T < 1) return 1;
     const int64_t groups = W / Gs;
     const int threads = omp_get_max_threads();
@@ -712,7 +714,7 @@ int kinetic_gated_norm_backward(const float* x, int64_t x_sb, int64_t x_sl, cons
             const int64_t b = i / T, t = i % T;
             const float *xr = x + b * x_sb + t * x_sl, *zr = z ? z + b * z_sb + t * z_sl : NULL;
             const float* g = grad + i * W;
-            float *dxr = dx + i * W, *dzr = dz ? dz + i * W : NULL;
+            float *dxr = dx + i * W, *dzr = dz ? dz + b * dz_sb + t * dz_sl : NULL;
             gate_row(xr, zr, W, s, nh);
             for (int64_t j = 0; j < W; j++) gn[j] = g[j] * w[j];
             for (int64_t k = 0; k < groups; k++) {

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kinetic.kernels import cpu as cpu_kernels
+from kinetic.model.shared_grad import SharedGrad
 
 
 class _CausalConvSiLU(torch.autograd.Function):
@@ -51,22 +52,30 @@ class _CausalConvSiLU(torch.autograd.Function):
 
 class _CausalConvSiLUC(torch.autograd.Function):
     """The same in C on CPUs (``kinetic/kernels/mamba.c``): one pass each way, the pre-activation
-    recomputed in the backward pass instead of stored."""
+    recomputed in the backward pass instead of stored. With ``grad_into`` (a SharedGrad and a slice
+    index, see kinetic.model.shared_grad) x's gradient is written into that slice."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                grad_into: tuple[SharedGrad, int] | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight, bias)
+        ctx.grad_into = grad_into
         return cpu_kernels.conv_silu_forward(x, weight, bias)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        return cpu_kernels.conv_silu_backward(*ctx.saved_tensors, grad)
+        into = ctx.grad_into
+        gx = into[0].destination(into[1]) if into is not None and ctx.needs_input_grad[0] else None
+        return (*cpu_kernels.conv_silu_backward(*ctx.saved_tensors, grad, gx), None)
 
 
-def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       grad_into: tuple[SharedGrad, int] | None = None) -> torch.Tensor:
     """silu(causal depthwise conv) of x (b, l, c) with an ``nn.Conv1d`` weight (c, 1, k): the C
-    kernel where it runs (float32 CPU tensors), else torch's operators."""
+    kernel where it runs (float32 CPU tensors), else torch's operators. ``grad_into``: where the C
+    kernel may write x's gradient (see kinetic.model.shared_grad); torch's operators ignore it."""
     weight = weight.squeeze(1)
     if cpu_kernels.conv_silu_fits(x, weight):
-        return _CausalConvSiLUC.apply(x, weight, bias)
+        return _CausalConvSiLUC.apply(x, weight, bias, grad_into)
     return _CausalConvSiLU.apply(x, weight, bias)

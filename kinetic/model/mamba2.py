@@ -22,6 +22,7 @@ from kinetic.config import ModelConfig
 from kinetic.kernels import cpu as cpu_kernels
 from kinetic.model.conv import causal_conv1d_silu
 from kinetic.model.norm import GatedRMSNorm
+from kinetic.model.shared_grad import SharedGrad, split_shared
 
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
@@ -84,14 +85,18 @@ class _ChunkScanC(torch.autograd.Function):
     and dt and D are applied in the kernel (no x dt or D x tensors, nor their gradients)."""
 
     @staticmethod
-    def forward(ctx, cb, a_cs, x, dt, C, s_in, D):
+    def forward(ctx, cb, a_cs, x, dt, C, s_in, D, grad_into=None):
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(cb, a_cs, x, dt, C, s_in, D)
+            ctx.grad_into = grad_into  # (SharedGrad, index): where s_in's gradient goes
         return cpu_kernels.ssd_chunk_forward(cb, a_cs, x, dt, C, s_in, D, MIN_LOG_DECAY)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        return cpu_kernels.ssd_chunk_backward(*ctx.saved_tensors, grad, MIN_LOG_DECAY)
+        into = ctx.grad_into
+        d_s = into[0].destination(into[1]) if into is not None and ctx.needs_input_grad[5] else None
+        return (*cpu_kernels.ssd_chunk_backward(*ctx.saved_tensors, grad, MIN_LOG_DECAY, d_s), None)
 
 
 class _ChunkStatesC(torch.autograd.Function):
@@ -110,13 +115,14 @@ class _ChunkStatesC(torch.autograd.Function):
         return cpu_kernels.ssd_states_backward(*ctx.saved_tensors, grad, MIN_LOG_DECAY)
 
 
-def _carry(states: torch.Tensor, chunk_log_decay: torch.Tensor,
-           initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _carry(states: torch.Tensor, chunk_log_decay: torch.Tensor, initial_state: torch.Tensor | None,
+           shared: bool = False) -> tuple[torch.Tensor, torch.Tensor, SharedGrad | None]:
     """Pass states across chunks with one (c+1) x c decay-matrix product (no Python loop).
 
     states (b, g, c, r, p, n): what each chunk adds by its end; chunk_log_decay (b, g, r, c): its
-    total log-decay. Returns the state entering every chunk (b, g, r, c, p, n) and the final state
-    (b, g, r, p, n)."""
+    total log-decay. Returns the state entering every chunk (b, g, r, c, p, n), the final state
+    (b, g, r, p, n) and, with ``shared``, the SharedGrad the entering states' consumer may write
+    their gradient into (kinetic.model.shared_grad), else None."""
     b, g, c, r, p, n = states.shape
     log_carry = segsum(F.pad(chunk_log_decay, (1, 0))).clamp(min=MIN_LOG_DECAY)
     carry = torch.exp(log_carry).tril()  # (b, g, r, c+1, c+1), zero above the diagonal
@@ -125,7 +131,10 @@ def _carry(states: torch.Tensor, chunk_log_decay: torch.Tensor,
     if initial_state is not None:
         incoming = incoming + carry[..., :1] * initial_state.float().reshape(b, g, r, 1, p * n)
     incoming = incoming.view(b, g, r, c + 1, p, n)
-    return incoming[:, :, :, :-1], incoming[:, :, :, -1]
+    if shared:
+        (entering, final), grad = split_shared(incoming, [c, 1], dim=3)
+        return entering, final.squeeze(3), grad
+    return incoming[:, :, :, :-1], incoming[:, :, :, -1], None
 
 
 def ssd_scan(
@@ -177,13 +186,16 @@ def ssd_scan(
         states = (xd @ B).view(b, g, c, r, p, n)
 
     # 2. the state entering each chunk, and the final state
-    s_in, final = _carry(states, a_cs[..., -1], initial_state)  # (b, g, r, c, p, n), (b, g, r, p, n)
+    # (b, g, r, c, p, n), (b, g, r, p, n); in training the chunk kernel writes s_in's gradient in place
+    shared = kernel and torch.is_grad_enabled() and states.requires_grad
+    s_in, final, s_in_grad = _carry(states, a_cs[..., -1], initial_state, shared)
     final = final.reshape(b, h, p, n)
 
     # 3. each chunk's outputs: a decayed, causal "attention" C_l . B_s over its own positions, plus
     #    what its incoming state contributes, exp(a_cs_l) C_l . s_in (and the skip D x)
     if kernel:  # (b, g, r, c, L, p) over a (b, c, L, g, r, p) tensor
-        y = _ChunkScanC.apply(cb, a_cs, x_heads, dt_heads, C, s_in, D)
+        y = _ChunkScanC.apply(cb, a_cs, x_heads, dt_heads, C, s_in, D,
+                              None if s_in_grad is None else (s_in_grad, 0))
         return y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * L, h, p)[:, :seqlen], final
     y = _DecayedScores.apply(cb, a_cs) @ xdt  # (b, g, r, c, L, p)
     c_in = C.unsqueeze(2) * torch.exp(a_cs.clamp(min=MIN_LOG_DECAY)).unsqueeze(-1)  # (b, g, r, c, L, n)
@@ -262,12 +274,19 @@ class Mamba2Mixer(nn.Module):
         if cache is not None and hidden.shape[1] == 1 and cache.has_state(self.cache_key):
             return self.step(hidden, cache)
         b, seqlen, _ = hidden.shape
-        z, xbc, dt_raw = torch.split(self.in_proj(hidden), [self.inner, self.conv_dim, self.num_heads],
-                                     dim=-1)
+        proj = self.in_proj(hidden)
+        sizes = [self.inner, self.conv_dim, self.num_heads]
+        shared = None
+        training = proj.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if cache is None and training:
+            # training: the C conv and gated norm write their gradients into one buffer for in_proj
+            (z, xbc, dt_raw), shared = split_shared(proj, sizes)
+        else:
+            z, xbc, dt_raw = torch.split(proj, sizes, dim=-1)
         weight, bias = self.conv1d.weight, self.conv1d.bias
         initial_state = None
         if cache is None:
-            xbc = causal_conv1d_silu(xbc, weight, bias)
+            xbc = causal_conv1d_silu(xbc, weight, bias, grad_into=None if shared is None else (shared, 1))
         else:
             conv_state, initial_state = cache.mamba_state(self.cache_key, *self._state_shapes(b), xbc)
             window = torch.cat([conv_state.to(xbc.dtype), xbc.transpose(1, 2)], dim=-1)
@@ -293,7 +312,7 @@ class Mamba2Mixer(nn.Module):
             y, final = ssd_scan(*args, self.chunk_size, initial_state, self.D.float())
         if cache is not None:
             cache.set_ssm_state(self.cache_key, final)
-        y = self.norm(y.reshape(b, seqlen, self.inner), z)
+        y = self.norm(y.reshape(b, seqlen, self.inner), z, grad_into=None if shared is None else (shared, 0))
         return self.out_proj(y.to(hidden.dtype))
 
     def _state_shapes(self, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -121,17 +121,21 @@ class _GatedRMSNormC(torch.autograd.Function):
     forward, keeping only each group's 1/rms; the backward recomputes silu(gate) and the product."""
 
     @staticmethod
-    def forward(ctx, x, gate, weight, group_size: int, eps: float):
+    def forward(ctx, x, gate, weight, group_size: int, eps: float, grad_into=None):
         out, rstd = cpu_kernels.gated_norm_forward(x, gate, weight, group_size, eps, keep=True)
         ctx.save_for_backward(x, gate, weight, rstd)
         ctx.group_size = group_size
+        ctx.grad_into = grad_into
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, gate, weight, rstd = ctx.saved_tensors
-        return (*cpu_kernels.gated_norm_backward(x, gate, weight, rstd, grad, ctx.group_size), None, None)
+        into = ctx.grad_into
+        dgate = into[0].destination(into[1]) if into is not None and ctx.needs_input_grad[1] else None
+        return (*cpu_kernels.gated_norm_backward(x, gate, weight, rstd, grad, ctx.group_size, dgate),
+                None, None, None)
 
 
 class GatedRMSNorm(nn.Module):
@@ -143,12 +147,14 @@ class GatedRMSNorm(nn.Module):
         self.group_size = group_size
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gate: torch.Tensor, grad_into=None) -> torch.Tensor:
+        """``grad_into``: a (SharedGrad, slice index) pair where the C kernel may write the gate's
+        gradient (see kinetic.model.shared_grad); torch's operators ignore it."""
         if cpu_kernels.gated_norm_fits(x, gate, self.weight, self.group_size):
             if not torch.is_grad_enabled():
                 return cpu_kernels.gated_norm_forward(x, gate, self.weight, self.group_size, self.eps,
                                                       keep=False)[0]
-            return _GatedRMSNormC.apply(x, gate, self.weight, self.group_size, self.eps)
+            return _GatedRMSNormC.apply(x, gate, self.weight, self.group_size, self.eps, grad_into)
         if not torch.is_grad_enabled():  # inference: the same math without autograd.Function's overhead
             normed = _gated_normalize(x, gate, self.group_size, self.eps)[3]
             return self.weight * normed.to(x.dtype)
