@@ -1,5 +1,6 @@
 """The MoE experts kernel (kinetic/kernels/experts.c): each expert's up projection, squared ReLU and
-down projection, forward and backward, against the per-expert loop in float64."""
+down projection with the dispatch (gathering each token's row) and the weighted combine, forward and
+backward, against the per-expert loop in float64."""
 
 from __future__ import annotations
 
@@ -36,16 +37,17 @@ def routing(tokens: int, experts: int, k: int, skew: float, empty: int, seed: in
 
 
 def run_experts(experts: Experts, x, indices, weights, dtype):
-    """Output and gradients (x, up, down) of a weighted sum of squares of the experts' output."""
+    """Output and gradients (x, up, down, combine weights) of a weighted sum of the experts' output."""
     module = Experts(*experts.up_proj.shape[:1], experts.up_proj.shape[2], experts.up_proj.shape[1])
     module.load_state_dict(experts.state_dict())
     module = module.to(dtype)
     module.grouped = dtype == torch.float32  # float64: the per-expert loop, the reference
     x = x.detach().to(dtype, copy=True).requires_grad_(True)
-    y = module(x, indices, weights.to(dtype))
+    weights = weights.detach().to(dtype, copy=True).requires_grad_(True)
+    y = module(x, indices, weights)
     probe = torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)
     (y * probe).sum().backward()
-    return y.detach(), x.grad, module.up_proj.grad, module.down_proj.grad
+    return y.detach(), x.grad, module.up_proj.grad, module.down_proj.grad, weights.grad
 
 
 @needs_experts
@@ -72,7 +74,7 @@ def test_experts_kernel_matches_float64(expert_calls, num, width, inter, tokens,
     assert len(expert_calls) == 1
     want = run_experts(experts, x, indices, weights, torch.float64)
     assert len(expert_calls) == 1  # float64 stays with torch
-    for name, a, r in zip(["y", "dx", "dup", "ddown"], got, want, strict=True):
+    for name, a, r in zip(["y", "dx", "dup", "ddown", "dweights"], got, want, strict=True):
         assert a.dtype == torch.float32 and a.shape == r.shape, name
         torch.testing.assert_close(a.double(), r, atol=1e-5 * r.abs().max().item(), rtol=1e-5, msg=name)
     if empty >= 0:
@@ -98,6 +100,32 @@ def test_experts_kernel_in_inference_matches_training(expert_calls):
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
 
 
+@needs_experts
+def test_experts_kernel_rows_in_order_without_weights():
+    """The kernel's plain form: rows already gathered and sorted, no combine weights; against the
+    per-expert products in float64, and the backward's row gradients summed by the caller."""
+    g = torch.Generator().manual_seed(5)
+    num, width, inter, rows = 5, 24, 40, 37
+    ends = torch.tensor([8, 8, 20, 31, 37])
+    x = torch.randn(rows, width, generator=g)
+    up = torch.randn(num, inter, width, generator=g) / 5
+    down = torch.randn(num, width, inter, generator=g) / 6
+    grad = torch.randn(rows, width, generator=g)
+    y, u = kc.experts_forward(x, up, down, ends, keep=True)
+    dx, dup, ddown, dw = kc.experts_backward(x, up, down, ends, u, grad)
+    assert dw is None
+    xd, upd, downd = (t.double().requires_grad_() for t in (x, up, down))
+    bounds = zip([0, *ends[:-1].tolist()], ends.tolist(), strict=True)
+    ref = torch.cat([torch.relu(xd[lo:hi] @ upd[e].t()).square() @ downd[e].t()
+                     for e, (lo, hi) in enumerate(bounds)])
+    (ref * grad.double()).sum().backward()
+    pairs = [("y", y, ref), ("dx", dx, xd.grad), ("dup", dup, upd.grad), ("ddown", ddown, downd.grad)]
+    for name, a, r in pairs:
+        scale = r.abs().max().item()
+        torch.testing.assert_close(a.double(), r.detach(), atol=1e-5 * scale, rtol=1e-5, msg=name)
+    assert not dup[1].any() and not ddown[1].any()  # expert 1 has no rows
+
+
 def test_experts_kernel_fits_only_where_it_runs():
     x, up, down = torch.randn(10, 16), torch.randn(4, 24, 16), torch.randn(4, 16, 24)
     assert kc.experts_fit(x, up, down) == kc.experts_kernel_available()
@@ -116,6 +144,15 @@ def test_experts_kernel_names_a_mismatched_shape():
         kc.experts_forward(x, up, down.transpose(1, 2), ends, False)
     with pytest.raises(ValueError, match="ends must be int64"):
         kc.experts_forward(x, up, down, ends.int(), False)
+    with pytest.raises(ValueError, match=r"ends\[-1\] = 10 but there are 12 rows"):
+        kc.experts_forward(x, up, down, ends, False, token_of=torch.zeros(12, dtype=torch.long))
+    with pytest.raises(ValueError, match="token_of must be a 1-D int64 tensor"):
+        kc.experts_forward(x, up, down, ends, False, token_of=torch.zeros(10, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"weight must be float32 of shape \(10,\)"):
+        kc.experts_forward(x, up, down, ends, False, weight=torch.ones(9))
+    y, u = kc.experts_forward(x, up, down, ends, True)
+    with pytest.raises(ValueError, match=r"grad \(10, 15\) does not match x \(10, 16\)"):
+        kc.experts_backward(x, up, down, ends, u, y[:, :15])
 
 
 def test_without_a_blas_the_experts_run_through_torch(without_blas):

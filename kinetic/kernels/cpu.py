@@ -513,13 +513,13 @@ def _experts_library() -> ctypes.CDLL | None:
     if not (enabled() and _linux_x86()) or _blas() is None:
         return None
     lib = _load(_EXPERTS_SOURCE, "MoE experts")
-    if lib is None or lib.kinetic_experts_version() != 2:
+    if lib is None or lib.kinetic_experts_version() != 3:
         return None
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.kinetic_experts_forward.restype = ctypes.c_int
-    lib.kinetic_experts_forward.argtypes = [ptr, ptr, i64, ptr, i32, i32, i32] + [ptr] * 5
+    lib.kinetic_experts_forward.argtypes = [ptr, ptr, i64, ptr, i32, i32, i32] + [ptr] * 7
     lib.kinetic_experts_backward.restype = ctypes.c_int
-    lib.kinetic_experts_backward.argtypes = [ptr, ptr, i64, ptr, i32, i32, i32] + [ptr] * 8
+    lib.kinetic_experts_backward.argtypes = [ptr, ptr, i64, ptr, i32, i32, i32] + [ptr] * 11
     return lib
 
 
@@ -555,21 +555,40 @@ def _big_rows(rows: int) -> int:
     return max(64, rows // max(1, torch.get_num_threads()))
 
 
+def _routing_check(x: torch.Tensor, token_of: torch.Tensor | None, weight: torch.Tensor | None,
+                   ends: torch.Tensor) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+    """The number of rows (assignments), and token_of / weight made contiguous."""
+    rows = token_of.shape[0] if token_of is not None else x.shape[0]
+    if token_of is not None and (token_of.dim() != 1 or token_of.dtype != torch.int64):
+        raise ValueError(f"experts: token_of must be a 1-D int64 tensor, got {tuple(token_of.shape)} "
+                         f"{token_of.dtype}")
+    if weight is not None and (weight.shape != (rows,) or weight.dtype != torch.float32):
+        raise ValueError(f"experts: weight must be float32 of shape ({rows},) (one per row), got "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    if ends.numel() and int(ends[-1]) != rows:
+        raise ValueError(f"experts: ends[-1] = {int(ends[-1])} but there are {rows} rows")
+    return (rows, token_of.contiguous() if token_of is not None else None,
+            weight.contiguous() if weight is not None else None)
+
+
 def experts_forward(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ends: torch.Tensor,
-                    keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Routed experts over rows ``x`` (rows, W) sorted by expert, expert e owning rows ``ends[e-1]`` to
-    ``ends[e]``: ``relu(x_e up_e^T)^2 down_e^T`` with up (E, I, W) and down (E, W, I). Returns y (rows, W)
-    and, with ``keep`` (for :func:`experts_backward`), the pre-activation u (rows, I), else None.
-    Check :func:`experts_fit` first."""
+                    keep: bool, token_of: torch.Tensor | None = None, weight: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Routed experts over rows sorted by expert, expert e owning rows ``ends[e-1]`` to ``ends[e]``:
+    ``relu(x_e up_e^T)^2 down_e^T`` with up (E, I, W) and down (E, W, I). Row i's input is ``x[i]``
+    (x: rows, W) or, with ``token_of`` (rows,), ``x[token_of[i]]`` (x: tokens, W), gathered inside the
+    kernel; with ``weight`` (rows,) row i's output is scaled by ``weight[i]``. Returns y (rows, W) and,
+    with ``keep`` (for :func:`experts_backward`), the pre-activation u (rows, I), else None. Check
+    :func:`experts_fit` first."""
     num, width, inter = _experts_check(x, up, down, ends)
     x, up, down, ends = x.contiguous(), up.contiguous(), down.contiguous(), ends.contiguous()
-    rows = x.shape[0]
+    rows, token_of, weight = _routing_check(x, token_of, weight, ends)
     y = torch.empty(rows, width)
     u = torch.empty(rows, inter) if keep else None
     gemm, local = _blas()
     err = _experts_library().kinetic_experts_forward(
-        gemm, local, _big_rows(rows), ends.data_ptr(), num, width, inter, x.data_ptr(), up.data_ptr(),
-        down.data_ptr(), u.data_ptr() if keep else None, y.data_ptr())
+        gemm, local, _big_rows(rows), ends.data_ptr(), num, width, inter, _ptr(token_of), x.data_ptr(),
+        _ptr(weight), up.data_ptr(), down.data_ptr(), _ptr(u), y.data_ptr())
     if err:
         raise RuntimeError(f"kinetic_experts_forward failed with code {err} ({num} experts, W={width}, "
                            f"I={inter})")
@@ -577,23 +596,32 @@ def experts_forward(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ends:
 
 
 def experts_backward(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ends: torch.Tensor,
-                     u: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of :func:`experts_forward`'s y (given ``grad`` of it) with respect to x, up and down,
-    from the pre-activation u that forward kept."""
+                     u: torch.Tensor, grad: torch.Tensor, token_of: torch.Tensor | None = None,
+                     weight: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The gradients of :func:`experts_forward`'s y (given ``grad`` of it) with respect to x's rows, up,
+    down and weight (None without one), from the pre-activation u that forward kept; with ``token_of``
+    (as forward had it) ``grad`` is (tokens, W) and row i reads ``grad[token_of[i]]`` -- the caller
+    summed each token's rows, so that is each row's gradient. x's gradient comes per row (rows, W),
+    for the caller to sum into tokens."""
     num, width, inter = _experts_check(x, up, down, ends)
     x, up, down, ends = x.contiguous(), up.contiguous(), down.contiguous(), ends.contiguous()
+    rows, token_of, weight = _routing_check(x, token_of, weight, ends)
     u, grad = u.contiguous(), grad.contiguous()
-    rows = x.shape[0]
+    if grad.shape != x.shape:
+        raise ValueError(f"experts: grad {tuple(grad.shape)} does not match x {tuple(x.shape)}")
     dx = torch.empty(rows, width)
+    dw = torch.empty(rows) if weight is not None else None
     dup, ddown = torch.empty(num, inter, width), torch.empty(num, width, inter)
     gemm, local = _blas()
     err = _experts_library().kinetic_experts_backward(
-        gemm, local, _big_rows(rows), ends.data_ptr(), num, width, inter, x.data_ptr(), up.data_ptr(),
-        down.data_ptr(), u.data_ptr(), grad.data_ptr(), dx.data_ptr(), dup.data_ptr(), ddown.data_ptr())
+        gemm, local, _big_rows(rows), ends.data_ptr(), num, width, inter, _ptr(token_of), x.data_ptr(),
+        _ptr(weight), up.data_ptr(), down.data_ptr(), u.data_ptr(), grad.data_ptr(), dx.data_ptr(), _ptr(dw),
+        dup.data_ptr(), ddown.data_ptr())
     if err:
         raise RuntimeError(f"kinetic_experts_backward failed with code {err} ({num} experts, W={width}, "
                            f"I={inter})")
-    return dx, dup, ddown
+    return dx, dup, ddown, dw
 
 
 def gated_norm_fits(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor,

@@ -149,25 +149,33 @@ class TopKRouter(nn.Module):
 
 
 class _ExpertsC(torch.autograd.Function):
-    """Every routed expert's up projection, squared ReLU and down projection over rows sorted by
-    expert, in C on CPUs (``kinetic/kernels/experts.c``): a thread takes whole experts, runs their
-    GEMMs through torch's BLAS single-threaded and applies the activation (forward) or its gradient
-    (backward) while the expert's block is in cache; only the pre-activation is kept for the backward
+    """Every routed expert's up projection, squared ReLU and down projection, with the dispatch and
+    combine around them, in C on CPUs (``kinetic/kernels/experts.c``): a thread takes whole experts,
+    gathers their tokens' rows into a block of its own, runs the GEMMs through torch's BLAS
+    single-threaded, applies the activation (forward) or its gradient (backward) and the combine
+    weights while the expert's block is in cache; only the pre-activation is kept for the backward
     pass. torch's grouped matmul instead splits each small GEMM between the threads, and the
-    activation is extra passes."""
+    gathered rows, the activation and the weighting are further passes and tensors.
+
+    x (tokens, W); weight (rows,) the combine weight of each (token, expert) assignment sorted by
+    expert, token_of (rows,) its token, ends (E,) each expert's last row + 1 -> y (tokens, W): each
+    token's weighted expert outputs summed (one index_add)."""
 
     @staticmethod
-    def forward(ctx, xs, up, down, ends):
+    def forward(ctx, x, weight, up, down, token_of, ends):
         keep = any(ctx.needs_input_grad)
-        y, u = cpu_kernels.experts_forward(xs, up, down, ends, keep)
+        ys, u = cpu_kernels.experts_forward(x, up, down, ends, keep, token_of, weight)
         if keep:
-            ctx.save_for_backward(xs, up, down, ends, u)
-        return y
+            ctx.save_for_backward(x, weight, up, down, token_of, ends, u)
+        return ys.new_zeros(x.shape).index_add_(0, token_of, ys)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        return (*cpu_kernels.experts_backward(*ctx.saved_tensors, grad), None)
+        x, weight, up, down, token_of, ends, u = ctx.saved_tensors
+        dxs, dup, ddown, dw = cpu_kernels.experts_backward(x, up, down, ends, u, grad, token_of, weight)
+        dx = dxs.new_zeros(x.shape).index_add_(0, token_of, dxs) if ctx.needs_input_grad[0] else None
+        return dx, dw, dup, ddown, None, None
 
 
 # Inference on at most this many (token, expert) assignments -- a decode or verification step --
@@ -203,10 +211,11 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         counts = count_per_expert(flat, self.up_proj.shape[0])
         token_of = order // k  # the token of each expert-sorted assignment
+        if self.grouped and cpu_kernels.experts_fit(x, self.up_proj, self.down_proj):
+            w = weights.reshape(-1).index_select(0, order).float()  # sorted like the rows
+            return _ExpertsC.apply(x, w, self.up_proj, self.down_proj, token_of, counts.cumsum(0))
         xs = x.index_select(0, token_of)  # (tokens * k, width), grouped by expert
-        if self.grouped and cpu_kernels.experts_fit(xs, self.up_proj, self.down_proj):
-            ys = _ExpertsC.apply(xs, self.up_proj, self.down_proj, counts.cumsum(0))
-        elif self.grouped and (use_grouped_mm(x) or torch.compiler.is_compiling()):
+        if self.grouped and (use_grouped_mm(x) or torch.compiler.is_compiling()):
             offsets = counts.cumsum(0).to(torch.int32)
             h = relu2(grouped_mm(xs, self.up_proj.transpose(1, 2), offsets))
             ys = grouped_mm(h, self.down_proj.transpose(1, 2), offsets)
