@@ -1,6 +1,7 @@
-"""The MoE experts kernel (kinetic/kernels/experts.c): each expert's up projection, squared ReLU and
-down projection with the dispatch (gathering each token's row) and the weighted combine, forward and
-backward, against the per-expert loop in float64."""
+"""The MoE kernels (kinetic/kernels/experts.c): each expert's up projection, squared ReLU and down
+projection with the dispatch (gathering each token's row) and the weighted combine, forward and
+backward, against the per-expert loop in float64; the router's choice and the sort by expert against
+torch's topk and argsort."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 import kinetic.kernels.cpu as kc
 from kinetic.config import preset
-from kinetic.model.moe import Experts, MoE
+from kinetic.model.moe import Experts, MoE, TopKRouter
 
 needs_experts = pytest.mark.skipif(not kc.experts_kernel_available(),
                                    reason="the experts kernel needs x86-64 Linux, a C compiler and a torch "
@@ -124,6 +125,73 @@ def test_experts_kernel_rows_in_order_without_weights():
         scale = r.abs().max().item()
         torch.testing.assert_close(a.double(), r.detach(), atol=1e-5 * scale, rtol=1e-5, msg=name)
     assert not dup[1].any() and not ddown[1].any()  # expert 1 has no rows
+
+
+@needs_experts
+@pytest.mark.parametrize("num,n_group,topk_group,k,bias", [
+    (64, 8, 4, 4, True),  # the small preset: group-limited
+    (64, 8, 4, 4, False),
+    (16, 1, 1, 2, True),  # no groups
+    (32, 4, 4, 6, True),  # every group kept: plain top-k
+    (512, 1, 1, 22, True),  # Nemotron 3 Super's 512 experts, top-22
+    (12, 6, 1, 2, False),  # one group of two kept: exactly its two experts
+])
+def test_route_kernel_matches_torchs_choice(count_calls, num, n_group, topk_group, k, bias):
+    config = preset("small").replace(n_routed_experts=num, n_group=n_group, topk_group=topk_group,
+                                     num_experts_per_tok=k)
+    router = TopKRouter(config)
+    g = torch.Generator().manual_seed(num + k)
+    if bias:
+        router.e_score_correction_bias.copy_(torch.randn(num, generator=g) * 0.1)
+    scores = torch.randn(300, num, generator=g).sigmoid()
+    got = kc.route(scores, router.e_score_correction_bias, n_group, topk_group, k)
+    torch.testing.assert_close(got, router.choose(scores), rtol=0, atol=0)
+    calls = count_calls(kc, "route")
+    x = torch.randn(5, config.hidden_size, generator=g)
+    router.weight.data.normal_(generator=g).mul_(config.hidden_size ** -0.5)  # no saturated ties
+    logits, weights, indices = router(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(indices, router.choose(logits.sigmoid()), rtol=0, atol=0)
+
+
+@needs_experts
+def test_route_kernel_breaks_ties_toward_the_lower_index():
+    """Saturated sigmoids tie at exactly 1.0: the kernel takes the lowest indices, best first, in
+    groups and in experts; the values it picks are the top-k values torch finds."""
+    scores = torch.full((3, 16), 0.5)
+    scores[0, [3, 5, 9, 12]] = 1.0  # four tie at the top, k = 2
+    scores[1, :] = 0.25
+    scores[2, [14, 15]] = 1.0
+    scores[2, 1] = 0.9
+    got = kc.route(scores, None, 1, 1, 2)
+    assert got.tolist() == [[3, 5], [0, 1], [14, 15]]
+    grouped = kc.route(scores, None, 4, 2, 3)  # groups of 4: rows 1's groups tie, groups 0 and 1 kept
+    assert grouped[1].tolist() == [0, 1, 2]
+    assert grouped[2].tolist() == [14, 15, 1]  # groups 3 (2.0) and 0 (1.4) kept
+    values = scores.gather(1, got)
+    torch.testing.assert_close(values, scores.topk(2, dim=-1).values, rtol=0, atol=0)
+
+
+@needs_experts
+def test_dispatch_kernel_sorts_like_a_stable_argsort():
+    g = torch.Generator().manual_seed(4)
+    indices = torch.stack([torch.randperm(10, generator=g)[:3] for _ in range(57)])  # expert 9 often unused
+    indices[indices == 9] = 8
+    order, token_of, ends = kc.dispatch(indices, 10)
+    flat = indices.flatten()
+    want = flat.argsort(stable=True)
+    torch.testing.assert_close(order, want, rtol=0, atol=0)
+    torch.testing.assert_close(token_of, want // 3, rtol=0, atol=0)
+    torch.testing.assert_close(ends, torch.bincount(flat, minlength=10).cumsum(0), rtol=0, atol=0)
+    assert ends[-1] == ends[-2] == flat.numel()  # expert 9: no rows
+    with pytest.raises(ValueError, match=r"an expert index outside 0 \.\. 7"):
+        kc.dispatch(indices, 8)
+    with pytest.raises(ValueError, match=r"dispatch: indices must be \(tokens, k\) int64"):
+        kc.dispatch(indices.int(), 10)
+    with pytest.raises(ValueError, match="no such routing"):
+        kc.route(torch.rand(2, 8), None, 4, 1, 3)  # one group of two kept, top 3
+    with pytest.raises(ValueError, match=r"bias must be float32 of shape \(8,\)"):
+        kc.route(torch.rand(2, 8), torch.zeros(4), 1, 1, 2)
 
 
 def test_experts_kernel_fits_only_where_it_runs():

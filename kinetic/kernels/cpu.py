@@ -513,9 +513,13 @@ def _experts_library() -> ctypes.CDLL | None:
     if not (enabled() and _linux_x86()) or _blas() is None:
         return None
     lib = _load(_EXPERTS_SOURCE, "MoE experts")
-    if lib is None or lib.kinetic_experts_version() != 3:
+    if lib is None or lib.kinetic_experts_version() != 4:
         return None
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.kinetic_route.restype = ctypes.c_int
+    lib.kinetic_route.argtypes = [ptr, ptr, i64, i32, i32, i32, i32, ptr]
+    lib.kinetic_dispatch.restype = ctypes.c_int
+    lib.kinetic_dispatch.argtypes = [ptr, i64, i32, i32, ptr, ptr, ptr]
     lib.kinetic_experts_forward.restype = ctypes.c_int
     lib.kinetic_experts_forward.argtypes = [ptr, ptr, i64, ptr, i32, i32, i32] + [ptr] * 7
     lib.kinetic_experts_backward.restype = ctypes.c_int
@@ -622,6 +626,58 @@ def experts_backward(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ends
         raise RuntimeError(f"kinetic_experts_backward failed with code {err} ({num} experts, W={width}, "
                            f"I={inter})")
     return dx, dup, ddown, dw
+
+
+def routing_fits(scores: torch.Tensor) -> bool:
+    """Whether :func:`route` and :func:`dispatch` take router ``scores`` (tokens, experts): a float32
+    CPU tensor outside ``torch.compile``, the MoE library available."""
+    if _stepped_aside or torch.compiler.is_compiling():
+        return False
+    return (scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.dim() == 2
+            and experts_kernel_available())
+
+
+def route(scores: torch.Tensor, bias: torch.Tensor | None, n_group: int, topk_group: int, k: int
+          ) -> torch.Tensor:
+    """The NemotronH router's choice in C: ``choice = scores + bias``; with group-limited routing
+    (``n_group`` > 1 and ``topk_group`` < ``n_group``) only the ``topk_group`` groups with the best
+    sum of their two best choices stay eligible; returns the ``k`` eligible experts with the highest
+    choice per token, best first, (tokens, k) int64. Ties go to the lower index (torch's topk leaves
+    their order unspecified). Check :func:`routing_fits` first."""
+    tokens, num = scores.shape
+    if bias is not None and (bias.shape != (num,) or bias.dtype != torch.float32):
+        raise ValueError(f"route: bias must be float32 of shape ({num},), got {tuple(bias.shape)} "
+                         f"{bias.dtype}")
+    scores = scores.detach().contiguous()
+    bias = bias.detach().contiguous() if bias is not None else None
+    indices = torch.empty(tokens, k, dtype=torch.int64)
+    err = _experts_library().kinetic_route(scores.data_ptr(), _ptr(bias), tokens, num, n_group, topk_group, k,
+                                           indices.data_ptr())
+    if err:
+        raise ValueError(f"route: {num} experts in {n_group} groups, {topk_group} kept, top {k}: no such "
+                         "routing (k larger than the eligible experts, or groups of fewer than 2 experts)"
+                         if err == 1 else f"route: kinetic_route failed with code {err}")
+    return indices
+
+
+def dispatch(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (token, slot) assignments of ``indices`` (tokens, k) sorted by expert, stably, with a
+    counting sort in C: returns order (the flat index ``token * k + slot`` of each sorted row),
+    token_of (its token) and ends (each expert's last row + 1), all int64 -- what
+    ``indices.flatten().argsort(stable=True)``, ``order // k`` and the cumulative counts give."""
+    if indices.dim() != 2 or indices.dtype != torch.int64:
+        raise ValueError(f"dispatch: indices must be (tokens, k) int64, got {tuple(indices.shape)} "
+                         f"{indices.dtype}")
+    indices = indices.contiguous()
+    rows = indices.numel()
+    order, token_of = torch.empty(rows, dtype=torch.int64), torch.empty(rows, dtype=torch.int64)
+    ends = torch.empty(num_experts, dtype=torch.int64)
+    err = _experts_library().kinetic_dispatch(indices.data_ptr(), rows, max(1, indices.shape[1]), num_experts,
+                                              order.data_ptr(), token_of.data_ptr(), ends.data_ptr())
+    if err:
+        raise ValueError(f"dispatch: an expert index outside 0 .. {num_experts - 1}" if err == 1
+                         else f"dispatch: kinetic_dispatch failed with code {err}")
+    return order, token_of, ends
 
 
 def gated_norm_fits(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor,

@@ -26,6 +26,7 @@
  *
  * Built by kinetic/kernels/cpu.py; OpenMP is torch's (libgomp).
  */
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -36,7 +37,7 @@ typedef void (*sgemm_fn)(const char* transa, const char* transb, const int* m, c
                          const float* beta, float* c, const int* ldc);
 typedef int (*threads_fn)(int);
 
-int kinetic_experts_version(void) { return 3; }
+int kinetic_experts_version(void) { return 4; }
 
 /* Row-major C (M x N) = op(A) (M x K) op(B) (K x N), through column-major BLAS: C^T = op(B)^T op(A)^T.
  * ta: A is stored K x M (row-major, leading dimension lda); tb: B is stored N x K. */
@@ -178,4 +179,119 @@ int kinetic_experts_backward(void* gemm, void* local_threads, int64_t big, const
              .weight = weight, .up = up, .down = down, .u = u, .dy = dy, .dx = dx, .dw = dw, .dup = dup,
              .ddown = ddown};
     return run(&j, (threads_fn)local_threads, big, backward_one);
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * The NemotronH router's choice and the dispatch that sorts assignments by expert.
+ *
+ * kinetic_route: per token (OpenMP over tokens), choice = scores + bias (bias may be NULL); with
+ * group-limited routing (n_group > 1, topk_group < n_group) each group of E / n_group experts is
+ * scored by the sum of its two best choices and only the topk_group best groups stay eligible; the k
+ * eligible experts with the highest choice go to indices (T x k), best first. Ties go to the lower
+ * index (group or expert). Returns 0, or 1 on bad sizes (k larger than the eligible experts, or
+ * groups of fewer than two experts under group-limited routing).
+ */
+
+/* Insert (v, i) into the descending top list (vals, idx) of length n < cap, or past its end if it
+ * does not fit: keeps the cap best, ties to the earlier arrival (the lower index) */
+static int insert_top(float* vals, int* idx, int n, int cap, float v, int i) {
+    int pos = n < cap ? n : cap;
+    while (pos > 0 && v > vals[pos - 1]) pos--;
+    if (pos >= cap) return n;
+    const int last = n < cap ? n : cap - 1;
+    for (int q = last; q > pos; q--) {
+        vals[q] = vals[q - 1];
+        idx[q] = idx[q - 1];
+    }
+    vals[pos] = v;
+    idx[pos] = i;
+    return n < cap ? n + 1 : n;
+}
+
+#define ROUTE_MAX_EXPERTS 4096
+
+int kinetic_route(const float* scores, const float* bias, int64_t T, int E, int n_group, int topk_group, int k,
+                  int64_t* indices) {
+    if (T < 0 || E < 1 || E > ROUTE_MAX_EXPERTS || k < 1 || n_group < 1 || E % n_group || topk_group < 1)
+        return 1;
+    const int per = E / n_group, grouped = n_group > 1 && topk_group < n_group;
+    if (grouped && per < 2) return 1;
+    if (k > (grouped ? topk_group * per : E)) return 1;
+    int err = 0;
+#pragma omp parallel
+    {
+        float* choice = malloc(sizeof(float) * (size_t)(E + n_group + k + 2));
+        int* gidx = malloc(sizeof(int) * (size_t)(n_group + k + 2));
+        unsigned char* allowed = malloc((size_t)E);
+        if (!choice || !gidx || !allowed) {
+#pragma omp atomic write
+            err = 2;
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            if (!choice || !gidx || !allowed) continue;
+            const float* s = scores + t * E;
+            for (int e = 0; e < E; e++) choice[e] = s[e] + (bias ? bias[e] : 0.0f);
+            memset(allowed, 1, (size_t)E);
+            if (grouped) {
+                float* gval = choice + E; /* the kept groups' scores, best first */
+                int n = 0;
+                for (int g = 0; g < n_group; g++) {
+                    float a = -INFINITY, b = -INFINITY; /* the group's two best */
+                    for (int e = g * per; e < (g + 1) * per; e++) {
+                        const float v = choice[e];
+                        if (v > a) {
+                            b = a;
+                            a = v;
+                        } else if (v > b) {
+                            b = v;
+                        }
+                    }
+                    n = insert_top(gval, gidx, n, topk_group, a + b, g);
+                }
+                memset(allowed, 0, (size_t)E);
+                for (int q = 0; q < n; q++) memset(allowed + gidx[q] * per, 1, (size_t)per);
+            }
+            float* top = choice + E + n_group;
+            int* tidx = gidx + n_group;
+            int n = 0;
+            for (int e = 0; e < E; e++)
+                if (allowed[e]) n = insert_top(top, tidx, n, k, choice[e], e);
+            for (int q = 0; q < k; q++) indices[t * k + q] = tidx[q];
+        }
+        free(choice);
+        free(gidx);
+        free(allowed);
+    }
+    return err;
+}
+
+/* kinetic_dispatch: the R = T x k assignments (token t's slot q is flat index t k + q) sorted by
+ * expert, stably: order (R) the flat index of each sorted row, token_of (R) its token, ends (E) each
+ * expert's last row + 1. A counting sort, one pass each way. Returns 0, or 1 if an index is outside
+ * 0 .. E-1. */
+int kinetic_dispatch(const int64_t* indices, int64_t R, int k, int E, int64_t* order, int64_t* token_of,
+                     int64_t* ends) {
+    if (R < 0 || k < 1 || E < 1) return 1;
+    memset(ends, 0, sizeof(int64_t) * (size_t)E);
+    for (int64_t i = 0; i < R; i++) {
+        const int64_t e = indices[i];
+        if (e < 0 || e >= E) return 1;
+        ends[e]++;
+    }
+    int64_t* next = malloc(sizeof(int64_t) * (size_t)E);
+    if (!next) return 2;
+    int64_t sum = 0;
+    for (int e = 0; e < E; e++) {
+        next[e] = sum;
+        sum += ends[e];
+        ends[e] = sum;
+    }
+    for (int64_t i = 0; i < R; i++) {
+        const int64_t row = next[indices[i]]++;
+        order[row] = i;
+        token_of[row] = i / k;
+    }
+    free(next);
+    return 0;
 }

@@ -134,6 +134,18 @@ class TopKRouter(nn.Module):
         """x: (tokens, hidden) -> logits (tokens, E), weights (tokens, k) fp32, indices (tokens, k)."""
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid()
+        if cpu_kernels.routing_fits(scores):  # the same choice in one C pass (kernels/experts.c)
+            indices = cpu_kernels.route(scores, self.e_score_correction_bias.float(), self.n_group,
+                                        self.topk_group, self.top_k)
+        else:
+            indices = self.choose(scores)
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return logits, weights * self.scaling, indices
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """The experts each token routes to, (tokens, k), through torch's operators."""
         choice = scores + self.e_score_correction_bias.float()
         if self.n_group > 1 and self.topk_group < self.n_group:
             grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
@@ -141,11 +153,7 @@ class TopKRouter(nn.Module):
             keep = group_scores.topk(self.topk_group, dim=-1).indices
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
             choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view_as(choice)
-        indices = choice.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, indices)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return logits, weights * self.scaling, indices
+        return choice.topk(self.top_k, dim=-1).indices
 
 
 class _ExpertsC(torch.autograd.Function):
@@ -208,12 +216,13 @@ class Experts(nn.Module):
             ys = torch.bmm(self.down_proj.index_select(0, flat), h).squeeze(-1)
             ys = ys.float() * weights.reshape(-1, 1)
             return ys.view(tokens, k, -1).sum(1).to(x.dtype)
+        if self.grouped and cpu_kernels.experts_fit(x, self.up_proj, self.down_proj):
+            order, token_of, ends = cpu_kernels.dispatch(indices, self.up_proj.shape[0])
+            w = weights.reshape(-1).index_select(0, order).float()  # sorted like the rows
+            return _ExpertsC.apply(x, w, self.up_proj, self.down_proj, token_of, ends)
         order = flat.argsort(stable=True)
         counts = count_per_expert(flat, self.up_proj.shape[0])
         token_of = order // k  # the token of each expert-sorted assignment
-        if self.grouped and cpu_kernels.experts_fit(x, self.up_proj, self.down_proj):
-            w = weights.reshape(-1).index_select(0, order).float()  # sorted like the rows
-            return _ExpertsC.apply(x, w, self.up_proj, self.down_proj, token_of, counts.cumsum(0))
         xs = x.index_select(0, token_of)  # (tokens * k, width), grouped by expert
         if self.grouped and (use_grouped_mm(x) or torch.compiler.is_compiling()):
             offsets = counts.cumsum(0).to(torch.int32)
