@@ -470,6 +470,31 @@ def test_fused_loss_matches_cross_entropy_on_logits():
     assert all_ignored.item() == 0.0
 
 
+def test_fused_loss_on_large_logits_in_huge_pages(monkeypatch):
+    """A chunk of logits of at least HUGE_PAGE_MIN_BYTES goes into one buffer advised for huge pages,
+    reused by every chunk; the in-place log-sum-exp stays exact for logits in the hundreds (float64
+    reference)."""
+    import kinetic.kernels.cpu as kc
+    from kinetic.model.loss import fused_linear_cross_entropy
+
+    advised = []
+    monkeypatch.setattr(kc, "_madvise", lambda: lambda start, length, advice: advised.append(advice) or 0)
+    g = torch.Generator().manual_seed(41)
+    rows = kc.HUGE_PAGE_MIN_BYTES // (8192 * 4)
+    hidden = torch.randn(2 * rows + 5, 8, generator=g, requires_grad=True)  # three chunks, one short
+    weight = (torch.randn(8192, 8, generator=g) * 40).requires_grad_()  # logits up to a few hundred
+    targets = torch.randint(0, 8192, (2 * rows + 5,), generator=g)
+    fused = fused_linear_cross_entropy(hidden, weight, targets, chunk_size=rows)
+    assert advised == [14]
+    grads = torch.autograd.grad(fused, (hidden, weight))
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = F.cross_entropy(h64 @ w64.T, targets)
+    ref_grads = torch.autograd.grad(ref, (h64, w64))
+    torch.testing.assert_close(fused.double(), ref, rtol=1e-5, atol=1e-4)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
 def test_labels_give_shifted_losses_for_main_and_mtp_heads():
     config = make_config("mtp-two-depths")
     model = randomize(NemotronHForCausalLM(config), seed=41)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from kinetic.kernels.cpu import empty_huge
+
 IGNORE_INDEX = -100
 
 
@@ -27,18 +29,26 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         w32 = weight.float()
         w_t = w32.T.contiguous()  # (d, V): a plain row-major operand for the logits matmul
-        buf = hidden.new_empty((min(chunk_size, hidden.shape[0]), weight.shape[0]), dtype=torch.float32)
+        rows = min(chunk_size, hidden.shape[0])
+        if hidden.device.type == "cpu":  # the chunk buffer is tens of MiB: huge pages, few faults
+            buf = empty_huge(rows, weight.shape[0])
+        else:
+            buf = hidden.new_empty((rows, weight.shape[0]), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size].float()
             t = targets[start:start + chunk_size]
             ok = valid[start:start + chunk_size]
             logits = torch.mm(h, w_t, out=buf[: h.shape[0]])  # reused buffer: no page faults per chunk
-            lse = torch.logsumexp(logits, dim=-1)
             safe_t = t.clamp(min=0)
             picked = logits.gather(1, safe_t[:, None])[:, 0]
+            # the log-sum-exp in place (logsumexp would write a chunk-sized temporary): logits
+            # become exp(logits - max), then the softmax
+            top = logits.amax(dim=-1, keepdim=True)
+            sums = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
+            lse = (top + sums.log())[:, 0]
             total += ((lse - picked) * ok).sum()
             if needs_grad:  # d loss / d logits = (softmax - onehot) / count, rows of ignored tokens 0
-                grad = logits.sub_(lse[:, None]).exp_()
+                grad = logits.div_(sums)
                 grad[torch.arange(grad.shape[0], device=grad.device), safe_t] -= 1.0
                 grad.mul_((ok.to(grad.dtype) / count)[:, None])
                 grad_h[start:start + chunk_size] = (grad @ w32).to(hidden.dtype)
