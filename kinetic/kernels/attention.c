@@ -8,11 +8,13 @@
  * against keys 0 .. (end of block i) -- only the diagonal block is partly masked, so about
  * QB / (2 L) of the work is wasted -- with BLAS GEMMs (the `sgemm_` of torch's BLAS, run on the
  * calling thread: see experts.c) and the softmax in between, in a per-thread buffer of QB x L
- * floats. The forward pass keeps each row's log-sum-exp; the backward pass recomputes the
+ * floats. The forward pass multiplies v by the unnormalized exp(s - rowmax) and scales each output
+ * row by 1 / its sum afterwards, and keeps each row's log-sum-exp; the backward pass recomputes the
  * probabilities from it (FlashAttention's recipe at the granularity of a query block):
  *
  *     dv += p^T do,  dp = do v^T,  ds = p (dp - rowsum(do o)) scale,  dq = ds k,  dk += ds^T q
  *
+ * with rowsum(do o) computed for all rows first, in one pass over o and do in their layout.
  * dk and dv are written per query head (Bz, H, L, D) and summed over a KV head's query heads by the
  * caller, so tasks never write the same memory.
  *
@@ -37,7 +39,7 @@ typedef void (*sgemm_fn)(const char* transa, const char* transb, const int* m, c
                          const float* beta, float* c, const int* ldc);
 typedef int (*threads_fn)(int);
 
-int kinetic_attention_version(void) { return 1; }
+int kinetic_attention_version(void) { return 2; }
 
 /* Row-major C (M x N) = alpha op(A) op(B) + beta C (see experts.c's mm) */
 static void mm(sgemm_fn gemm, int ta, int tb, int M, int N, int K, float alpha, const float* A, int64_t lda,
@@ -54,7 +56,7 @@ typedef struct {
     int64_t Bz, L;
     int H, KH, D;
     float scale;
-    const float *q, *k, *v, *o, *dO, *lse_in;
+    const float *q, *k, *v, *o, *dO, *lse_in, *delta; /* delta (Bz, H, L): rowsum(do o) */
     int64_t qs_b, qs_l, ks_b, ks_l;
     float *out, *lse, *dq, *dk, *dv;
 } Attn;
@@ -67,6 +69,44 @@ static void scores(const Attn* a, const float* q, const float* k, int64_t i0, in
         for (int64_t c = i0 + r + 1; c < e; c++) s[(int64_t)r * e + c] = -INFINITY;
 }
 
+/* Reductions over LANES independent partial results, so that the compiler vectorizes them (an
+ * in-order float sum or max would stay scalar). */
+#define LANES 16
+
+static inline float row_max(const float* x, int n) {
+    float part[LANES];
+    for (int l = 0; l < LANES; l++) part[l] = -INFINITY;
+    int c = 0;
+    for (; c + LANES <= n; c += LANES)
+        for (int l = 0; l < LANES; l++) part[l] = x[c + l] > part[l] ? x[c + l] : part[l];
+    float m = -INFINITY;
+    for (; c < n; c++) m = x[c] > m ? x[c] : m;
+    for (int l = 0; l < LANES; l++) m = part[l] > m ? part[l] : m;
+    return m;
+}
+
+/* x[c] = exp(x[c] - m) for c < n; returns their sum */
+static inline float exp_and_sum(float* x, int n, float m) {
+    float part[LANES] = {0.0f};
+    int c = 0;
+    for (; c + LANES <= n; c += LANES)
+        for (int l = 0; l < LANES; l++) {
+            const float e = exp_nonpositive(x[c + l] - m);
+            x[c + l] = e;
+            part[l] += e;
+        }
+    float sum = 0.0f;
+    for (; c < n; c++) {
+        x[c] = exp_nonpositive(x[c] - m);
+        sum += x[c];
+    }
+    for (int l = 0; l < LANES; l++) sum += part[l];
+    return sum;
+}
+
+/* The forward pass of one (batch, query head): per block, the scores, each row's unnormalized
+ * probabilities exp(s - max) (zero past the query), the product with v, and the rows scaled by 1 /
+ * their sum afterwards (D values a row instead of one per key). */
 static void forward_task(const Attn* a, int64_t t, float* s) {
     const int64_t b = t / a->H;
     const int h = (int)(t % a->H), kh = h / (a->H / a->KH), D = a->D;
@@ -76,25 +116,23 @@ static void forward_task(const Attn* a, int64_t t, float* s) {
     const float* v = a->v + b * a->ks_b + (int64_t)kh * D;
     float* out = a->out + b * a->qs_b + (int64_t)h * D;
     float* lse = a->lse ? a->lse + t * L : NULL;
+    float inv[QB];
     for (int64_t i0 = 0; i0 < L; i0 += QB) {
         const int rows = (int)(L - i0 < QB ? L - i0 : QB), e = (int)(i0 + rows);
         scores(a, q, k, i0, rows, e, s);
         for (int r = 0; r < rows; r++) {
             float* sr = s + (int64_t)r * e;
             const int n = (int)(i0 + r + 1); /* keys this query sees */
-            float m = sr[0];
-            for (int c = 1; c < n; c++) m = sr[c] > m ? sr[c] : m;
-            float sum = 0.0f;
-            for (int c = 0; c < n; c++) {
-                sr[c] = exp_nonpositive(sr[c] - m);
-                sum += sr[c];
-            }
-            const float inv = 1.0f / sum;
-            for (int c = 0; c < n; c++) sr[c] *= inv;
+            const float m = row_max(sr, n);
+            const float sum = exp_and_sum(sr, n, m);
             for (int c = n; c < e; c++) sr[c] = 0.0f;
+            inv[r] = 1.0f / sum;
             if (lse) lse[i0 + r] = m + logf(sum);
         }
-        mm(a->gemm, 0, 0, rows, D, e, 1.0f, s, e, v, a->ks_l, 0.0f, out + i0 * a->qs_l, a->qs_l);
+        float* o = out + i0 * a->qs_l;
+        mm(a->gemm, 0, 0, rows, D, e, 1.0f, s, e, v, a->ks_l, 0.0f, o, a->qs_l);
+        for (int r = 0; r < rows; r++)
+            for (int j = 0; j < D; j++) o[(int64_t)r * a->qs_l + j] *= inv[r];
     }
 }
 
@@ -103,23 +141,18 @@ static void backward_task(const Attn* a, int64_t t, float* s) {
     const int h = (int)(t % a->H), kh = h / (a->H / a->KH), D = a->D;
     const int64_t L = a->L;
     const int64_t qoff = b * a->qs_b + (int64_t)h * D, koff = b * a->ks_b + (int64_t)kh * D;
-    const float *q = a->q + qoff, *o = a->o + qoff, *dO = a->dO + qoff;
+    const float *q = a->q + qoff, *dO = a->dO + qoff;
     const float *k = a->k + koff, *v = a->v + koff, *lse = a->lse_in + t * L;
     float* dq = a->dq + qoff;
     float* dk = a->dk + t * L * D; /* this query head's share, (L, D) */
     float* dv = a->dv + t * L * D;
     float* dp = s + (int64_t)QB * L;
-    float* delta = dp + (int64_t)QB * L;
+    const float* delta_all = a->delta + t * L;
     memset(dk, 0, sizeof(float) * L * D);
     memset(dv, 0, sizeof(float) * L * D);
     for (int64_t i0 = 0; i0 < L; i0 += QB) {
         const int rows = (int)(L - i0 < QB ? L - i0 : QB), e = (int)(i0 + rows);
-        for (int r = 0; r < rows; r++) { /* rowsum(do o) */
-            const float *orow = o + (i0 + r) * a->qs_l, *drow = dO + (i0 + r) * a->qs_l;
-            float acc = 0.0f;
-            for (int j = 0; j < D; j++) acc += orow[j] * drow[j];
-            delta[r] = acc;
-        }
+        const float* delta = delta_all + i0;
         scores(a, q, k, i0, rows, e, s);
         for (int r = 0; r < rows; r++) {
             float* sr = s + (int64_t)r * e;
@@ -176,8 +209,29 @@ int kinetic_attention_backward(void* gemm, void* local_threads, const float* q, 
                                const float* dO, const float* lse, int64_t Bz, int64_t L, int H, int KH, int D,
                                float scale, float* dq, float* dk, float* dv) {
     if (!gemm || bad(L, H, KH, D)) return 1;
+    /* rowsum(do o) for every (batch, head, position) first, in one pass over o and do in their
+     * layout (per task the rows are a head's D values every H * D: a cache miss each) */
+    float* delta = malloc(sizeof(float) * (size_t)(Bz * H * L));
+    if (!delta) return 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < Bz * L; i++) {
+        const int64_t b = i / L, l = i % L;
+        for (int h = 0; h < H; h++) {
+            const int64_t off = b * qs_b + l * qs_l + (int64_t)h * D;
+            const float *orow = o + off, *drow = dO + off;
+            float part[LANES] = {0.0f}, acc = 0.0f;
+            int j = 0;
+            for (; j + LANES <= D; j += LANES)
+                for (int q = 0; q < LANES; q++) part[q] += orow[j + q] * drow[j + q];
+            for (; j < D; j++) acc += orow[j] * drow[j];
+            for (int q = 0; q < LANES; q++) acc += part[q];
+            delta[(b * H + h) * L + l] = acc;
+        }
+    }
     Attn a = {.gemm = (sgemm_fn)gemm, .Bz = Bz, .L = L, .H = H, .KH = KH, .D = D, .scale = scale, .q = q,
-              .k = k, .v = v, .o = o, .dO = dO, .lse_in = lse, .qs_b = qs_b, .qs_l = qs_l, .ks_b = ks_b,
-              .ks_l = ks_l, .dq = dq, .dk = dk, .dv = dv};
-    return run(&a, (threads_fn)local_threads, (size_t)2 * QB * L + QB, backward_task);
+              .k = k, .v = v, .o = o, .dO = dO, .lse_in = lse, .delta = delta, .qs_b = qs_b, .qs_l = qs_l,
+              .ks_b = ks_b, .ks_l = ks_l, .dq = dq, .dk = dk, .dv = dv};
+    const int err = run(&a, (threads_fn)local_threads, (size_t)2 * QB * L, backward_task);
+    free(delta);
+    return err;
 }

@@ -761,7 +761,7 @@ def _attention_library() -> ctypes.CDLL | None:
     if not (enabled() and _linux_x86()) or _blas() is None:
         return None
     lib = _load(_ATTENTION_SOURCE, "causal-attention")
-    if lib is None or lib.kinetic_attention_version() != 1:
+    if lib is None or lib.kinetic_attention_version() != 2:
         return None
     ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.kinetic_attention_forward.restype = ctypes.c_int
