@@ -16,9 +16,11 @@ compare it with:
   SSE2). :func:`mamba_kernels_available` says whether they can run here, else
   ``kinetic.model.mamba2``, ``kinetic.model.conv`` and ``kinetic.model.norm`` compose torch operators.
 - :func:`experts_forward` / :func:`experts_backward` (``experts.c``): the routed experts of a MoE
-  layer (up projection, squared ReLU, down projection), a thread per expert with the GEMMs through
-  the BLAS torch links (its ``sgemm_``); for x86-64 Linux. :func:`experts_kernel_available` says
-  whether it can run here, else ``kinetic.model.moe`` calls torch's grouped matmul.
+  layer (gathering each expert's token rows, up projection, squared ReLU, down projection, the
+  combine weights), a thread per expert with the GEMMs through the BLAS torch links (its
+  ``sgemm_``), and :func:`route` / :func:`dispatch`, the router's choice of experts and the sort of
+  assignments by expert; for x86-64 Linux. :func:`experts_kernel_available` says whether they can
+  run here, else ``kinetic.model.moe`` calls torch's topk, argsort and grouped matmul.
 - :func:`attention_forward` / :func:`attention_backward` (``attention.c``): causal self-attention
   over whole sequences (training, and forward passes without a cache), a thread per (batch, query
   head), blocks of queries through the same BLAS with the softmax in between; for x86-64 Linux.

@@ -117,7 +117,10 @@ def combine_assignments(ys: torch.Tensor, order: torch.Tensor, k: int, atomic_fr
 
 class TopKRouter(nn.Module):
     """Sigmoid scores; ``e_score_correction_bias`` (the aux-loss-free balancing bias) only steers
-    which experts are chosen, the combine weights come from the unbiased scores."""
+    which experts are chosen, the combine weights come from the unbiased scores. On CPUs in float32
+    the choice runs in C (``kinetic.kernels.cpu.route``), the same function except for exact ties
+    (sigmoids saturated at 1.0 with equal biases): it takes the lower expert index, where torch's
+    topk, and so transformers, leaves the pick unspecified."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
