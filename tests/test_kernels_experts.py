@@ -214,6 +214,8 @@ def test_experts_kernel_names_a_mismatched_shape():
         kc.experts_forward(x, up, down, ends.int(), False)
     with pytest.raises(ValueError, match=r"ends\[-1\] = 10 but there are 12 rows"):
         kc.experts_forward(x, up, down, ends, False, token_of=torch.zeros(12, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token_of names rows outside x's 0 \.\. 9"):
+        kc.experts_forward(x, up, down, ends, False, token_of=torch.arange(10) + 1)
     with pytest.raises(ValueError, match="token_of must be a 1-D int64 tensor"):
         kc.experts_forward(x, up, down, ends, False, token_of=torch.zeros(10, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"weight must be float32 of shape \(10,\)"):

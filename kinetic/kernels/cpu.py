@@ -568,6 +568,8 @@ def _routing_check(x: torch.Tensor, token_of: torch.Tensor | None, weight: torch
     if token_of is not None and (token_of.dim() != 1 or token_of.dtype != torch.int64):
         raise ValueError(f"experts: token_of must be a 1-D int64 tensor, got {tuple(token_of.shape)} "
                          f"{token_of.dtype}")
+    if token_of is not None and rows and (int(token_of.min()) < 0 or int(token_of.max()) >= x.shape[0]):
+        raise ValueError(f"experts: token_of names rows outside x's 0 .. {x.shape[0] - 1}")
     if weight is not None and (weight.shape != (rows,) or weight.dtype != torch.float32):
         raise ValueError(f"experts: weight must be float32 of shape ({rows},) (one per row), got "
                          f"{tuple(weight.shape)} {weight.dtype}")
