@@ -56,7 +56,7 @@ typedef struct {
     int64_t Bz, L;
     int H, KH, D;
     float scale;
-    const float *q, *k, *v, *o, *dO, *lse_in, *delta; /* delta (Bz, H, L): rowsum(do o) */
+    const float *q, *k, *v, *dO, *lse_in, *delta; /* delta (Bz, H, L): rowsum(do o) */
     int64_t qs_b, qs_l, ks_b, ks_l;
     float *out, *lse, *dq, *dk, *dv;
 } Attn;
@@ -229,7 +229,7 @@ int kinetic_attention_backward(void* gemm, void* local_threads, const float* q, 
         }
     }
     Attn a = {.gemm = (sgemm_fn)gemm, .Bz = Bz, .L = L, .H = H, .KH = KH, .D = D, .scale = scale, .q = q,
-              .k = k, .v = v, .o = o, .dO = dO, .lse_in = lse, .delta = delta, .qs_b = qs_b, .qs_l = qs_l,
+              .k = k, .v = v, .dO = dO, .lse_in = lse, .delta = delta, .qs_b = qs_b, .qs_l = qs_l,
               .ks_b = ks_b, .ks_l = ks_l, .dq = dq, .dk = dk, .dv = dv};
     const int err = run(&a, (threads_fn)local_threads, (size_t)2 * QB * L, backward_task);
     free(delta);
