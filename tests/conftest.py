@@ -109,6 +109,21 @@ def failed_build(monkeypatch, tmp_path):
 
 
 @pytest.fixture
+def kernels_off(monkeypatch):
+    """``KINETIC_CPU_KERNELS=0`` for the test: every cached loader of kinetic.kernels.cpu is cleared on
+    the way in and out, so the setting is read afresh and does not outlive the test."""
+    import kinetic.kernels.cpu as kc
+
+    monkeypatch.setenv("KINETIC_CPU_KERNELS", "0")
+    loaders = (kc._library, kc._mamba_library, kc._experts_library, kc._attention_library)
+    for loader in loaders:
+        loader.cache_clear()
+    yield
+    for loader in loaders:
+        loader.cache_clear()
+
+
+@pytest.fixture
 def without_blas(monkeypatch):
     """A torch that exports no ``sgemm_``: the BLAS-backed kernels (MoE experts, causal attention) are
     unavailable for the test; their cached loaders are cleared on the way in and out."""

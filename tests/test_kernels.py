@@ -127,18 +127,11 @@ def test_a_failed_build_warns_once_and_leaves_torchs_attention(failed_build):
         torch.testing.assert_close(out.double(), reference(q, k, v), atol=1e-6, rtol=1e-5)
 
 
-def test_the_kernels_can_be_turned_off(monkeypatch):
-    monkeypatch.setenv("KINETIC_CPU_KERNELS", "0")
-    kc._library.cache_clear()
-    kc._mamba_library.cache_clear()
-    try:
-        assert not kc.decode_attention_available()
-        assert not kc.mamba_kernels_available()
-        x, C = torch.randn(1, 2, 4, 3, 64, 32), torch.randn(1, 2, 3, 64, 64)
-        assert not kc.ssd_chunk_fits(x, C)
-    finally:
-        kc._library.cache_clear()
-        kc._mamba_library.cache_clear()
+def test_the_kernels_can_be_turned_off(kernels_off):
+    assert not kc.decode_attention_available()
+    assert not kc.mamba_kernels_available()
+    x, C = torch.randn(1, 2, 4, 3, 64, 32), torch.randn(1, 2, 3, 64, 64)
+    assert not kc.ssd_chunk_fits(x, C)
 
 
 @needs_kernel

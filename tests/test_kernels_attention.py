@@ -119,10 +119,5 @@ def test_a_failed_attention_kernel_build_warns_once(failed_build, count_calls):
         assert not calls
 
 
-def test_the_attention_kernel_can_be_turned_off(monkeypatch):
-    monkeypatch.setenv("KINETIC_CPU_KERNELS", "0")
-    kc._attention_library.cache_clear()
-    try:
-        assert not kc.attention_kernel_available()
-    finally:
-        kc._attention_library.cache_clear()
+def test_the_attention_kernel_can_be_turned_off(kernels_off):
+    assert not kc.attention_kernel_available()

@@ -252,11 +252,7 @@ def test_a_failed_experts_kernel_build_warns_once(failed_build, expert_calls):
         assert not expert_calls
 
 
-def test_the_experts_kernel_can_be_turned_off(monkeypatch):
-    monkeypatch.setenv("KINETIC_CPU_KERNELS", "0")
-    kc._experts_library.cache_clear()
-    try:
-        assert not kc.experts_kernel_available()
-        assert not kc.experts_fit(torch.randn(4, 16), torch.randn(2, 8, 16), torch.randn(2, 16, 8))
-    finally:
-        kc._experts_library.cache_clear()
+def test_the_experts_kernel_can_be_turned_off(kernels_off):
+    assert not kc.experts_kernel_available()
+    assert not kc.experts_fit(torch.randn(4, 16), torch.randn(2, 8, 16), torch.randn(2, 16, 8))
+    assert not kc.routing_fits(torch.rand(4, 8))
