@@ -38,6 +38,8 @@ def reference(q, k, v):
     (1, 4, 2, 16, 64 * 5 + 17),  # whole blocks plus a ragged tail
     (2, 4, 2, 16, 3000),  # batch: heads of both sequences in one call
     (1, 8, 8, 16, 100),  # no grouping (one row per KV head)
+    (1, 8, 2, 16, 1003),  # 4 rows per KV head: four accumulators per row, keys not a multiple of 4
+    (1, 12, 2, 16, 777),  # 6 rows per KV head: one accumulator per row
     (1, 4, 1, 32, 5000),  # head size 32, all query heads on one KV head
     (3, 8, 2, 64, 2049),  # wider rows: the general accumulation path
 ])

@@ -118,7 +118,30 @@ static void attend_part(const float* q, const float* k, const float* v, int64_t 
                     _mm512_storeu_ps(acc + r * D + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 16 * c), a));
             }
         }
-        if (chunks == 1 && R <= 8) {  /* accumulators in registers */
+        if (chunks == 1 && R <= 4) {
+            /* accumulators in registers, four per row over alternating keys (with one per row, each
+             * key's multiply-add waited for the previous one's result) */
+            __m512 a[4][4];
+            for (int r = 0; r < R; r++) {
+                a[r][0] = _mm512_loadu_ps(acc + r * 16);
+                a[r][1] = a[r][2] = a[r][3] = _mm512_setzero_ps();
+            }
+            int i = 0;
+            for (; i + 4 <= n; i += 4)
+                for (int j = 0; j < 4; j++) {
+                    const __m512 value = _mm512_loadu_ps(v + (b0 + i + j) * 16);
+                    for (int r = 0; r < R; r++)
+                        a[r][j] = _mm512_fmadd_ps(_mm512_set1_ps(s[r * BLOCK + i + j]), value, a[r][j]);
+                }
+            for (; i < n; i++) {
+                const __m512 value = _mm512_loadu_ps(v + (b0 + i) * 16);
+                for (int r = 0; r < R; r++)
+                    a[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(s[r * BLOCK + i]), value, a[r][0]);
+            }
+            for (int r = 0; r < R; r++)
+                _mm512_storeu_ps(acc + r * 16, _mm512_add_ps(_mm512_add_ps(a[r][0], a[r][1]),
+                                                             _mm512_add_ps(a[r][2], a[r][3])));
+        } else if (chunks == 1 && R <= 8) {  /* accumulators in registers */
             __m512 a[8];
             for (int r = 0; r < R; r++) a[r] = _mm512_loadu_ps(acc + r * 16);
             for (int i = 0; i < n; i++) {
