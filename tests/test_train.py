@@ -207,6 +207,22 @@ def test_shipped_configs_parse():
         load_config(path)
 
 
+def test_speculative_recipe_is_the_quickstart_model_deeper():
+    """configs/speculative.toml (make speculative) must stay the quickstart recipe with more blocks:
+    same corpus, widths, MTP depth and training, its own run directory, and an MTP depth that is a
+    small share of the model (what the speculative benchmark on it is meant to show)."""
+    root = Path(__file__).parent.parent / "configs"
+    quick, deep = load_config(root / "quickstart.toml"), load_config(root / "speculative.toml")
+    for section in ("data", "train", "optim", "schedule", "loss", "precision"):
+        assert getattr(deep, section) == getattr(quick, section), section
+    q_model, d_model = dict(quick.model.overrides), dict(deep.model.overrides)
+    q_pattern, d_pattern = q_model.pop("hybrid_override_pattern"), d_model.pop("hybrid_override_pattern")
+    assert d_model == q_model and deep.model.preset == quick.model.preset
+    assert len(d_pattern) >= 3 * len(q_pattern) and set(d_pattern) == set(q_pattern)
+    assert len(d_model["mtp_hybrid_override_pattern"]) / len(d_pattern) < 0.1
+    assert deep.run.out_dir != quick.run.out_dir
+
+
 # ---------------------------------------------------------------------- 2 processes on gloo
 def _free_port() -> int:
     with socket.socket() as s:
