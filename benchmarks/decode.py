@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 
 import kinetic
-from kinetic.infer.speculative import speculative_generate
+from kinetic.infer.cache import InferenceCache
+from kinetic.infer.generate import speculative_generate
 from kinetic.kernels.cpu import decode_attention_available, torch_only
-from kinetic.model import InferenceCache
 
 QUICKSTART = Path("runs/quickstart/pretrain")
 PROMPTS = ["The Congress shall", "def parse_args(", "The state of the Union is",

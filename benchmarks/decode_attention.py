@@ -1,13 +1,17 @@
-"""Decode attention alone: one query per head over a long KV cache, three ways, in one run:
+"""Decode attention alone: one query per head over a long KV cache, up to four ways, in one run
+(each the core of an implementation of ``kinetic.ops.cached_attention``; benchmarks/ops.py times the
+implementations themselves against the operation's reference):
 
-- ``sdpa``: ``scaled_dot_product_attention(enable_gqa=True)`` on the cache's filled part (the CUDA
-  decode path before the split-KV one; in float32 no CUDA kernel takes grouped heads, and the
-  fallback repeats the keys and values per query head);
+- ``sdpa``: ``scaled_dot_product_attention(enable_gqa=True)`` on the cache's filled part (the
+  ``sdpa.masked`` implementation's decode call; in float32 no CUDA kernel takes grouped heads, and
+  the fallback repeats the keys and values per query head);
 - ``rows``: the query heads sharing a KV head as that head's rows, one kernel call (the CPU decode
-  path; on CUDA one thread block per KV head);
+  path, ``sdpa.grouped-decode``; on CUDA one thread block per KV head);
 - ``kernel`` (CPU with AVX-512 only, where ``kinetic.kernels.cpu`` can build it): kinetic's C
-  decode-attention kernel, one pass over the keys and values, the CPU decode path when it fits;
-- ``split``: split-KV ("flash decoding", ``kinetic.model.attention._split_kv_decode``): the keys cut
+  decode-attention kernel, one pass over the keys and values (``cpu.c-decode``, the CPU decode path
+  when it fits);
+- ``split``: split-KV ("flash decoding", ``sdpa.split-kv-decode``, through
+  ``kinetic.kernels.sdpa._split_kv_decode``): the keys cut
   into partitions that run as one batched call, merged by their log-sum-exp (CUDA float32 decode
   from ``SPLIT_KV_MIN_KEYS`` cached keys on; on CPU, which decodes by ``rows``, up to 8 parts of at
   least ``SPLIT_KV_BLOCK`` keys, for comparison).
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 
 from kinetic.infer.memory import PeakTensorMemory
 from kinetic.kernels.cpu import decode_attention, decode_attention_available
-from kinetic.model.attention import (
+from kinetic.kernels.sdpa import (
     _CUDA_BACKENDS,
     SPLIT_KV_BLOCK,
     _attention_lse,

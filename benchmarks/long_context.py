@@ -31,9 +31,8 @@ import torch
 from tqdm import tqdm
 
 import kinetic
+from kinetic.infer.cache import InferenceCache, cache_budget, format_budget
 from kinetic.infer.memory import PeakTensorMemory
-from kinetic.model import InferenceCache
-from kinetic.model.cache import cache_budget, format_budget
 
 
 def _rss_bytes() -> int:
@@ -60,7 +59,7 @@ def _prefill_and_decode(model, ids: torch.Tensor, chunk: int, decode_steps: int,
     token = logits[:, -1].argmax(-1, keepdim=True)
     times = []
     if cuda_graph:  # the decode steps replay one captured step over a static cache (generate's default)
-        from kinetic.model.static_cache import CUDAGraphDecoder, StaticCache
+        from kinetic.infer.static_cache import CUDAGraphDecoder, StaticCache
 
         decoder = CUDAGraphDecoder(model, StaticCache(cache, tokens + decode_steps))
         step = decoder.step

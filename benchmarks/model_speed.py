@@ -11,7 +11,8 @@ What it measures, in one process and with the same torch thread count throughout
   The loss is computed by this script from each model's logits, identically for both.
 * **train**: the same step through each library's own loss path, ``model(ids, labels=ids).loss``
   then ``backward()``: transformers builds the logits and calls its loss function; kinetic fuses the
-  LM head with the cross-entropy in chunks and never builds the logits (kinetic.model.loss).
+  LM head with the cross-entropy in chunks and never builds the logits (``kinetic.ops.linear_cross_entropy``,
+  its "torch.chunked" implementation).
 
 Both models get identical weights: the kinetic model (built without MTP, which transformers lacks) is
 saved with ``save_pretrained`` and loaded with ``transformers.AutoModelForCausalLM.from_pretrained``
@@ -36,7 +37,7 @@ FLOPs model (identical for both implementations, so their ratio is the ratio of 
 
     MFU = tokens/s * FLOPs per token / peak
 
-Run (about 40 s on a quiet 2-core CPU with the defaults, of which model setup is a few seconds)::
+Run (past run times and results: docs/performance.md)::
 
     python benchmarks/model_speed.py                      # preset small, batch 4 x seq 512
     python benchmarks/model_speed.py --batch 2 --seq 256 --iters 3 --json /tmp/speed.json
@@ -49,10 +50,12 @@ Run (about 40 s on a quiet 2-core CPU with the defaults, of which model setup is
 implementations in the same alternation; their first warm-up iteration, which compiles, is reported
 as ``first s``, and their ratio is compiled kinetic over compiled transformers.
 
-``--torch-ops`` adds the same kinetic model with its CPU kernels stepped aside
-(``kinetic.kernels.cpu.torch_only``: the Mamba-2 scan and conv and the MoE experts through torch's
-operators) as another implementation in the alternation, so the kernels' share of the speed-up is
-measured in the same run.
+``--torch-ops`` adds the same kinetic model with its C CPU kernels stepped aside
+(``kinetic.kernels.cpu.torch_only``: every "cpu.*" implementation in kinetic.kernels.cpu_ops -- the
+norms, the Mamba-2 scan and conv, the router and experts, the attention -- gives way to the torch
+implementations, or the references where none fits) as another implementation in the alternation, so
+the kernels' share of the speed-up is measured in the same run. benchmarks/ops.py times each
+implementation of each operation alone.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ import torch.nn.functional as F
 
 import kinetic
 from kinetic import ModelConfig
+from kinetic import ops as kinetic_ops
 from kinetic.kernels.cpu import torch_only
 from kinetic.train.flops import flops_per_token as _flops_per_token
 from kinetic.train.flops import matmul_params, measure_peak
@@ -170,17 +174,16 @@ def breakdown(model: torch.nn.Module, ids: torch.Tensor, is_kinetic: bool, iters
     """Median forward milliseconds spent in each kind of mixer (all layers of that kind together),
     in ``lm_head``, and in everything else (embedding, norms, residual adds, dense MLP layers),
     timed with module hooks in ``eval()`` mode under ``torch.no_grad()``. kinetic's logits come from
-    ``kinetic.model.nemotron_h.head_logits``, which may not call the lm_head module (large logits are
-    written into huge pages), so for kinetic that function is timed instead."""
+    the operation ``kinetic.ops.lm_head_logits`` with the lm_head's weight, not from the lm_head
+    module (whichever implementation runs: large logits are written into huge pages), so for kinetic
+    that operation is timed instead."""
     kind_of = {cls: kind for kind, classes in COMPONENTS.items() for cls in classes}
     spent: dict[str, float] = {}
     started: dict[int, float] = {}
     hooks = []
     patched = contextlib.ExitStack()
     if is_kinetic:
-        import kinetic.model.nemotron_h as nemotron_h
-
-        head_logits = nemotron_h.head_logits
+        head_logits = kinetic_ops.lm_head_logits
 
         def timed_head_logits(*args: Any) -> torch.Tensor:
             t0 = time.perf_counter()
@@ -188,7 +191,8 @@ def breakdown(model: torch.nn.Module, ids: torch.Tensor, is_kinetic: bool, iters
             spent["lm_head"] = spent.get("lm_head", 0.0) + time.perf_counter() - t0
             return out
 
-        patched.enter_context(_patch(nemotron_h, "head_logits", timed_head_logits))
+        # the model calls ``ops.lm_head_logits`` through the module attribute, so this takes its calls
+        patched.enter_context(_patch(kinetic_ops, "lm_head_logits", timed_head_logits))
     for name, module in model.named_modules():
         if name in ("lm_head", "inner.lm_head"):
             kind = None if is_kinetic else "lm_head"

@@ -14,7 +14,7 @@ the table. The default model is the ``tiny`` preset without latent MoE/MTP and w
 NVIDIA's default selection keeps ~15% of the linear layers in high precision (for a latent-MoE model
 it also keeps latent projections, attention and MTP, which is most of tiny's GEMMs).
 
-    python benchmarks/precision_study.py                      # ~15 min on one CPU core
+    python benchmarks/precision_study.py                      # every recipe, 300 steps each
     python benchmarks/precision_study.py --seeds 0,1,2        # seed-to-seed spread of every gap
     python benchmarks/precision_study.py --steps 60 --recipes bf16,nvfp4
     python benchmarks/precision_study.py --corpus runs/quickstart/corpus --model tiny
@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--model", choices=("study", "tiny"), default="study",
                         help="'study': tiny without latent MoE/MTP, 8 blocks; 'tiny': the preset as is")
     parser.add_argument("--corpus", help="packed corpus dir (kinetic data build); default synthetic tokens")
-    # 300 steps (8 x 64 x 300 = 154k tokens, the same for every recipe): at 150 all recipes are still
-    # far from converged and the NVFP4 gap to bf16 is larger (seed 0: +1.88% at 150, +1.30% at 300)
+    # 300 steps (8 x 64 x 300 = 154k tokens, the same for every recipe): at fewer steps the recipes are
+    # still far from converged and overstate the NVFP4 gap to bf16 (this benchmark at --steps 150 shows it)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--micro-batch", type=int, default=8)

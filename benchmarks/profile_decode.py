@@ -12,7 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import kinetic
-from kinetic.model import InferenceCache
+from kinetic.infer.cache import InferenceCache
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 language models with multi-token prediction) in PyTorch."""
 
 from kinetic.config import ModelConfig, preset
-from kinetic.model import InferenceCache, NemotronHForCausalLM
+from kinetic.infer.cache import InferenceCache
+from kinetic.model import NemotronHForCausalLM
 
 __version__ = "0.1.0"
 

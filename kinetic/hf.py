@@ -82,32 +82,35 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None,
-                    device: str | torch.device = "cpu"):
-    """Build the model from ``path/config.json`` and fill it from the safetensors files.
-
-    Raises ValueError naming every missing, unexpected or mis-shaped tensor.
-    """
-    from kinetic.model.nemotron_h import NemotronHForCausalLM
-
+def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """``path/config.json`` as a ModelConfig, and every tensor of the safetensors files. A config that
+    declares MTP layers the files lack (transformers drops ``mtp.*`` when it re-saves) loses them,
+    with a warning. Build the model from the config, then :func:`load_state` fills it."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     config = ModelConfig.from_pretrained(path)
     disk = read_tensors(path)
     if config.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in disk):
-        # transformers drops mtp.* on load, so checkpoints it re-saved have none
         warnings.warn(f"{path} declares num_nextn_predict_layers={config.num_nextn_predict_layers} but "
                       "holds no mtp.* tensors (e.g. re-saved by transformers): loading without MTP",
-                      stacklevel=2)
+                      stacklevel=3)
         config = config.replace(num_nextn_predict_layers=0)
-    with torch.device("meta"):
-        model = NemotronHForCausalLM(config)
+    return config, disk
+
+
+def load_state(model, disk: dict[str, torch.Tensor], *, dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu"):
+    """Fill ``model`` (built from the checkpoint's config, e.g. on the meta device) with the tensors
+    :func:`read_checkpoint` returned; returns it on ``device`` in eval mode.
+
+    Raises ValueError naming every missing, unexpected or mis-shaped tensor.
+    """
     state = _assemble(model, disk, dtype)
-    if config.tie_word_embeddings:
+    if model.config.tie_word_embeddings:
         state["lm_head.weight"] = state["backbone.embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
+    if model.config.tie_word_embeddings:
         model.lm_head.weight = model.backbone.embeddings.weight
     model.to(device)
     model.eval()

@@ -2,8 +2,8 @@
 model_speed (both implementations compute the same logits, every mode reports a rate, the per-kind
 forward breakdown accounts for the whole forward; with --compile, compiled rows), long_context
 (tensor peak and resident-set growth reported), decode (speculative rows with identical tokens,
-latency rows), decode_attention (every way of attending agrees with a float64 reference) and
-train_speed (eager and compiled trainer rows)."""
+latency rows), decode_attention (every way of attending agrees with a float64 reference),
+train_speed (eager and compiled trainer rows) and ops (a row per implementation that takes a call)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import kinetic
-from kinetic.kernels.cpu import decode_attention_available
+from kinetic.kernels.cpu import decode_attention_available, mamba_kernels_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -196,3 +196,36 @@ def test_train_speed_times_eager_and_compiled_trainers(tmp_path, capsys, monkeyp
     assert json.loads(out.read_text())["modes"].keys() == {"eager", "compiled"}
     text = capsys.readouterr().out
     assert "compiling pays for itself after" in text and "compiled" in text
+
+
+def test_ops_benchmark_times_every_implementation_that_fits(tmp_path, capsys):
+    """One operation at tiny shapes, one sample: each (shape, mode) has the reference and a row per
+    implementation that takes the call there, exactly one of them marked as what runs now."""
+    import ops as ops_benchmark
+
+    out = tmp_path / "ops.json"
+    report = ops_benchmark.main(["--ops", "gated_rms_norm", "--preset", "tiny", "--batch", "1", "--seq", "16",
+                                 "--contexts", "64", "--repeats", "1", "--min-time", "0", "--json", str(out)])
+    groups: dict[tuple[str, str], set[str]] = {}
+    for r in report["rows"]:
+        assert r["op"] == "gated_rms_norm" and r["ms"] > 0 and r["max_err"] < 1e-5, r
+        assert len(r["samples_ms"]) == 1
+        groups.setdefault((r["shape"], r["mode"]), set()).add(r["implementation"])
+    for r in report["rows"]:
+        if r["implementation"] == "reference":
+            assert r["vs_reference"] == 1 and r["fallback"] is None
+        else:  # what runs without it: another row of its group
+            others = groups[(r["shape"], r["mode"])] - {r["implementation"]}
+            assert r["vs_fallback"] > 0 and r["fallback"] in others
+    kernel = {"cpu.c"} if mamba_kernels_available() else set()
+    want = {("train 1x16", "fwd+bwd"): {"reference", "torch.gated-norm-backward"} | kernel}
+    if kernel:  # without autograd only the C kernel takes the call
+        want.update({(shape, "fwd"): {"reference", "cpu.c"}
+                     for shape in ("train 1x16", "decode 1", "verify 4")})
+    assert groups == want
+    for shape, mode in groups:
+        rows = [r for r in report["rows"] if (r["shape"], r["mode"]) == (shape, mode)]
+        assert sum(r["chosen"] for r in rows) == 1
+    assert json.loads(out.read_text())["rows"] == report["rows"]
+    printed = capsys.readouterr().out
+    assert "vs fallback" in printed and printed.count("gated_rms_norm  ") >= len(report["rows"])

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from kinetic.cli import human, main
+from kinetic.cli import main
+from kinetic.cli.model import human
 from kinetic.config import PRESETS, ModelConfig, preset
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kinetic import NemotronHForCausalLM, preset
-from kinetic.infer.speculative import speculative_generate
-from kinetic.model import InferenceCache
+from kinetic import NemotronHForCausalLM, ops, preset
+from kinetic.infer.cache import InferenceCache
+from kinetic.infer.generate import speculative_generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -38,9 +38,9 @@ def test_chunked_prefill_equals_one_shot(dtype, tol, monkeypatch):
     flash attention, float32 runs two memory-efficient passes merged by their log-sum-exp."""
     from torch.nn.attention.bias import CausalBias
 
-    from kinetic.model import attention
+    from kinetic.kernels import sdpa
 
-    real, masks = attention._lower_right_causal, []
+    real, masks = sdpa._lower_right_causal, []
 
     def spy(q_len, kv_len, q):
         out = real(q_len, kv_len, q)
@@ -48,7 +48,7 @@ def test_chunked_prefill_equals_one_shot(dtype, tol, monkeypatch):
             masks.append((q_len, kv_len))
         return out
 
-    monkeypatch.setattr(attention, "_lower_right_causal", spy)
+    monkeypatch.setattr(sdpa, "_lower_right_causal", spy)
     model = _model(dtype)
     ids = torch.randint(3, model.config.vocab_size, (1, 700), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(0))
@@ -72,11 +72,15 @@ def test_float32_decode_at_long_context_reads_the_cache_in_place():
     """A float32 decode step over 16K cached tokens takes the split-KV path: logits equal a full
     forward's, and the step allocates far less than the KV cache (SDPA's grouped-query fallback
     repeats the cached keys and values per query head, about twice the cache, every step)."""
-    from kinetic.model import attention
+    from kinetic.kernels import sdpa
 
     model = _model(torch.float32)
     n = 16384
-    assert n >= attention.SPLIT_KV_MIN_KEYS
+    assert n >= sdpa.SPLIT_KV_MIN_KEYS
+    config = model.config
+    q = torch.zeros(1, config.num_attention_heads, 1, config.head_dim, device="cuda")
+    kv = torch.zeros(1, config.num_key_value_heads, n + 1, config.head_dim, device="cuda")
+    assert ops.chosen("cached_attention", q, kv, kv, n) == "sdpa.split-kv-decode"
     ids = torch.randint(3, model.config.vocab_size, (1, n + 2), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(2))
     cache = _prefilled(model, ids[:, :n], n + 2)
@@ -98,15 +102,19 @@ def test_cuda_graph_decode_over_a_long_cache_splits_it(dtype, tol):
     """A static-cache decode step over 64K tokens takes the split-KV path (no boolean mask, which
     sent SDPA to its fallback that repeats the whole KV buffer per query head): a step allocates less
     than half the KV buffers, and eager and captured steps give eager decoding's logits."""
-    from kinetic.model import attention
-    from kinetic.model.static_cache import CUDAGraphDecoder, StaticCache
+    from kinetic.infer.static_cache import CUDAGraphDecoder, StaticCache
+    from kinetic.kernels import sdpa
 
     model = _model(dtype)
     n = 65536
     ids = torch.randint(3, model.config.vocab_size, (1, n + 4), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(3))
     caches = _prefilled(model, ids[:, :n], n + 8), _prefilled(model, ids[:, :n], n + 8)
-    assert attention._static_split_kv(ids.new_zeros(1, 1, 1, 1, dtype=dtype), n + 8)
+    assert sdpa._static_split_kv(ids.new_zeros(1, 1, 1, 1, dtype=dtype), n + 8)
+    config = model.config
+    q = torch.zeros(1, config.num_attention_heads, 1, config.head_dim, device="cuda", dtype=dtype)
+    kv = torch.zeros(1, config.num_key_value_heads, n + 8, config.head_dim, device="cuda", dtype=dtype)
+    assert ops.chosen("cached_attention", q, kv, kv, torch.tensor(n, device="cuda")) == "sdpa.static-split-kv"
     kv_bytes = caches[1].allocated_bytes()  # the KV buffers (and the small Mamba states)
     static = StaticCache(caches[1], n + 8)
     got = []
@@ -163,7 +171,7 @@ def test_cuda_graph_generate_equals_eager(dtype):
         assert torch.equal(graph, eager)  # a random model's near-ties then flip; logits checked below
     assert graph.shape == eager.shape
     # the captured step's logits equal an eager step's on the same state
-    from kinetic.model.static_cache import CUDAGraphDecoder, StaticCache
+    from kinetic.infer.static_cache import CUDAGraphDecoder, StaticCache
 
     cache = InferenceCache()
     cache.reserve(40)
@@ -185,7 +193,7 @@ def test_cuda_graph_decoders_hold_no_cublas_workspace_each():
     ran on, so a fresh stream per decoder (or capturing on torch's capture stream) held one more for
     each graph. After the first decoder, three more (and a speculative round graph) add only their
     own few tensors."""
-    from kinetic.model.static_cache import CUDAGraphDecoder, StaticCache, capture_stream
+    from kinetic.infer.static_cache import CUDAGraphDecoder, StaticCache, capture_stream
 
     model = _model(torch.float32)
     ids = torch.randint(3, model.config.vocab_size, (1, 64), device="cuda",

@@ -1,5 +1,5 @@
 """`kinetic tokenizer train` and `kinetic data build` end to end on the fixture, their summaries, and
-one-line errors with exit code 2 for mistakes a user can make."""
+one-line errors with exit code 2 for mistakes a user can make (kinetic.cli.data)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kinetic.data.cli import main, parse_size, register
+from kinetic.cli import main as kinetic_main
+from kinetic.cli.data import parse_size, register
 from kinetic.data.loader import BlendedLoader
 
 FIXTURE = Path(__file__).parent / "fixtures" / "data"
@@ -17,6 +18,14 @@ DOMAINS = ("sotu", "python_code", "python_docs", "metamath")
 SELECT = ["--domains", ",".join(DOMAINS), "--max-bytes-per-domain", "40K", "--val-fraction", "0.1"]
 for _name in DOMAINS:
     SELECT += ["--source-root", f"{_name}={FIXTURE / _name}"]
+
+
+def main(argv: list[str]) -> int:
+    """``kinetic ARGV`` in-process; its exit code."""
+    try:
+        return kinetic_main(argv)
+    except SystemExit as done:
+        return done.code
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +78,10 @@ def test_missing_domain_is_skipped_with_a_warning(tmp_path, built, capsys, monke
     (["tokenizer", "train", "--out", "{tmp}/t", "--vocab-size", "10"], "vocab_size=10 is too small"),
     (["tokenizer", "train", "--out", "{tmp}/t", "--val-fraction", "1.5"], "--val-fraction=1.5"),
 ])
-def test_user_errors_are_one_line_and_exit_2(argv, message, tmp_path, built, capsys):
+def test_user_errors_are_one_line_and_exit_2(argv, message, tmp_path, built, capsys, monkeypatch):
+    """Also on a machine without the optional corpora: the error comes before any skipped-domain
+    warning."""
+    monkeypatch.setenv("KINETIC_DATA_HOME", str(tmp_path / "empty"))
     argv = [a.format(tmp=tmp_path, tok=built / "tok") for a in argv]
     if argv[0] == "tokenizer":
         argv += ["--domains", "python_docs", "--source-root", f"python_docs={FIXTURE / 'python_docs'}"]

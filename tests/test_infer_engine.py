@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from kinetic import NemotronHForCausalLM, preset
+from kinetic.cli.infer import add_chat_args, add_generate_args, cmd_chat, cmd_generate
 from kinetic.data.tokenizer import (
     ASSISTANT_ID,
     EOS_ID,
@@ -26,16 +27,9 @@ from kinetic.data.tokenizer import (
     save_tokenizer,
     train_tokenizer,
 )
+from kinetic.errors import UserError
 from kinetic.infer import ChatTemplate, Engine, SamplingParams
-from kinetic.infer.engine import (
-    add_chat_args,
-    add_generate_args,
-    cmd_chat,
-    cmd_generate,
-    sample_token,
-    top_k_filter,
-    top_p_filter,
-)
+from kinetic.infer.engine import sample_token, top_k_filter, top_p_filter
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 20, "def add(a, b):\n    return a + b\n" * 20,
          "héllo wörld, naïve café ünïcode 世界 🙂 " * 20]
@@ -254,8 +248,6 @@ def test_cmd_generate(engine, checkpoint, capsys):
     text = engine.generate(["The quick"], replace(GREEDY, max_new_tokens=8))[0].text
     assert f"--- 'The quick'\nThe quick{text}\n" in out and "cache budget for" in out
     assert "speculative decoding:" not in out
-    from kinetic.cli import UserError
-
     with pytest.raises(UserError, match="empty"):
         cmd_generate(_args(add_generate_args, ["--checkpoint", str(checkpoint), "--prompt", ""]))
     # --dtype: the engine's weights in that precision (bfloat16 runs on the CPU too)
@@ -267,8 +259,7 @@ def test_cmd_generate(engine, checkpoint, capsys):
 def test_device_and_dtype_flags(checkpoint, monkeypatch):
     """--device auto takes the GPU when one is visible, else the CPU; a device that cannot be had is
     an error naming --device and the way out, before the checkpoint is read."""
-    from kinetic.cli import UserError
-    from kinetic.infer.engine import device_options
+    from kinetic.cli.infer import device_options
 
     base = ["--checkpoint", str(checkpoint), "--prompt", "x"]
     got = device_options(_args(add_generate_args, base + ["--dtype", "float16", "--device", "cpu"]))

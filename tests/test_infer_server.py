@@ -22,9 +22,11 @@ import torch
 from conftest import live_server
 
 from kinetic import NemotronHForCausalLM, preset
+from kinetic.cli.infer import add_serve_args, cmd_serve
 from kinetic.data.tokenizer import save_tokenizer, train_tokenizer
+from kinetic.errors import UserError
 from kinetic.infer import Engine, SamplingParams, create_app
-from kinetic.infer.server import APIError, Job, Limits, Scheduler, cmd_serve
+from kinetic.infer.server import APIError, Job, Limits, Scheduler
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -298,7 +300,7 @@ def test_cmd_serve_runs_a_server_until_interrupted(served, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = ("import argparse, sys; from kinetic.infer.server import add_serve_args, cmd_serve; "
+    code = ("import argparse, sys; from kinetic.cli.infer import add_serve_args, cmd_serve; "
             "p = argparse.ArgumentParser(); add_serve_args(p); sys.exit(cmd_serve(p.parse_args()))")
     proc = subprocess.Popen([sys.executable, "-c", code, "--checkpoint", str(tmp_path / "ckpt"), "--port",
                              str(port), "--log-level", "warning", "--no-speculative", "--draft-tokens", "1"],
@@ -320,15 +322,11 @@ def test_cmd_serve_runs_a_server_until_interrupted(served, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    from kinetic.cli import UserError
-
     args = SimpleNamespace(max_tokens=0, default_max_tokens=1, max_n=1, max_queue=1, max_active=1,
                            max_request_bytes=1)
     with pytest.raises(UserError, match="--max-tokens=0"):
         cmd_serve(args)
     # a device the server cannot have is refused before the checkpoint is read
-    from kinetic.infer.server import add_serve_args
-
     parser = argparse.ArgumentParser()
     add_serve_args(parser)
     with pytest.raises(UserError, match=r"--device gpu is invalid"):

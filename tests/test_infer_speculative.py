@@ -17,16 +17,16 @@ from conftest import make_config, randomize
 from kinetic import NemotronHForCausalLM, preset
 from kinetic.data.tokenizer import EOS_ID, train_tokenizer
 from kinetic.infer import Engine, SamplingParams
+from kinetic.infer.cache import InferenceCache, cache_budget
+from kinetic.infer.generate import speculative_generate
 from kinetic.infer.speculative import (
     MTPDrafter,
     SpecStats,
     SpeculativeDecoder,
     accept_drafts,
-    speculative_generate,
     target_distribution,
 )
-from kinetic.model.cache import InferenceCache, cache_budget
-from kinetic.model.mamba2 import ssd_scan, ssd_states
+from kinetic.model.mamba2 import ssd_chunk_scan, ssd_recurrence
 
 
 def _model(name="latent-grouped-mtp", seed=0, **overrides):
@@ -45,7 +45,7 @@ def _plain_greedy(model, prompt, n):
 
 
 # ---------------------------------------------------------------------- cache rollback
-def test_ssd_states_matches_the_chunked_scan():
+def test_ssd_recurrence_matches_the_chunked_scan():
     g = torch.Generator().manual_seed(0)
     b, seq, h, p, gr, n = 2, 7, 6, 4, 3, 5
     x, B, C = torch.randn(b, seq, h, p, generator=g), torch.randn(b, seq, gr, n, generator=g), \
@@ -53,13 +53,13 @@ def test_ssd_states_matches_the_chunked_scan():
     dt = torch.rand(b, seq, h, generator=g) * 0.5
     A = -torch.rand(h, generator=g) * 3
     init = torch.randn(b, h, p, n, generator=g)
-    y_ref, final_ref = ssd_scan(x, dt, A, B, C, chunk_size=4, initial_state=init)
-    y, states = ssd_states(x, dt, A, B, C, init)
+    y_ref, final_ref = ssd_chunk_scan(x, dt, A, B, C, chunk_size=4, initial_state=init)
+    y, states = ssd_recurrence(x, dt, A, B, C, init)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(states[:, -1], final_ref, atol=1e-5, rtol=1e-5)
     for t in range(1, seq):  # the state after t positions is the final state of the first t positions
-        torch.testing.assert_close(states[:, t - 1], ssd_scan(x[:, :t], dt[:, :t], A, B[:, :t], C[:, :t],
-                                                              4, init)[1], atol=1e-5, rtol=1e-5)
+        final_t = ssd_chunk_scan(x[:, :t], dt[:, :t], A, B[:, :t], C[:, :t], 4, init)[1]
+        torch.testing.assert_close(states[:, t - 1], final_t, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["latent-grouped-mtp", "mtp-two-depths"])

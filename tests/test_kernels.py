@@ -1,24 +1,34 @@
-"""kinetic.kernels.cpu: the C decode-attention, Mamba-2 scan and causal-conv kernels against float64
-references and inside the model, when they are used and when they are not, and how their builds fail."""
+"""kinetic.kernels.cpu: the C decode-attention, Mamba-2 scan, causal-conv and norm kernels against
+float64 references (through their implementations in kinetic.kernels.cpu_ops) and inside the model,
+when they are used and when they are not, and how their builds fail (tests/test_ops.py compares every
+implementation with its operation's reference on random float32 inputs; these add float64
+references, strided inputs and destinations, extreme values and narrower SIMD builds)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kinetic.kernels.cpu as kc
-import kinetic.model.attention as attention
-import kinetic.model.conv as conv
 import kinetic.model.mamba2 as mamba2
+from kinetic import ops
 from kinetic.config import preset
-from kinetic.model import InferenceCache, NemotronHForCausalLM
-from kinetic.model.norm import GatedRMSNorm
-from kinetic.model.shared_grad import split_shared
+from kinetic.infer.cache import InferenceCache
+from kinetic.kernels import cpu_ops, ssd
+from kinetic.kernels.shared_grad import split_shared
+from kinetic.model import NemotronHForCausalLM
 
 AVX512 = "avx512f" in kc._cpu_flags()
+
+
+def implementation(op: str, name: str):
+    """The registered implementation ``name`` of operation ``op`` (its ``fn`` runs it whatever fits)."""
+    return next(i for i in ops.implementations(op) if i.name == name)
+
 needs_kernel = pytest.mark.skipif(not kc.decode_attention_available(),
                                   reason="the C decode-attention kernel needs x86-64 Linux with AVX-512 "
                                          "and a C compiler")
@@ -98,11 +108,16 @@ def test_cached_decode_uses_the_kernel_and_matches_torch(monkeypatch, count_call
     torch.manual_seed(0)
     model = NemotronHForCausalLM(preset("tiny")).eval()
     ids = torch.randint(3, model.config.vocab_size, (1, 700))
-    calls = count_calls(attention, "decode_attention")
+    c = model.config
+    q = torch.randn(1, c.num_attention_heads, 1, c.head_dim)
+    kv = torch.randn(1, c.num_key_value_heads, 701, c.head_dim)
+    with torch.no_grad():
+        assert ops.chosen("cached_attention", q, kv, kv, 700) == "cpu.c-decode"
+    calls = count_calls(kc, "decode_attention")
+    fits = kc.decode_attention_fits
 
     def decode(use_kernel: bool) -> list[torch.Tensor]:
-        fits = kc.decode_attention_fits if use_kernel else (lambda *a: False)
-        monkeypatch.setattr(attention, "decode_attention_fits", fits)
+        monkeypatch.setattr(kc, "decode_attention_fits", fits if use_kernel else (lambda *a: False))
         cache = InferenceCache()
         cache.reserve(710)
         with torch.no_grad():
@@ -125,7 +140,8 @@ def test_a_failed_build_warns_once_and_leaves_torchs_attention(failed_build):
     with failed_build(kc._library, "decode-attention kernel is unavailable", kc.decode_attention_available):
         q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
         assert not kc.decode_attention_fits(q, k, v)
-        out = attention._sdpa(q, k, v, None, False)  # the decode attention still works, through torch
+        assert ops.chosen("cached_attention", q, k, v, 39) != "cpu.c-decode"
+        out = ops.cached_attention(q, k, v, 39)  # the decode attention still works, through torch
         torch.testing.assert_close(out.double(), reference(q, k, v), atol=1e-6, rtol=1e-5)
 
 
@@ -166,15 +182,16 @@ def scan_inputs(b, seqlen, heads, p, groups, n, init, dt_scale=0.3, seed=0):
     return x, dt, A, B, C, s0
 
 
-def scan_with_grads(inputs, chunk, dtype, skip=True):
-    """ssd_scan's outputs and the gradients of a random projection of them w.r.t. every input (with
-    ``skip``, the D skip weights too)."""
+def scan_with_grads(inputs, chunk, dtype, skip=True, scan=mamba2.ssd_chunk_scan):
+    """``scan``'s outputs (default: the operation, which takes the C kernel where it fits) and the
+    gradients of a random projection of them w.r.t. every input (with ``skip``, the D skip weights
+    too)."""
     x, dt, A, B, C, s0 = inputs
     D = torch.linspace(-1.5, 2.0, x.shape[2])
     leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (x, dt, B, C, D)[:4 + skip]]
     s = s0.detach().to(dtype).clone().requires_grad_() if s0 is not None else None
-    y, final = mamba2.ssd_scan(leaves[0], leaves[1], A.to(dtype), leaves[2], leaves[3], chunk, s,
-                               leaves[4] if skip else None)
+    y, final = scan(leaves[0], leaves[1], A.to(dtype), leaves[2], leaves[3], chunk, s,
+                    leaves[4] if skip else None)
     g = torch.Generator().manual_seed(1)
     loss = (y * torch.randn(y.shape, generator=g).to(dtype)).sum()
     loss = loss + (final * torch.randn(final.shape, generator=g).to(dtype)).sum()
@@ -200,11 +217,11 @@ def scan_calls(count_calls):
 def test_scan_kernel_matches_float64(scan_calls, b, seqlen, heads, p, groups, n, chunk, init):
     """The kernels' (chunk states and chunk outputs) outputs, final state and the gradients w.r.t. x,
     dt, B, C, the skip weights D and the initial state against torch's composition of the same scan
-    in float64."""
+    in float64 (the operation's reference)."""
     inputs = scan_inputs(b, seqlen, heads, p, groups, n, init, seed=seqlen)
-    got = scan_with_grads(inputs, chunk, torch.float32)
+    got = scan_with_grads(inputs, chunk, torch.float32, scan=implementation("ssd_chunk_scan", "cpu.c").fn)
     assert len(scan_calls) == 1
-    want = scan_with_grads(inputs, chunk, torch.float64)
+    want = scan_with_grads(inputs, chunk, torch.float64, scan=mamba2.ssd_chunk_scan.reference)
     assert len(scan_calls) == 1  # float64 stays with torch
     names = ["y", "final", "dx", "ddt", "dB", "dC", "dD", "dinitial"]
     assert len(got) == len(want) == 7 + init
@@ -220,6 +237,7 @@ def test_scan_kernel_on_fully_decayed_heads(scan_calls):
     inputs = scan_inputs(2, 130, 4, 16, 2, 16, True, dt_scale=8.0, seed=3)
     got = scan_with_grads(inputs, 64, torch.float32)
     with kc.torch_only():
+        assert ops.chosen("ssd_chunk_scan", *inputs[:5], 64) == "torch.grouped"
         want = scan_with_grads(inputs, 64, torch.float32)
     assert len(scan_calls) == 1
     for a, r in zip(got, want, strict=True):
@@ -245,7 +263,7 @@ def test_scan_kernel_names_a_mismatched_shape():
     x, a = torch.randn(1, 2, 4, 3, 64, 32), torch.randn(1, 2, 4, 3, 64)
     C, S = torch.randn(1, 2, 3, 64, 64), torch.randn(1, 2, 4, 3, 32, 64)
     cb, D = torch.randn(1, 2, 3, 64, 64), torch.randn(8)
-    m = mamba2.MIN_LOG_DECAY
+    m = ssd.MIN_LOG_DECAY
     wrong = r"S has shape \(1, 2, 4, 3, 64, 32\), expected \(1, 2, 4, 3, 32, 64\)"
     with pytest.raises(ValueError, match=wrong):
         kc.ssd_chunk_forward(cb, a, x, a, C, S.transpose(-1, -2), D, m)
@@ -261,8 +279,10 @@ def test_scan_kernel_names_a_mismatched_shape():
 def test_model_training_step_with_the_mamba_kernels_matches_torch(scan_calls, monkeypatch):
     """A forward + backward of the tiny preset (MTP included): loss and every parameter's gradient
     equal those of torch's scan and conv, and the scan kernel ran once per Mamba layer. The kernels
-    wrote their gradients straight into the in_proj and chunk-carry splits' buffers: only dt's
-    gradient (from torch's softplus) was copied, and the unused final state's zero-filled."""
+    wrote their gradients straight into the in_proj and chunk-carry splits' buffers (the in_proj
+    split by the "cpu.shared-gradient" implementation of split_channels, the carry's in
+    kinetic.kernels.ssd): only dt's gradient (from torch's softplus) was copied, and the unused final
+    state's zero-filled."""
     torch.manual_seed(0)
     model = NemotronHForCausalLM(preset("tiny")).train()
     ids = torch.randint(0, model.config.vocab_size, (2, 70))
@@ -273,7 +293,8 @@ def test_model_training_step_with_the_mamba_kernels_matches_torch(scan_calls, mo
         splits.append(shared)
         return parts, shared
 
-    monkeypatch.setattr(mamba2, "split_shared", recorded_split)
+    monkeypatch.setattr(cpu_ops, "split_shared", recorded_split)
+    monkeypatch.setattr(ssd, "split_shared", recorded_split)
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -310,27 +331,52 @@ def test_a_failed_scan_kernel_build_warns_once_and_leaves_torchs_scan(failed_bui
 @pytest.mark.parametrize("march", ["haswell", "x86-64"])  # AVX2 (8-float vectors), SSE2 (4-float)
 def test_scan_kernel_at_narrower_simd_widths(monkeypatch, tmp_path, scan_calls, march):
     """The kernel's vectors follow the target's SIMD width; this machine runs the AVX-512 build, so
-    the AVX2 and SSE2 builds are checked here against float64 too."""
+    the AVX2 and SSE2 builds (``KINETIC_KERNEL_MARCH``) are checked here against float64 too."""
     monkeypatch.setenv("KINETIC_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(kc, "FLAGS", [f if f != "-march=native" else f"-march={march}" for f in kc.FLAGS])
+    monkeypatch.setenv("KINETIC_KERNEL_MARCH", march)
     kc._mamba_library.cache_clear()
     try:
         inputs = scan_inputs(2, 100, 6, 48, 3, 32, True, seed=7)
         got = scan_with_grads(inputs, 32, torch.float32)
         assert len(scan_calls) == 1 and len(list(tmp_path.glob("mamba-*.so"))) == 1
-        want = scan_with_grads(inputs, 32, torch.float64)
+        want = scan_with_grads(inputs, 32, torch.float64, scan=mamba2.ssd_chunk_scan.reference)
         for a, r in zip(got, want, strict=True):
             torch.testing.assert_close(a.double(), r, atol=2e-5 * r.abs().max().item(), rtol=1e-5)
     finally:
         kc._mamba_library.cache_clear()
 
 
+def test_the_kernel_march_comes_from_the_environment(monkeypatch, tmp_path):
+    """``KINETIC_KERNEL_MARCH`` replaces ``-march=native`` in the compiler's command and in the build
+    key, so a build for another target is a library of its own (built, not reused)."""
+    assert "-march=native" in kc.compiler_flags()
+    monkeypatch.setenv("KINETIC_KERNEL_MARCH", "x86-64")
+    flags = kc.compiler_flags()
+    assert "-march=x86-64" in flags and "-march=native" not in flags
+    others = [f for f in kc.FLAGS if not f.startswith("-march=")]
+    assert [f for f in flags if not f.startswith("-march=")] == others
+    monkeypatch.setenv("KINETIC_KERNEL_CACHE", str(tmp_path))
+    commands = []
+
+    def compiler(command, **kwargs):  # records the command and "builds" an empty library
+        commands.append(command)
+        open(command[command.index("-o") + 1], "wb").close()
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(kc.subprocess, "run", compiler)
+    generic = kc.build(kc._SOURCE, compiler="cc")
+    assert "-march=x86-64" in commands[-1] and "-march=native" not in commands[-1]
+    monkeypatch.delenv("KINETIC_KERNEL_MARCH")
+    native = kc.build(kc._SOURCE, compiler="cc")
+    assert "-march=native" in commands[-1] and native != generic and len(commands) == 2
+
+
 # --- the causal conv + SiLU (mamba.c) -------------------------------------------------------------------
 
 def conv_reference(x, weight, bias):
-    """silu(causal depthwise conv) through F.conv1d, channels first."""
+    """silu(causal depthwise conv) through F.conv1d, channels first; weight (c, k)."""
     c, k = x.shape[-1], weight.shape[-1]
-    out = F.conv1d(x.transpose(1, 2), weight, bias, padding=k - 1, groups=c)[..., : x.shape[1]]
+    out = F.conv1d(x.transpose(1, 2), weight.unsqueeze(1), bias, padding=k - 1, groups=c)[..., : x.shape[1]]
     return F.silu(out).transpose(1, 2)
 
 
@@ -349,7 +395,7 @@ def test_conv_kernel_matches_float64(count_calls, b, seqlen, channels, taps, bia
     g = torch.Generator().manual_seed(seqlen)
     wide = torch.randn(b, seqlen, channels + 10, generator=g) * scale
     x = wide[..., 5:5 + channels]
-    weight = torch.randn(channels, 1, taps, generator=g)
+    weight = torch.randn(channels, taps, generator=g)
     bias_t = torch.randn(channels, generator=g) if bias else None
     grad = torch.randn(b, seqlen, channels, generator=g)
 
@@ -360,7 +406,9 @@ def test_conv_kernel_matches_float64(count_calls, b, seqlen, channels, taps, bia
         (y * grad.to(dtype)).sum().backward()
         return [y] + [t.grad for t in leaves if t is not None]
 
-    got = run(conv.causal_conv1d_silu, torch.float32)
+    kernel = implementation("causal_conv1d_silu", "cpu.c")
+    assert kernel.fits(x, weight, bias_t)
+    got = run(kernel.fn, torch.float32)
     assert len(calls) == 1
     want = run(conv_reference, torch.float64)
     for a, r in zip(got, want, strict=True):
@@ -424,7 +472,7 @@ def test_backward_kernels_write_into_strided_destinations():
     Ch = torch.randn(b, gr, c, L, n, generator=g)
     S = torch.randn(b, gr, r, c, p, n, generator=g)
     dy = torch.randn(b, gr, r, c, L, p, generator=g)
-    m = mamba2.MIN_LOG_DECAY
+    m = ssd.MIN_LOG_DECAY
     want = kc.ssd_chunk_backward(cb, a_cs, xh, dth, Ch, S, None, dy, m)
     buffer = torch.full((b, gr, r, c + 1, p, n), float("nan"))
     got = kc.ssd_chunk_backward(cb, a_cs, xh, dth, Ch, S, None, dy, m, buffer[:, :, :, :c])
@@ -454,15 +502,18 @@ def test_gated_norm_kernel_matches_float64(count_calls, b, seqlen, width, group,
     weight = torch.randn(width, generator=g)
     grad = torch.randn(b, seqlen, width, generator=g)
 
+    kernel = implementation("gated_rms_norm", "cpu.c")
+
     def run(dtype, fast):
-        norm = GatedRMSNorm(width, group).to(dtype)
-        norm.weight.data.copy_(weight)
+        w = weight.to(dtype, copy=True).requires_grad_()
         xs = x.to(dtype, copy=True).requires_grad_()
         wide_ = wide.to(dtype, copy=True).requires_grad_()
-        out = norm(xs, wide_[..., 3:3 + width]) if fast else norm.reference(xs, wide_[..., 3:3 + width])
+        norm = kernel.fn if fast else ops.gated_rms_norm.reference
+        out = norm(xs, wide_[..., 3:3 + width], w, group, 1e-5)
         (out * grad.to(dtype)).sum().backward()
-        return out.detach(), xs.grad, wide_.grad, norm.weight.grad
+        return out.detach(), xs.grad, wide_.grad, w.grad
 
+    assert kernel.fits(x, wide[..., 3:3 + width], weight, group, 1e-5)
     got = run(torch.float32, True)
     assert len(calls) == 1
     want = run(torch.float64, False)
@@ -470,9 +521,8 @@ def test_gated_norm_kernel_matches_float64(count_calls, b, seqlen, width, group,
         assert a.dtype == torch.float32 and a.shape == r.shape, name
         torch.testing.assert_close(a.double(), r, atol=2e-6 * r.abs().max().item(), rtol=1e-5, msg=name)
     with torch.no_grad():  # inference: the kernel without keeping 1/rms, the same output
-        norm = GatedRMSNorm(width, group)
-        norm.weight.data.copy_(weight)
-        torch.testing.assert_close(norm(x, wide[..., 3:3 + width]), got[0], atol=0, rtol=0)
+        torch.testing.assert_close(kernel.fn(x, wide[..., 3:3 + width], weight, group, 1e-5), got[0],
+                                   atol=0, rtol=0)
     assert len(calls) == 2
 
 
@@ -497,9 +547,8 @@ def test_gated_norm_kernel_names_a_mismatch():
 def test_rms_norm_kernel_matches_float64(count_calls):
     """The plain RMSNorm through the same kernel (no gate, one group): output and the gradients
     w.r.t. a strided input and the weight against F.rms_norm in float64."""
-    from kinetic.model.norm import RMSNorm
-
     calls = count_calls(kc, "gated_norm_forward")
+    kernel = implementation("rms_norm", "cpu.c")
     g = torch.Generator().manual_seed(8)
     wide = torch.randn(3, 40, 100, generator=g) * 2
     weight = torch.rand(88, generator=g) + 0.5
@@ -510,9 +559,8 @@ def test_rms_norm_kernel_matches_float64(count_calls):
         w = weight.to(dtype, copy=True).requires_grad_()
         x = base[..., 5:93]
         if fast:
-            norm = RMSNorm(88)
-            norm.weight = w = torch.nn.Parameter(w.detach())
-            out = norm(x)
+            assert kernel.fits(x, w, 1e-5)
+            out = kernel.fn(x, w, 1e-5)
         else:
             out = F.rms_norm(x, (88,), w, 1e-5)
         (out * grad.to(dtype)).sum().backward()

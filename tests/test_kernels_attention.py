@@ -1,4 +1,5 @@
-"""The causal-attention kernel (kinetic/kernels/attention.c): forward and backward against
+"""The causal-attention kernel (kinetic/kernels/attention.c, the "cpu.c" implementation of
+causal_attention in kinetic.kernels.cpu_ops): forward and backward against
 scaled_dot_product_attention in float64, its use by the model, and where it steps aside."""
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ import torch.nn.functional as F
 
 import kinetic.kernels.cpu as kc
 import kinetic.model.attention as attention
+from kinetic import ops
 from kinetic.config import preset
+from kinetic.kernels import cpu_ops
 
 needs_attention = pytest.mark.skipif(not kc.attention_kernel_available(),
                                      reason="the attention kernel needs x86-64 Linux, a C compiler and a "
@@ -47,7 +50,7 @@ def test_attention_kernel_matches_float64(count_calls, b, seqlen, heads, kv_head
     scale = dim ** -0.5
 
     def kernel(q_, k_, v_):
-        return attention._CausalAttentionC.apply(q_, k_, v_, scale)
+        return cpu_ops._CausalAttentionC.apply(q_, k_, v_, scale)
 
     got = with_grads(kernel, q, k, v, grad, torch.float32)
     assert len(calls) == 1
@@ -67,6 +70,9 @@ def test_model_attention_uses_the_kernel_without_a_cache(count_calls):
     torch.manual_seed(0)
     layer = attention.Attention(preset("small"))
     x = torch.randn(2, 70, layer.q_proj.in_features)
+    q = torch.randn(2, 70, layer.num_heads, layer.head_dim, requires_grad=True)
+    kv = torch.randn(2, 70, layer.num_kv_heads, layer.head_dim)
+    assert ops.chosen("causal_attention", q, kv, kv) == "cpu.c"
 
     def run():
         layer.zero_grad(set_to_none=True)

@@ -1,7 +1,8 @@
-"""The MoE kernels (kinetic/kernels/experts.c): each expert's up projection, squared ReLU and down
-projection with the dispatch (gathering each token's row) and the weighted combine, forward and
-backward, against the per-expert loop in float64; the router's choice and the sort by expert against
-torch's topk and argsort."""
+"""The MoE kernels (kinetic/kernels/experts.c, the "cpu.c" implementations of routed_experts and
+route_topk): each expert's up projection, squared ReLU and down projection with the dispatch
+(gathering each token's row) and the weighted combine, forward and backward, against the per-expert
+loop in float64; the router's choice and the sort by expert against
+torch's topk and argsort (route_topk's reference)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import kinetic.kernels.cpu as kc
+from kinetic import ops
 from kinetic.config import preset
 from kinetic.model.moe import Experts, MoE, TopKRouter
 
@@ -38,14 +40,20 @@ def routing(tokens: int, experts: int, k: int, skew: float, empty: int, seed: in
 
 
 def run_experts(experts: Experts, x, indices, weights, dtype):
-    """Output and gradients (x, up, down, combine weights) of a weighted sum of the experts' output."""
+    """Output and gradients (x, up, down, combine weights) of a weighted sum of the experts' output;
+    float32 through the implementation that fits first (the kernel where it runs), float64 through
+    the per-expert loop ("torch.sorted", which has no grouped matmul in float64; the operation's
+    reference sums in float32)."""
     module = Experts(*experts.up_proj.shape[:1], experts.up_proj.shape[2], experts.up_proj.shape[1])
     module.load_state_dict(experts.state_dict())
     module = module.to(dtype)
-    module.grouped = dtype == torch.float32  # float64: the per-expert loop, the reference
     x = x.detach().to(dtype, copy=True).requires_grad_(True)
     weights = weights.detach().to(dtype, copy=True).requires_grad_(True)
-    y = module(x, indices, weights)
+    if dtype == torch.float64:
+        loop = next(i for i in ops.implementations("routed_experts") if i.name == "torch.sorted").fn
+        y = loop(x, indices, weights, module.up_proj, module.down_proj)
+    else:
+        y = module(x, indices, weights)
     probe = torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)
     (y * probe).sum().backward()
     return y.detach(), x.grad, module.up_proj.grad, module.down_proj.grad, weights.grad
@@ -145,13 +153,16 @@ def test_route_kernel_matches_torchs_choice(count_calls, num, n_group, topk_grou
         router.e_score_correction_bias.copy_(torch.randn(num, generator=g) * 0.1)
     scores = torch.randn(300, num, generator=g).sigmoid()
     got = kc.route(scores, router.e_score_correction_bias, n_group, topk_group, k)
-    torch.testing.assert_close(got, router.choose(scores), rtol=0, atol=0)
+    choose = ops.route_topk.reference
+    bias_ = router.e_score_correction_bias
+    torch.testing.assert_close(got, choose(scores, bias_, n_group, topk_group, k), rtol=0, atol=0)
     calls = count_calls(kc, "route")
     x = torch.randn(5, config.hidden_size, generator=g)
     router.weight.data.normal_(generator=g).mul_(config.hidden_size ** -0.5)  # no saturated ties
     logits, weights, indices = router(x)
     assert len(calls) == 1
-    torch.testing.assert_close(indices, router.choose(logits.sigmoid()), rtol=0, atol=0)
+    torch.testing.assert_close(indices, choose(logits.sigmoid(), bias_, n_group, topk_group, k), rtol=0,
+                               atol=0)
 
 
 @needs_experts

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kinetic.model import InferenceCache, NemotronHForCausalLM
-from kinetic.model.mamba2 import ssd_scan
+from kinetic import ops
+from kinetic.infer.cache import InferenceCache
+from kinetic.model import NemotronHForCausalLM
 from kinetic.model.moe import MoE
 from tests.conftest import CONFIGS, make_config, randomize
 
@@ -32,6 +33,13 @@ def naive_scan(x, dt, A, B, C, state=None):
     return torch.stack(ys, 1), state
 
 
+def _implementations(op: str, *args) -> list[tuple[str, object]]:
+    """An operation's reference and every registered implementation that takes these arguments (the
+    dispatcher runs the first of them), as (name, function)."""
+    found = [("reference", ops.operations()[op])]
+    return found + [(impl.name, impl.fn) for impl in ops.implementations(op) if impl.fits(*args)]
+
+
 @pytest.mark.parametrize("seqlen,chunk", [(1, 4), (13, 4), (16, 4), (37, 16), (5, 64)])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_ssd_scan_matches_recurrence(seqlen, chunk, with_state):
@@ -43,10 +51,11 @@ def test_ssd_scan_matches_recurrence(seqlen, chunk, with_state):
     B = torch.randn(b, seqlen, groups, n, generator=g)
     C = torch.randn(b, seqlen, groups, n, generator=g)
     init = torch.randn(b, h, p, n, generator=g) if with_state else None
-    y, final = ssd_scan(x, dt, A, B, C, chunk, init)
     y_ref, final_ref = naive_scan(x, dt, A, B, C, init)
-    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(final, final_ref, atol=1e-4, rtol=1e-4)
+    for name, scan in _implementations("ssd_chunk_scan", x, dt, A, B, C, chunk, init):
+        y, final = scan(x, dt, A, B, C, chunk, init)
+        torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4, msg=name)
+        torch.testing.assert_close(final, final_ref, atol=1e-4, rtol=1e-4, msg=name)
 
 
 
@@ -63,15 +72,16 @@ def test_ssd_scan_with_strong_decay_matches_recurrence(chunk):
     C = torch.randn(b, seqlen, groups, n, generator=g, requires_grad=True)
     init = torch.randn(b, h, p, n, generator=g, requires_grad=True)
     inputs = (x, dt, A, B, C, init)
-    y, final = ssd_scan(x, dt, A, B, C, chunk, init)
     y_ref, final_ref = naive_scan(x, dt, A, B, C, init)
-    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(final, final_ref, atol=1e-4, rtol=1e-4)
     wy, wf = torch.randn(b, seqlen, h, p, generator=g), torch.randn(b, h, p, n, generator=g)
-    grads = torch.autograd.grad((y * wy).sum() + (final * wf).sum(), inputs)
     ref = torch.autograd.grad((y_ref * wy).sum() + (final_ref * wf).sum(), inputs)
-    for name, a, r in zip(["x", "dt", "A", "B", "C", "init"], grads, ref, strict=True):
-        torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4, msg=name)
+    for scan_name, scan in _implementations("ssd_chunk_scan", x, dt, A, B, C, chunk, init):
+        y, final = scan(x, dt, A, B, C, chunk, init)
+        torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4, msg=scan_name)
+        torch.testing.assert_close(final, final_ref, atol=1e-4, rtol=1e-4, msg=scan_name)
+        grads = torch.autograd.grad((y * wy).sum() + (final * wf).sum(), inputs)
+        for name, a, r in zip(["x", "dt", "A", "B", "C", "init"], grads, ref, strict=True):
+            torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4, msg=f"{scan_name}: {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -86,16 +96,23 @@ def test_gated_rms_norm_matches_composite_reference(dtype):
     x = torch.randn(2, 7, 12, generator=g).to(dtype).requires_grad_()
     gate = base[..., 3:15]  # a strided slice, as the in_proj split produces
     out_grad = torch.randn(2, 7, 12, generator=g).to(dtype)
-    mine, ref = norm(x, gate), norm.reference(x, gate)
-    assert mine.dtype == ref.dtype == dtype
+    args = (norm.weight, norm.group_size, norm.eps)
+    ref = ops.gated_rms_norm.reference(x, gate, *args)
+    ref_grads = torch.autograd.grad(ref, (x, base, norm.weight), out_grad)
     tol = {} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
-    torch.testing.assert_close(mine, ref, **tol)
-    for a, r in zip(torch.autograd.grad(mine, (x, base, norm.weight), out_grad),
-                    torch.autograd.grad(ref, (x, base, norm.weight), out_grad), strict=True):
-        assert a.dtype == r.dtype
-        torch.testing.assert_close(a, r, **({"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else tol))
-    with torch.no_grad():  # inference takes a path without the autograd.Function
-        torch.testing.assert_close(norm(x, gate), ref.detach(), **tol)
+    # the module (whichever implementation it takes) and every implementation that fits the call
+    paths = [("module", lambda x, gate, *args: norm(x, gate))]
+    paths += _implementations("gated_rms_norm", x, gate, *args)[1:]
+    grad_tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else tol
+    for name, fn in paths:
+        mine = fn(x, gate, *args)
+        assert mine.dtype == ref.dtype == dtype, name
+        torch.testing.assert_close(mine, ref, **tol, msg=name)
+        for a, r in zip(torch.autograd.grad(mine, (x, base, norm.weight), out_grad), ref_grads, strict=True):
+            assert a.dtype == r.dtype, name
+            torch.testing.assert_close(a, r, **grad_tol, msg=name)
+        with torch.no_grad():  # inference takes a path without the autograd.Function
+            torch.testing.assert_close(fn(x, gate, *args), ref.detach(), **tol, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -117,7 +134,10 @@ def test_rms_norm_matches_autograd_rms_norm(dtype):
     import kinetic.kernels.cpu as kc
 
     # float32 on CPUs with kinetic's kernels: the C kernel's function, else the torch one
-    expected = "_RMSNormC" if dtype == torch.float32 and kc.mamba_kernels_available() else "_RMSNormFn"
+    c_kernel = dtype == torch.float32 and kc.mamba_kernels_available()
+    expected = "_RMSNormC" if c_kernel else "_RMSNormFn"
+    assert ops.chosen("rms_norm", x, norm.weight, 1e-5) == ("cpu.c" if c_kernel
+                                                            else "torch.rms-norm-backward")
     assert mine.dtype == dtype and type(mine.grad_fn).__name__.startswith(expected)
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
     torch.testing.assert_close(mine, ref, **tol)
@@ -174,7 +194,7 @@ def test_moe_matches_per_token_reference(name):
 def test_both_ways_of_combining_expert_outputs_agree():
     """The CPU's index_add combine and the GPUs' atomic-free unsort + sum both give each token the sum
     of its k expert outputs, with the same gradient (both run here, so CI covers the GPU path too)."""
-    from kinetic.model.moe import combine_assignments
+    from kinetic.kernels.torch_ops import combine_assignments
 
     g = torch.Generator().manual_seed(68)
     tokens, k, width = 11, 3, 5
@@ -333,20 +353,23 @@ def test_grouped_experts_compile_and_equal_eager(native, monkeypatch):
     function refuses float32, and the per-expert loop's slice sizes are data): the ops pass torch's
     custom-op checks (shape function, autograd) both with torch's grouped kernel and with the
     one-matmul-per-group fallback used where that kernel does not run (e.g. CUDA float32), and
-    compiled experts give eager's outputs and gradients, with an idle expert."""
+    compiled experts (which take "torch.sorted" there) give eager's outputs and gradients, with an
+    idle expert: eager's module (the C kernel where it runs) and eager "torch.sorted" forced."""
+    from kinetic.kernels import torch_ops
     from kinetic.model import moe
 
     torch._dynamo.reset()
     if not native:  # as on a device/dtype without torch's grouped kernel: eager takes the loop
-        monkeypatch.setattr(moe, "use_grouped_mm", lambda x: False)
+        monkeypatch.setattr(torch_ops, "use_grouped_mm", lambda x: False)
     g = torch.Generator().manual_seed(5)
     a = torch.randn(10, 16, generator=g, requires_grad=True)
     b = torch.randn(3, 24, 16, generator=g).transpose(1, 2).requires_grad_()  # (groups, in, out) view
     offs = torch.tensor([3, 3, 10], dtype=torch.int32)  # group 1 is empty
-    torch.library.opcheck(moe._grouped_mm_op, (a, b, offs))
-    torch.library.opcheck(moe._grouped_mm_weight_grad, (a.detach(), torch.randn(10, 24, generator=g), offs))
+    torch.library.opcheck(torch_ops._grouped_mm_op, (a, b, offs))
+    torch.library.opcheck(torch_ops._grouped_mm_weight_grad,
+                          (a.detach(), torch.randn(10, 24, generator=g), offs))
     want = torch.cat([a[:3] @ b[0], a[3:] @ b[2]])
-    torch.testing.assert_close(moe._grouped_mm_op(a, b, offs), want)
+    torch.testing.assert_close(torch_ops._grouped_mm_op(a, b, offs), want)
 
     experts = moe.Experts(num_experts=6, width=16, intermediate=24)
     with torch.no_grad():
@@ -355,18 +378,28 @@ def test_grouped_experts_compile_and_equal_eager(native, monkeypatch):
     x = torch.randn(12, 16, generator=g, requires_grad=True)
     indices = torch.tensor([[0, 2], [2, 5], [5, 0]] * 4)  # experts 1, 3, 4 get nothing
     weights = torch.rand(12, 2, generator=g)
+    sorted_impl = next(i for i in ops.implementations("routed_experts") if i.name == "torch.sorted")
+
+    def forced_sorted(x, indices, weights):
+        return sorted_impl.fn(x, indices, weights, experts.up_proj, experts.down_proj)
+
     compiled = torch.compile(experts, fullgraph=True)
     results = []
-    for module in (experts, compiled):
+    for module in (experts, forced_sorted, compiled):
         out = module(x, indices, weights)
         params = (x, experts.up_proj, experts.down_proj)
         results.append((out, *torch.autograd.grad(out.square().sum(), params)))
-    for want, got in zip(*results, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for want, *got in zip(*results, strict=True):
+        for each in got:
+            torch.testing.assert_close(each, want, atol=1e-5, rtol=1e-5)
 
 
-def test_grouped_and_loop_expert_paths_agree_with_idle_experts():
-    from kinetic.model.moe import Experts, use_grouped_mm
+def test_grouped_and_loop_expert_paths_agree_with_idle_experts(monkeypatch):
+    """The module (the C kernel where it runs), "torch.sorted" through torch's grouped matmul and
+    through its per-expert loop, and the reference give the same outputs and gradients with idle
+    experts; inference on few assignments takes "torch.gather", which also holds at any size."""
+    from kinetic.kernels import torch_ops
+    from kinetic.model.moe import Experts
 
     experts = Experts(num_experts=6, width=16, intermediate=24)
     with torch.no_grad():
@@ -375,32 +408,45 @@ def test_grouped_and_loop_expert_paths_agree_with_idle_experts():
     x = torch.randn(10, 16, requires_grad=True)
     indices = torch.tensor([[0, 2], [2, 5], [5, 0]] * 3 + [[2, 0]])  # experts 1, 3, 4 get nothing
     weights = torch.rand(10, 2)
-    results = []
-    for grouped in (True, False):
-        experts.grouped = grouped
-        out = experts(x, indices, weights)
-        grads = torch.autograd.grad(out.square().sum(), (x, experts.up_proj, experts.down_proj))
-        results.append((out, *grads))
-    for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert results[0][2][1].abs().sum() == 0  # an idle expert gets a zero gradient
-    assert use_grouped_mm(x) == hasattr(torch, "_grouped_mm")
-    # inference on few assignments (decode/verify) gathers the chosen experts' weights instead;
-    # a static cache forces that path at any size
-    experts.grouped = True
+    impls = {impl.name: impl for impl in ops.implementations("routed_experts")}
+    up, down = experts.up_proj, experts.down_proj
+
+    def run(fn):
+        out = fn(x, indices, weights, up, down)
+        return (out, *torch.autograd.grad(out.square().sum(), (x, up, down)))
+
+    results = {"module": run(lambda x, i, w, up, down: experts(x, i, w)),
+               "reference": run(ops.routed_experts.reference),
+               "torch.sorted": run(impls["torch.sorted"].fn)}
+    if impls["cpu.c"].fits(x, indices, weights, up, down):
+        results["cpu.c"] = run(impls["cpu.c"].fn)
+    with monkeypatch.context() as patch:  # the per-expert loop, as where torch has no grouped kernel
+        patch.setattr(torch_ops, "use_grouped_mm", lambda x: False)
+        loop = results["torch.sorted/loop"] = run(impls["torch.sorted"].fn)
+    for name, result in results.items():
+        for a, b in zip(result, loop, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+        assert result[2][1].abs().sum() == 0, name  # an idle expert gets a zero gradient
+    assert torch_ops.use_grouped_mm(x) == hasattr(torch, "_grouped_mm")
+    # inference on few assignments (decode/verify) gathers the chosen experts' weights instead, where
+    # the C kernel (faster there) does not run; a static cache or a compiled step takes that path at
+    # any size (forced here)
     with torch.no_grad():
         for n in (1, 3, 10):
+            args = (x[:n], indices[:n], weights[:n], up, down)
+            want = "cpu.c" if impls["cpu.c"].fits(*args) else "torch.gather"
+            assert ops.chosen("routed_experts", *args) == want
             few = experts(x[:n], indices[:n], weights[:n])
-            torch.testing.assert_close(few, results[1][0][:n], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(experts(x, indices, weights, static=True), results[1][0],
+            torch.testing.assert_close(few, loop[0][:n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(impls["torch.gather"].fn(x, indices, weights, up, down), loop[0],
                                    atol=1e-5, rtol=1e-5)
 
 
 def test_head_logits_swaps_operands_for_a_few_rows_only(monkeypatch):
     """The logits of 2-4 positions in CPU float32 inference come from W @ h^T (faster there, see
-    SWAPPED_HEAD_ROWS) and equal lm_head(h); other row counts, gradients and bfloat16 call the
-    module itself."""
-    from kinetic.model import nemotron_h
+    SWAPPED_HEAD_ROWS) and equal lm_head(h); other row counts, gradients and bfloat16 take the
+    reference (F.linear)."""
+    from kinetic.kernels.cpu_ops import SWAPPED_HEAD_ROWS
 
     g = torch.Generator().manual_seed(3)
     head = torch.nn.Linear(16, 50, bias=False)
@@ -411,24 +457,25 @@ def test_head_logits_swaps_operands_for_a_few_rows_only(monkeypatch):
         for rows in range(1, 7):
             h = torch.randn(1, rows, 16, generator=g)
             calls.clear()
-            got = nemotron_h.head_logits(head, h)
+            swapped = ops.chosen("lm_head_logits", h, head.weight) == "cpu.swapped-gemm"
+            assert swapped == (rows in SWAPPED_HEAD_ROWS), rows
+            got = ops.lm_head_logits(h, head.weight)
             assert got.shape == (1, rows, 50) and got.is_contiguous()
             torch.testing.assert_close(got, head(h), rtol=1e-6, atol=1e-6)
-            assert (calls == [(50, 16)]) == (rows in nemotron_h.SWAPPED_HEAD_ROWS), rows
+            assert (calls == [(50, 16)]) == (rows in SWAPPED_HEAD_ROWS), rows
         calls.clear()
-        nemotron_h.head_logits(head.to(torch.bfloat16), torch.randn(1, 3, 16).bfloat16())
+        ops.lm_head_logits(torch.randn(1, 3, 16).bfloat16(), head.to(torch.bfloat16).weight)
         assert calls == []
     h = torch.randn(1, 3, 16, requires_grad=True)
-    nemotron_h.head_logits(head.float(), h).sum().backward()  # grad mode: the module's own path
+    ops.lm_head_logits(h, head.float().weight).sum().backward()  # grad mode: the reference
     assert calls == [] and h.grad is not None
 
 
 def test_large_logits_go_into_huge_pages(monkeypatch):
     """Inference logits of at least HUGE_PAGE_MIN_BYTES (CPU float32) are written into a buffer advised
     for transparent huge pages -- the advice covers whole 2 MiB pages inside it -- with the values of
-    lm_head(h); smaller logits, and training, take the module's path."""
+    lm_head(h); smaller logits, and training, take the reference."""
     import kinetic.kernels.cpu as kc
-    from kinetic.model import nemotron_h
 
     advised = []
     monkeypatch.setattr(kc, "_madvise", lambda: lambda start, length, advice: advised.append(
@@ -438,7 +485,8 @@ def test_large_logits_go_into_huge_pages(monkeypatch):
     rows = kc.HUGE_PAGE_MIN_BYTES // (8192 * 4)  # exactly the threshold
     h = torch.randn(1, rows, 16, generator=g)
     with torch.no_grad():
-        got = nemotron_h.head_logits(head, h)
+        assert ops.chosen("lm_head_logits", h, head.weight) == "cpu.huge-pages"
+        got = ops.lm_head_logits(h, head.weight)
         assert len(advised) == 1
         start, length, advice = advised[0]
         size = rows * 8192 * 4
@@ -446,13 +494,14 @@ def test_large_logits_go_into_huge_pages(monkeypatch):
         assert got.data_ptr() <= start and start + length <= got.data_ptr() + size
         assert length >= size - (4 << 20)
         torch.testing.assert_close(got, head(h), rtol=1e-6, atol=1e-6)
-        nemotron_h.head_logits(head, h[:, :rows - 1])  # one row under the threshold: the module's path
-    nemotron_h.head_logits(head, h.requires_grad_())  # training: the module's path
+        assert ops.chosen("lm_head_logits", h[:, :rows - 1], head.weight) == "reference"
+        ops.lm_head_logits(h[:, :rows - 1], head.weight)  # one row under the threshold: the reference
+    ops.lm_head_logits(h.requires_grad_(), head.weight)  # training: the reference
     assert len(advised) == 1
 
 
-def test_fused_loss_matches_cross_entropy_on_logits():
-    from kinetic.model.loss import fused_linear_cross_entropy
+def test_fused_loss_matches_cross_entropy_on_logits(monkeypatch):
+    from kinetic.kernels import torch_ops
 
     g = torch.Generator().manual_seed(40)
     hidden = torch.randn(2, 23, 16, generator=g, requires_grad=True)
@@ -461,12 +510,14 @@ def test_fused_loss_matches_cross_entropy_on_logits():
     targets[0, ::3] = -100
     ref = F.cross_entropy((hidden @ weight.T).flatten(0, 1), targets.flatten())
     ref_grads = torch.autograd.grad(ref * 3, (hidden, weight))
-    fused = fused_linear_cross_entropy(hidden, weight, targets, chunk_size=7)  # chunks not dividing 46
+    assert ops.chosen("linear_cross_entropy", hidden, weight, targets) == "torch.chunked"
+    monkeypatch.setattr(torch_ops, "LOSS_CHUNK", 7)  # chunks not dividing 46
+    fused = ops.linear_cross_entropy(hidden, weight, targets)
     grads = torch.autograd.grad(fused * 3, (hidden, weight))
     torch.testing.assert_close(fused, ref)
     for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    all_ignored = fused_linear_cross_entropy(hidden, weight, torch.full((2, 23), -100))
+    all_ignored = ops.linear_cross_entropy(hidden, weight, torch.full((2, 23), -100))
     assert all_ignored.item() == 0.0
 
 
@@ -475,7 +526,7 @@ def test_fused_loss_on_large_logits_in_huge_pages(monkeypatch):
     reused by every chunk; the in-place log-sum-exp stays exact for logits in the hundreds (float64
     reference)."""
     import kinetic.kernels.cpu as kc
-    from kinetic.model.loss import fused_linear_cross_entropy
+    from kinetic.kernels import torch_ops
 
     advised = []
     monkeypatch.setattr(kc, "_madvise", lambda: lambda start, length, advice: advised.append(advice) or 0)
@@ -484,7 +535,8 @@ def test_fused_loss_on_large_logits_in_huge_pages(monkeypatch):
     hidden = torch.randn(2 * rows + 5, 8, generator=g, requires_grad=True)  # three chunks, one short
     weight = (torch.randn(8192, 8, generator=g) * 40).requires_grad_()  # logits up to a few hundred
     targets = torch.randint(0, 8192, (2 * rows + 5,), generator=g)
-    fused = fused_linear_cross_entropy(hidden, weight, targets, chunk_size=rows)
+    monkeypatch.setattr(torch_ops, "LOSS_CHUNK", rows)
+    fused = ops.linear_cross_entropy(hidden, weight, targets)
     assert advised == [14]
     grads = torch.autograd.grad(fused, (hidden, weight))
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
@@ -530,23 +582,25 @@ def test_fused_relu2_matches_autograd_reference():
 
 @pytest.mark.parametrize("seqlen, with_bias", [(11, True), (11, False), (2, True), (1, False)])
 def test_causal_conv_matches_conv1d(seqlen, with_bias):
-    """Values and all three gradients, including sequences shorter than the kernel."""
-    from kinetic.model.conv import causal_conv1d_silu
-
+    """Values and all three gradients, including sequences shorter than the kernel: the reference
+    and every implementation that takes the call (the C kernel, torch's channels-last one)."""
     g = torch.Generator().manual_seed(51)
     base = torch.randn(3, seqlen, 12, generator=g, requires_grad=True)
-    weight = torch.randn(7, 1, 4, generator=g, requires_grad=True)
+    weight = torch.randn(7, 1, 4, generator=g, requires_grad=True)  # nn.Conv1d's layout
     bias = torch.randn(7, generator=g, requires_grad=True) if with_bias else None
     out_grad = torch.randn(3, seqlen, 7, generator=g)
     xs = base[..., 2:9]  # a strided slice, as the in_proj split produces
-    mine = causal_conv1d_silu(xs, weight, bias)
     ref = F.conv1d(xs.transpose(1, 2), weight, bias, padding=3, groups=7)[..., :seqlen]
     ref = F.silu(ref).transpose(1, 2)
-    torch.testing.assert_close(mine, ref)
     inputs = (base, weight, bias) if with_bias else (base, weight)
-    for a, b in zip(torch.autograd.grad(mine, inputs, out_grad),
-                    torch.autograd.grad(ref, inputs, out_grad), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    ref_grads = torch.autograd.grad(ref, inputs, out_grad)
+    paths = _implementations("causal_conv1d_silu", xs, weight[:, 0], bias)
+    assert len(paths) > 1
+    for name, conv in paths:
+        mine = conv(xs, weight[:, 0], bias)
+        torch.testing.assert_close(mine, ref, msg=name)
+        for a, b in zip(torch.autograd.grad(mine, inputs, out_grad), ref_grads, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_ssd_scan_gradients_match_recurrence():
@@ -560,12 +614,13 @@ def test_ssd_scan_gradients_match_recurrence():
     init = torch.randn(b, h, p, n, generator=g, requires_grad=True)
     wy, wf = torch.randn(b, seqlen, h, p, generator=g), torch.randn(b, h, p, n, generator=g)
     inputs = (x, dt, A, B, C, init)
-    y, final = ssd_scan(x, dt, A, B, C, 8, init)
-    grads = torch.autograd.grad((y * wy).sum() + (final * wf).sum(), inputs)
     y_ref, final_ref = naive_scan(x, dt, A, B, C, init)
     ref = torch.autograd.grad((y_ref * wy).sum() + (final_ref * wf).sum(), inputs)
-    for name, a, r in zip(["x", "dt", "A", "B", "C", "init"], grads, ref, strict=True):
-        torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4, msg=name)
+    for scan_name, scan in _implementations("ssd_chunk_scan", x, dt, A, B, C, 8, init):
+        y, final = scan(x, dt, A, B, C, 8, init)
+        grads = torch.autograd.grad((y * wy).sum() + (final * wf).sum(), inputs)
+        for name, a, r in zip(["x", "dt", "A", "B", "C", "init"], grads, ref, strict=True):
+            torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4, msg=f"{scan_name}: {name}")
 
 
 def test_labels_one_token_longer_use_every_position():
@@ -581,27 +636,44 @@ def test_labels_one_token_longer_use_every_position():
         model(window[:, :-1], labels=window[:, :5])
 
 
-def test_training_attention_repeats_kv_heads_like_grouped_sdpa():
-    """On CPU in training the keys/values are repeated per query head before the flash kernel (its
-    grouped-head backward is slower); output and gradients equal SDPA's own grouped-query path."""
+def test_training_attention_repeats_kv_heads_like_grouped_sdpa(monkeypatch):
+    """On CPU in training the SDPA implementation repeats the keys/values per query head before the
+    flash kernel (its grouped-head backward is slower); output and gradients equal SDPA's own
+    grouped-query path, with "sdpa.causal" forced and through the layer (which takes the C kernel
+    where it runs)."""
+    from kinetic.kernels import sdpa
     from kinetic.model.attention import Attention
 
     config = make_config("latent-grouped-mtp")
     layer = randomize(Attention(config), seed=66)
     x = torch.randn(2, 19, config.hidden_size, generator=torch.Generator().manual_seed(67)).requires_grad_()
-    out = layer(x)
     b, s, _ = x.shape
     h, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
-    q = layer.q_proj(x).view(b, s, h, d).transpose(1, 2)
-    k = layer.k_proj(x).view(b, s, kvh, d).transpose(1, 2)
-    v = layer.v_proj(x).view(b, s, kvh, d).transpose(1, 2)
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    q = layer.q_proj(x).view(b, s, h, d)
+    k = layer.k_proj(x).view(b, s, kvh, d)
+    v = layer.v_proj(x).view(b, s, kvh, d)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=True, enable_gqa=True)
     ref = layer.o_proj(ref.transpose(1, 2).reshape(b, s, h * d))
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    g = torch.randn_like(out)
+    g = torch.randn_like(ref)
     params = [x, layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight]
-    for a, r in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g), strict=True):
-        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+    ref_grads = torch.autograd.grad(ref, params, g, retain_graph=True)
+
+    kernel_calls = []
+    real_kernel = sdpa._sdpa_kernel
+
+    def spy(q, k, v, mask, causal, gqa):
+        kernel_calls.append((k.shape[1], gqa))
+        return real_kernel(q, k, v, mask, causal, gqa)
+
+    monkeypatch.setattr(sdpa, "_sdpa_kernel", spy)
+    impl = next(i for i in ops.implementations("causal_attention") if i.name == "sdpa.causal")
+    forced = layer.o_proj(impl.fn(q, k, v).reshape(b, s, h * d))
+    assert kernel_calls == [(h, False)]  # keys/values repeated per query head, no grouped heads
+    for out in (forced, layer(x)):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        for a, r in zip(torch.autograd.grad(out, params, g), ref_grads, strict=True):
+            torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("small_mask", [False, True])
@@ -610,7 +682,7 @@ def test_cpu_chunk_attention_over_a_cache(monkeypatch, dtype, tol, small_mask):
     """A prefill chunk after cached tokens (and a few-token verification step) equals attention over
     the whole sequence at once. On CPU it never builds a (chunk, context) mask, except a small one
     for a few queries over a short context (SMALL_MASK_*), which must be used there."""
-    from kinetic.model import attention
+    from kinetic.kernels import sdpa
     from kinetic.model.attention import Attention
 
     config = make_config("latent-grouped-mtp")
@@ -620,7 +692,7 @@ def test_cpu_chunk_attention_over_a_cache(monkeypatch, dtype, tol, small_mask):
     with torch.no_grad():
         full = layer(x)
         masks = []
-        real = attention._lower_right_causal
+        real = sdpa._lower_right_causal
 
         def spy(q_len, kv_len, q):
             if not small_mask:
@@ -629,8 +701,8 @@ def test_cpu_chunk_attention_over_a_cache(monkeypatch, dtype, tol, small_mask):
             masks.append((q_len, kv_len))
             return real(q_len, kv_len, q)
 
-        monkeypatch.setattr(attention, "_lower_right_causal", spy)
-        monkeypatch.setattr(attention, "SMALL_MASK_KEYS", 1024 if small_mask else 0)
+        monkeypatch.setattr(sdpa, "_lower_right_causal", spy)
+        monkeypatch.setattr(sdpa, "SMALL_MASK_KEYS", 1024 if small_mask else 0)
         cache = InferenceCache()
         cache.reserve(64)
         parts = [layer(x[:, a:b], cache) for a, b in ((0, 17), (17, 40), (40, 41), (41, 45))]
@@ -648,7 +720,7 @@ def test_cpu_chunk_attention_over_a_cache(monkeypatch, dtype, tol, small_mask):
 def test_split_kv_decode_equals_attention_over_the_whole_cache(batch, heads, kv_heads, length, partitions):
     """The split-KV decode (CUDA float32 at long context; the merge runs on CPU kernels here) equals
     grouped-query attention of one query over the cached keys, read from a larger cache buffer."""
-    from kinetic.model.attention import _split_kv_decode
+    from kinetic.kernels.sdpa import _split_kv_decode
 
     g = torch.Generator().manual_seed(length)
     kb, vb = (torch.randn(batch, kv_heads, length + 50, 16, generator=g) for _ in range(2))
@@ -663,7 +735,7 @@ def test_split_kv_decode_equals_attention_over_the_whole_cache(batch, heads, kv_
 def test_grouped_attention_lse_over_partitions(partitions):
     """Several query rows per head (a prefill chunk's pass over the cache) over keys split into
     partitions: output and log-sum-exp equal the explicit softmax attention, for every split."""
-    from kinetic.model.attention import _grouped_attention_lse
+    from kinetic.kernels.sdpa import _grouped_attention_lse
 
     g = torch.Generator().manual_seed(partitions)
     b, heads, kv_heads, s, length, d = 2, 6, 2, 5, 203, 8
@@ -681,7 +753,7 @@ def test_grouped_attention_lse_over_partitions(partitions):
 def test_chunk_attention_with_the_cache_split_into_partitions(monkeypatch):
     """A prefill chunk's pass over the cache split into partitions (what CUDA does with few query
     rows over a long cache) gives the same layer output as attention over the whole sequence."""
-    from kinetic.model import attention
+    from kinetic.kernels import sdpa
     from kinetic.model.attention import Attention
 
     config = make_config("latent-grouped-mtp")
@@ -694,8 +766,8 @@ def test_chunk_attention_with_the_cache_split_into_partitions(monkeypatch):
         calls.append(length)
         return 4
 
-    monkeypatch.setattr(attention, "_split_kv_partitions", split)
-    monkeypatch.setattr(attention, "SMALL_MASK_KEYS", 0)
+    monkeypatch.setattr(sdpa, "_split_kv_partitions", split)
+    monkeypatch.setattr(sdpa, "SMALL_MASK_KEYS", 0)
     cache = InferenceCache()
     cache.reserve(70)
     parts = [layer(x[:, a:b], cache) for a, b in ((0, 30), (30, 33), (33, 70))]
@@ -710,7 +782,7 @@ def test_split_kv_decode_does_not_copy_the_cache(batch):
     (16 MiB of keys and values each), read from a larger cache buffer, take well under 1 MiB more
     (SDPA's grouped-query fallback copies them all)."""
     from kinetic.infer.memory import PeakTensorMemory
-    from kinetic.model.attention import _split_kv_decode
+    from kinetic.kernels.sdpa import _split_kv_decode
 
     g = torch.Generator().manual_seed(0)
     kb, vb = (torch.randn(batch, 2, 65536 + 100, 16, generator=g) for _ in range(2))
@@ -747,8 +819,8 @@ def test_chunked_prefill_memory_is_the_cache_plus_a_chunk_of_activations():
     """Peak tensor memory of a chunked prefill = the cache + activations bounded by the chunk: the
     excess over the cache budget is the same at 2K and 8K tokens of context, and grows with the
     chunk (a (chunk, context) mask would add chunk x context bytes at 8K)."""
+    from kinetic.infer.cache import cache_budget
     from kinetic.infer.memory import PeakTensorMemory
-    from kinetic.model.cache import cache_budget
 
     config = make_config("latent-grouped-mtp").replace(max_position_embeddings=8192)
     model = randomize(NemotronHForCausalLM(config), seed=71).eval()

@@ -1,11 +1,11 @@
-"""kinetic.model.shared_grad: a split whose consumers write their gradients into one buffer."""
+"""kinetic.kernels.shared_grad: a split whose consumers write their gradients into one buffer."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kinetic.model.shared_grad import SharedGrad, split_shared
+from kinetic.kernels.shared_grad import SharedGrad, split_shared
 
 
 class TimesThreeInPlace(torch.autograd.Function):

@@ -11,22 +11,27 @@ import torch
 from conftest import CONFIGS, make_config, randomize
 
 from kinetic import NemotronHForCausalLM
-from kinetic.model import InferenceCache
+from kinetic.infer.cache import InferenceCache
+from kinetic.infer.static_cache import CompiledDecoder, CUDAGraphDecoder, StaticCache
 from kinetic.model.moe import count_per_expert
-from kinetic.model.static_cache import CompiledDecoder, CUDAGraphDecoder, StaticCache
 
 
 @pytest.fixture(params=[False, True], ids=["sdpa", "split-kv"])
 def split_kv(request, monkeypatch):
     """Both attention paths of a static step: SDPA with the full-capacity mask (CPU, short CUDA
-    caches), and the split-KV one that CUDA takes from 8K of capacity, forced here with 3 partitions
-    (plus a remainder at capacity 32) so that positions cross partitions during the test."""
-    from kinetic.model import attention
+    caches), and the split-KV one ("sdpa.static-split-kv") that CUDA takes from 8K of capacity,
+    forced here with 3 partitions (plus a remainder at capacity 32) so that positions cross
+    partitions during the test. Yields the number of static split-KV attention calls so far."""
+    from kinetic.kernels import sdpa
 
+    calls = []
+    real = sdpa._static_split_kv_attention
+    monkeypatch.setattr(sdpa, "_static_split_kv_attention", lambda *args: calls.append(1) or real(*args))
     if request.param:
-        monkeypatch.setattr(attention, "_static_split_kv", lambda q, capacity: True)
-        monkeypatch.setattr(attention, "_split_kv_partitions", lambda q, kv_heads, length: 3)
-    return request.param
+        monkeypatch.setattr(sdpa, "_static_split_kv", lambda q, capacity: True)
+        monkeypatch.setattr(sdpa, "_split_kv_partitions", lambda q, kv_heads, length: 3)
+    yield request.param
+    assert bool(calls) == request.param  # the static steps took the path under test
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -86,7 +91,7 @@ def test_static_tracked_forward_and_keep_equal_dynamic(name, one_thread, split_k
 
 
 def test_bucket_capacity_shares_shapes_and_bounds_padding():
-    from kinetic.model.static_cache import bucket_capacity
+    from kinetic.infer.static_cache import bucket_capacity
 
     assert [bucket_capacity(n) for n in (0, 1, 256, 257, 5000, 8192)] == [256, 256, 256, 512, 8192, 8192]
     assert bucket_capacity(8193) == 10240 and bucket_capacity(131_072) == 131_072

@@ -6,8 +6,9 @@
   ``<pad> <bos> <eos> <|system|> <|user|> <|assistant|>``;
 * :mod:`kinetic.data.pack` — :func:`build_corpus` writes ``index.json`` + uint16/uint32 shards with a
   per-domain validation split;
-* :mod:`kinetic.data.loader` — :class:`BlendedLoader`, deterministic, resumable, rank-aware;
-* :mod:`kinetic.data.cli` — ``kinetic data sources|build`` and ``kinetic tokenizer train``.
+* :mod:`kinetic.data.loader` — :class:`BlendedLoader`, deterministic, resumable, rank-aware.
+
+The commands ``kinetic data sources|build`` and ``kinetic tokenizer train`` run these jobs.
 """
 
 from kinetic.data.loader import BlendedLoader

@@ -42,8 +42,8 @@ BUILD_MARKER = ".kinetic-corpus"  # written first, so an interrupted build can b
 FORMAT_VERSION = 1
 CHUNK_BYTES = 1 << 18  # text per task sent to a worker: big enough to amortize pickling, small for balance
 # Below this much text, ``workers=None`` tokenizes in-process: encode_batch already uses every core
-# through the Rust thread pool, and each spawned worker pays ~1.5 s to start (importing kinetic imports
-# torch). Measured on 2 cores: 6 MB in 4.0 s in-process vs 4.7 s with 2 workers; 38 MB in 17 s vs 20 s.
+# through the Rust thread pool, and each spawned worker pays a start-up import of torch. No file in
+# benchmarks/ times this; compare `kinetic data build --workers 1` and `--workers N` (docs/performance.md).
 POOL_MIN_BYTES = 64 * 10**6
 
 

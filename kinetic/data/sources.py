@@ -116,7 +116,7 @@ def metamath(root: str | Path | None = None) -> Iterator[str]:
     if path is None:
         raise SourceUnavailable(f"no set.mm in {', '.join(str(p.parent) for p in candidates)}")
 
-    def sections() -> Iterator[str]:  # lazy: reading and stripping 41 MB takes a second
+    def sections() -> Iterator[str]:  # lazy: set.mm is large, so it is read and stripped only when iterated
         text = strip_metamath_proofs(path.read_text(encoding="utf-8"))
         yield from (section for section in _MM_SECTION.split(text) if section.strip())
 

@@ -19,7 +19,6 @@ over the context limit, a body over the size limit) get a 4xx with OpenAI's erro
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -42,16 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from kinetic.infer.engine import (
-    Delta,
-    Engine,
-    GenerationSequence,
-    SamplingParams,
-    add_decode_args,
-    add_device_args,
-    device_options,
-    engine_options,
-)
+from kinetic.infer.engine import Delta, Engine, GenerationSequence, SamplingParams
 
 log = logging.getLogger("kinetic.serve")
 STATIC = Path(__file__).parent / "static"
@@ -550,41 +540,3 @@ def run(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, *, mo
     print(f"kinetic serve: {checkpoint} as model {name!r}; API http://{host}:{port}/v1, chat page "
           f"http://{host}:{port}/", file=sys.stderr, flush=True)
     uvicorn.run(create_app(engine, name, limits), host=host, port=port, log_level=log_level)
-
-
-def add_serve_args(p: argparse.ArgumentParser) -> None:
-    """The flags of ``kinetic serve``."""
-    d = Limits()
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir (with tokenizer.json) or run dir")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 = every one)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model-name", default=None, help="the model id clients use (default: the dir name)")
-    p.add_argument("--max-context", type=int, default=None,
-                   help="prompt + completion token limit (default: the config's max_position_embeddings)")
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens per request")
-    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
-    p.add_argument("--max-n", type=int, default=d.max_n, help="choices per request")
-    p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 429")
-    p.add_argument("--max-active", type=int, default=d.max_active, help="sequences generated together")
-    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes)
-    add_device_args(p)
-    add_decode_args(p)
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    """``kinetic serve``: the OpenAI-compatible server on ``--host``:``--port``."""
-    from kinetic.cli import UserError
-
-    names = ("max_tokens", "default_max_tokens", "max_n", "max_queue", "max_active", "max_request_bytes")
-    bad = [f"--{n.replace('_', '-')}={getattr(args, n)}" for n in names if getattr(args, n) < 1]
-    if bad:
-        raise UserError(f"{', '.join(bad)}: limits must be >= 1")
-    limits = Limits(**{n: getattr(args, n) for n in names})
-    try:
-        run(args.checkpoint, args.host, args.port, model_name=args.model_name, limits=limits,
-            max_context=args.max_context, log_level=args.log_level, **device_options(args),
-            **engine_options(args))
-    except ValueError as err:  # a bad checkpoint config or --max-context
-        raise UserError(str(err)) from None
-    return 0

@@ -25,7 +25,7 @@ One round, with T tokens already in the main model's cache and the next token x_
    next round.
 
 :mod:`kinetic.infer.static_speculative` runs the same rounds on fixed shapes for ``torch.compile``
-(``speculative_generate(compile=True)``, ``Engine(compile_decode=True)`` on CPU).
+(``kinetic.infer.generate.speculative_generate(compile=True)``, ``Engine(compile_decode=True)`` on CPU).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kinetic.model.cache import InferenceCache
+from kinetic.infer.cache import InferenceCache
+from kinetic.infer.sampling import top_k_filter, top_p_filter
 
 
 @dataclass
@@ -206,52 +207,11 @@ def target_distribution(temperature: float, top_k: int = 0, top_p: float = 1.0
     """The sampling distribution plain decoding uses (None for greedy), for rows of logits."""
     if temperature == 0:
         return None
-    from kinetic.infer.engine import top_k_filter, top_p_filter
-
     def dist(logits: torch.Tensor) -> torch.Tensor:
         scaled = logits.float() / temperature
         return top_p_filter(top_k_filter(scaled, top_k), top_p).softmax(dim=-1)
 
     return dist
-
-
-@torch.inference_mode()
-def speculative_generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, *,
-                         draft_tokens: int = 3, temperature: float = 0.0, top_k: int = 0,
-                         top_p: float = 1.0, generator: torch.Generator | None = None,
-                         prefill_chunk: int = 0, compile: bool = False, static: bool | None = None,
-                         cuda_graph: bool = False) -> tuple[list[int], SpecStats]:
-    """Up to ``max_new_tokens`` new tokens for one prompt (no stop tokens), drafting with MTP.
-    A model-only entry point for tests and benchmarks; :class:`kinetic.infer.Engine` uses the same
-    :class:`SpeculativeDecoder` with text, stop conditions and streaming.
-
-    ``compile=True`` runs the rounds on fixed shapes through ``torch.compile``
-    (:mod:`kinetic.infer.static_speculative`; the first call compiles, which takes seconds);
-    ``static=True`` uses those fixed-shape rounds without compiling them, and ``cuda_graph=True``
-    (greedy, on CUDA) replays each round as one captured CUDA graph."""
-    model.eval()
-    static = (compile or cuda_graph) if static is None else static
-    capacity = len(prompt) + max_new_tokens + draft_tokens + 1
-    cache = InferenceCache()
-    cache.reserve(capacity)
-    dec = SpeculativeDecoder(model, cache, target_distribution(temperature, top_k, top_p), generator)
-    first = prefill(model, cache, prompt, prefill_chunk, dec)
-    if max_new_tokens <= 0:
-        return [], dec.stats
-    out = [first]
-    if static and draft_tokens > 0 and len(out) < max_new_tokens:
-        from kinetic.infer.static_speculative import StaticSpeculativeDecoder
-        from kinetic.model.static_cache import bucket_capacity
-
-        capacity = bucket_capacity(capacity)  # one compiled shape for prompts of similar lengths
-        fixed = StaticSpeculativeDecoder(dec, draft_tokens, capacity, compile=compile and not cuda_graph,
-                                         graph=cuda_graph)
-        while len(out) < max_new_tokens:
-            out += fixed.round()
-        return out[:max_new_tokens], dec.stats
-    while len(out) < max_new_tokens:
-        out += dec.round(min(draft_tokens, max_new_tokens - len(out) - 1))
-    return out[:max_new_tokens], dec.stats
 
 
 def prefill(model: torch.nn.Module, cache: InferenceCache, prompt: list[int], chunk: int,

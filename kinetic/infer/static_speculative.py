@@ -2,7 +2,7 @@
 fast path; the same fixed-address steps are what a CUDA graph would capture).
 
 The algorithm is :mod:`kinetic.infer.speculative`'s; only the state lives in two
-:class:`~kinetic.model.static_cache.StaticCache` objects (the main model's and the MTP layer's), and
+:class:`~kinetic.infer.static_cache.StaticCache` objects (the main model's and the MTP layer's), and
 every step has one shape for the whole generation:
 
 * verify: the main model over ``[x_T, d_1 .. d_k]`` -- always k+1 tokens -- as a tracked forward;
@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import torch
 
+from kinetic import ops
 from kinetic.infer.speculative import SpecStats, SpeculativeDecoder, accept_drafts
-from kinetic.model.nemotron_h import head_logits
-from kinetic.model.static_cache import StaticCache, capture_stream, compile_step
+from kinetic.infer.static_cache import StaticCache, capture_stream, compile_step
 
 
 def _verify(model, ids: torch.Tensor, cache: StaticCache):
@@ -37,7 +37,7 @@ def _verify(model, ids: torch.Tensor, cache: StaticCache):
 
 def _commit(model, hidden: torch.Tensor, next_ids: torch.Tensor, cache: StaticCache):
     x, normed = model.mtp.forward_depth(0, hidden, model.backbone.embeddings(next_ids), cache)
-    return x, head_logits(model.lm_head, normed)[0].float()
+    return x, ops.lm_head_logits(normed, model.lm_head.weight)[0].float()
 
 
 def _draft(model, x: torch.Tensor, token: torch.Tensor, cache: StaticCache):

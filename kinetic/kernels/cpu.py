@@ -28,7 +28,9 @@ compare it with:
   ``scaled_dot_product_attention`` runs.
 
 Each library is built once per source, compiler and CPU with ``cc -O3 -march=native -fopenmp`` into
-``$KINETIC_KERNEL_CACHE`` (default ``~/.cache/kinetic/kernels``), which takes about a second; a
+``$KINETIC_KERNEL_CACHE`` (default ``~/.cache/kinetic/kernels``), which takes about a second
+(``KINETIC_KERNEL_MARCH`` replaces ``native``, e.g. ``haswell`` to build for AVX2 on an AVX-512
+machine, as benchmarks/ops.py does to see what a CPU without AVX-512 gets); a
 build that fails warns once and leaves torch's kernels in place. ``KINETIC_CPU_KERNELS=0`` turns
 the kernels off (read at their first use in a process). The C code's OpenMP is the one torch's CPU
 build loads (``libgomp.so.1``, already in the process when kinetic imports torch), so it uses the
@@ -59,6 +61,15 @@ _ATTENTION_SOURCE = Path(__file__).with_name("attention.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 
+def compiler_flags() -> list[str]:
+    """:data:`FLAGS` with the target of ``-march`` taken from ``KINETIC_KERNEL_MARCH`` when it is set
+    (read at every build; the default, ``native``, is the CPU this runs on)."""
+    march = os.environ.get("KINETIC_KERNEL_MARCH", "").strip()
+    if not march:
+        return list(FLAGS)
+    return [f"-march={march}" if flag.startswith("-march=") else flag for flag in FLAGS]
+
+
 def enabled() -> bool:
     return os.environ.get("KINETIC_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -76,6 +87,11 @@ def torch_only():
         yield
     finally:
         _stepped_aside -= 1
+
+
+def stepped_aside() -> bool:
+    """Whether a :func:`torch_only` context is open."""
+    return _stepped_aside > 0
 
 
 def _cpu_flags() -> set[str]:
@@ -104,7 +120,8 @@ def build(source: Path, compiler: str | None = None) -> Path:
     # the source and the headers beside it (a change to either is a new build)
     text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
     cpu = sorted(_cpu_flags())
-    key = hashlib.sha256(b"\0".join([text, " ".join(FLAGS).encode(), compiler.encode(),
+    flags = compiler_flags()
+    key = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), compiler.encode(),
                                      " ".join(cpu).encode(), platform.machine().encode()])).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
@@ -113,7 +130,7 @@ def build(source: Path, compiler: str | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # then renamed: concurrent builds are safe
     os.close(fd)
     try:
-        done = subprocess.run([*shlex.split(compiler), *FLAGS, str(source), "-o", tmp, "-lm"],
+        done = subprocess.run([*shlex.split(compiler), *flags, str(source), "-o", tmp, "-lm"],
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed on {source.name}: {done.stderr.strip()[-800:]}")
@@ -157,7 +174,7 @@ def _library() -> ctypes.CDLL | None:
 def _mamba_library() -> ctypes.CDLL | None:
     """The Mamba-2 library (the scan's chunks, the causal conv + SiLU), or None where it cannot run
     (not x86-64 Linux, or turned off) or could not be built (warned once). x86-64 only because that
-    is where it was measured."""
+    is where it has been benchmarked."""
     if not (enabled() and _linux_x86()):
         return None
     lib = _load(_MAMBA_SOURCE, "Mamba-2")
@@ -188,15 +205,21 @@ def _mamba_library() -> ctypes.CDLL | None:
     return lib
 
 
+def wide_simd() -> bool:
+    """Whether the kernels were built for AVX-512 (16 floats a register). Some of them pay only there
+    (kinetic.kernels.cpu_ops.PAYS_WITHOUT_AVX512)."""
+    lib = _mamba_library()
+    return lib is not None and lib.kinetic_mamba_simd_width() == 16
+
+
 def decode_attention_available(device: torch.device | str = "cpu",
                                dtype: torch.dtype = torch.float32) -> bool:
     """Whether the kernel runs for tensors of ``device`` and ``dtype`` here (CPU float32, built)."""
     return torch.device(device).type == "cpu" and dtype == torch.float32 and _library() is not None
 
 
-# query rows per KV head x head size up to which the kernel beats torch's (measured on this project's
-# 2-core AMD EPYC machines: 3x at 4 query / 2 KV heads of 16 and 128K keys; even at 32 / 2 heads of
-# 128 it only matched SDPA at 128K and lost at 1K, where SDPA's GEMMs pay off)
+# query rows per KV head x head size up to which the kernel beats torch's; wider rows are GEMMs that
+# SDPA does better (benchmarks/decode_attention.py)
 MAX_ROW_WIDTH = 256
 
 
@@ -252,13 +275,14 @@ def mamba_kernels_available(device: torch.device | str = "cpu",
 SSD_MAX_DIM = 256  # MAX_DIM in mamba.c: chunk length, head size and state size
 
 
-def ssd_chunk_fits(x: torch.Tensor, C: torch.Tensor) -> bool:
-    """Whether :func:`ssd_chunk_forward` takes a scan of inputs ``x`` (b, g, r, c, L, p) and rows
-    ``C`` (b, g, c, L, n): float32 CPU tensors outside ``torch.compile``, chunk length up to 256,
-    head and state sizes multiples of 16 up to 256, and the kernel available."""
+def ssd_chunk_fits(x: torch.Tensor, C: torch.Tensor, chunk: int | None = None) -> bool:
+    """Whether :func:`ssd_chunk_forward` takes a scan of inputs ``x`` (..., L, p) and rows ``C``
+    (..., n) in chunks of ``chunk`` positions (default: L): float32 CPU tensors outside
+    ``torch.compile``, chunk length up to 256, head and state sizes multiples of 16 up to 256, and the
+    kernel available."""
     if _stepped_aside or torch.compiler.is_compiling():
         return False
-    L, p, n = x.shape[-2], x.shape[-1], C.shape[-1]
+    L, p, n = chunk or x.shape[-2], x.shape[-1], C.shape[-1]
     if not (x.device.type == C.device.type == "cpu" and x.dtype == C.dtype == torch.float32
             and 1 <= L <= SSD_MAX_DIM and all(d % 16 == 0 and 16 <= d <= SSD_MAX_DIM for d in (p, n))):
         return False
@@ -848,9 +872,8 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
 
 # Fresh allocations of at least this many bytes come straight from mmap (glibc's largest dynamic
 # threshold is 32 MiB), so every 4 KiB page faults on first touch; asking for transparent huge pages
-# first makes that one fault per 2 MiB. For the small preset's logits (2048 x 8192 float32, 64 MiB)
-# the lm_head GEMM into such a buffer took 58-60 ms instead of 76-80 ms (2-core AMD EPYC, THP in
-# "madvise" mode). Where THP is "always" the advice changes nothing, where it is "never" it is ignored.
+# first makes that one fault per 2 MiB (benchmarks/ops.py, lm_head_logits "cpu.huge-pages"). Where
+# THP is "always" the advice changes nothing, where it is "never" it is ignored.
 HUGE_PAGE_MIN_BYTES = 32 << 20
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14

@@ -3,10 +3,10 @@
  * log-sum-exp), float32 throughout.
  *
  * Built and loaded at run time by kinetic/kernels/cpu.py (cc -O3 -march=native -fopenmp). Why: at
- * one query per head and head size 16, torch's CPU flash kernel spends ~5x the time it takes to read
- * the cache (2.2 ms vs 0.45 ms for 128K tokens of the tiny preset), since its per-block GEMM calls
- * are tiny. Here each block of 16 keys is one multiply per key and a register transpose-and-add that
- * leaves the 16 scores in one vector; exp is a vector polynomial.
+ * one query per head and head size 16, torch's CPU flash kernel is bound by its tiny per-block GEMM
+ * calls rather than by reading the cache (benchmarks/decode_attention.py times both). Here each block of
+ * 16 keys is one multiply per key and a register transpose-and-add that leaves the 16 scores in one
+ * vector; exp is a vector polynomial.
  *
  * Layout: q (H, R, D) contiguous; head h's keys/values start at k + h * k_head_stride (v likewise),
  * key t at + t * D; out (H, R, D). H = batch x KV heads, R = query rows per KV head. D % 16 == 0.

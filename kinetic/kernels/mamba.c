@@ -93,6 +93,9 @@ enum {
 
 int kinetic_ssd_chunk_strides(void) { return N_STRIDES; }
 
+/* Floats per SIMD register of the target this library was built for (16: AVX-512). */
+int kinetic_mamba_simd_width(void) { return V; }
+
 static int bad_dims(int L, int P, int N, float min_log) {
     return L < 1 || L > MAX_DIM || P < V || P > MAX_DIM || P % V || N < V || N > MAX_DIM || N % V ||
            min_log < -87.0f;

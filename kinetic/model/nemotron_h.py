@@ -13,50 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kinetic import hf, ops
 from kinetic.config import ModelConfig
-from kinetic.kernels import cpu as cpu_kernels
 from kinetic.model.blocks import Block
-from kinetic.model.cache import InferenceCache
-from kinetic.model.loss import fused_linear_cross_entropy
+from kinetic.model.cache import Cache
 from kinetic.model.mamba2 import Mamba2Mixer
 from kinetic.model.moe import MoE
 from kinetic.model.mtp import MTP
 from kinetic.model.norm import RMSNorm
-
-# MKL's float32 GEMM in torch 2.13's CPU wheels takes about as long for 2 or 3 rows as for that many
-# one-row products. With the operands swapped, W @ h^T, the logits of a speculative verification
-# (draft length 1-3) are faster: for the quickstart model's 4096 x 128 head, 2 / 3 / 4 rows took
-# 57 / 81 / 79 instead of 120 / 177 / 106 us; for 8192 x 256, 203 / 295 / 262 instead of 415 / 619 /
-# 484 us (2-core AMD EPYC). One row gains nothing, and 6 or 8 rows were slower swapped.
-SWAPPED_HEAD_ROWS = (2, 3, 4)
-
-
-def _logits_into_huge_pages(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    rows, width = hidden.numel() // hidden.shape[-1], hidden.shape[-1]
-    out = cpu_kernels.empty_huge(rows, weight.shape[0], dtype=hidden.dtype)
-    torch.mm(hidden.reshape(rows, width), weight.t(), out=out)
-    return out.view(*hidden.shape[:-1], weight.shape[0])
-
-
-def head_logits(lm_head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    """``lm_head(hidden)``; in CPU float32 inference, over ``SWAPPED_HEAD_ROWS`` positions computed as
-    (W @ h^T)^T, the same products in a faster operand order (see above), and logits of at least
-    ``HUGE_PAGE_MIN_BYTES`` written into huge pages: the small preset's forward over 4 x 512 tokens
-    took 250.7 instead of 265.7 ms (medians of 20 interleaved runs). Training keeps the module's
-    path: there the huge pages gained nothing (839 vs 833 ms a step) and varied more (817-912 ms)."""
-    weight, width = lm_head.weight, hidden.shape[-1]
-    rows = hidden.numel() // width if width else 0
-    if (hidden.device.type == "cpu" and hidden.dtype == torch.float32 and weight.dtype == torch.float32
-            and lm_head.bias is None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
-        if rows in SWAPPED_HEAD_ROWS:
-            out = torch.mm(weight, hidden.reshape(rows, width).t()).t().contiguous()
-            return out.view(*hidden.shape[:-1], weight.shape[0])
-        if rows * weight.shape[0] * 4 >= cpu_kernels.HUGE_PAGE_MIN_BYTES:
-            return _logits_into_huge_pages(hidden, weight)
-    return lm_head(hidden)
 
 
 @dataclass
@@ -77,7 +43,7 @@ class Backbone(nn.Module):
         )
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
 
-    def forward(self, input_ids: torch.Tensor, cache: InferenceCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         x = self.embeddings(input_ids)
         for layer in self.layers:
             x = layer(x, cache)
@@ -100,7 +66,7 @@ class NemotronHForCausalLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        cache: InferenceCache | None = None,
+        cache: Cache | None = None,
         *,
         labels: torch.Tensor | None = None,
         return_mtp: bool | None = None,
@@ -129,21 +95,21 @@ class NemotronHForCausalLM(nn.Module):
         logits = None
         if return_logits if return_logits is not None else labels is None:
             kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-            logits = head_logits(self.lm_head, kept).float()
+            logits = ops.lm_head_logits(kept, self.lm_head.weight).float()
         out = CausalLMOutput(logits=logits, hidden_states=hidden)
         if labels is not None:
             n = min(seq, labels.shape[1] - 1)  # positions that have a next label
-            out.loss = fused_linear_cross_entropy(hidden[:, :n], self.lm_head.weight, labels[:, 1:1 + n])
+            out.loss = ops.linear_cross_entropy(hidden[:, :n], self.lm_head.weight, labels[:, 1:1 + n])
         if self.mtp is not None and (return_mtp if return_mtp is not None else cache is None):
             mtp_hidden = self.mtp_hidden(hidden, input_ids)
             if labels is None or return_logits:
-                out.mtp_logits = [self.lm_head(h).float() for h in mtp_hidden]
+                out.mtp_logits = [ops.lm_head_logits(h, self.lm_head.weight).float() for h in mtp_hidden]
             if labels is not None:
                 out.mtp_losses = []
                 for d, h in enumerate(mtp_hidden):  # depth d+1 at position i predicts label i+2+d
                     m = min(h.shape[1], labels.shape[1] - 2 - d)
                     if m > 0:
-                        out.mtp_losses.append(fused_linear_cross_entropy(
+                        out.mtp_losses.append(ops.linear_cross_entropy(
                             h[:, :m], self.lm_head.weight, labels[:, 2 + d:2 + d + m]))
         return out
 
@@ -161,81 +127,12 @@ class NemotronHForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int = 20,
-        *,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        eos_token_id: int | list[int] | None = -1,
-        generator: torch.Generator | None = None,
-        cuda_graph: bool | None = None,
-        compile: bool = False,
-    ) -> torch.Tensor:
-        """Prompt + up to ``max_new_tokens`` tokens, like transformers' ``generate``: greedy by
-        default, decoding with an InferenceCache. A sequence that emits EOS is padded with
-        ``pad_token_id`` afterwards; generation stops when all have finished.
-        ``eos_token_id=-1`` means the config's EOS ids; ``None`` disables stopping.
-        ``cuda_graph`` (default: on for CUDA models) replays each decode step as one captured CUDA
-        graph (see :mod:`kinetic.model.static_cache`); if capture fails it warns and runs eagerly.
-        ``compile=True`` (for CPU; ignored when a CUDA graph is used) runs decode steps through
-        ``torch.compile``: several times faster per token after a compilation of some seconds, which
-        later calls with the same batch size and capacity bucket reuse."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature={temperature} must be > 0 when do_sample=True")
-        eos = self.config.eos_token_ids if eos_token_id == -1 else (
-            [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)
-            else list(eos_token_id))
-        pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos or [0])[0]
-        was_training = self.training
-        self.eval()
-        cache = InferenceCache()
-        capacity = input_ids.shape[1] + max_new_tokens
-        if compile:  # a bucketed capacity lets later calls reuse the compiled step
-            from kinetic.model.static_cache import bucket_capacity
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **options) -> torch.Tensor:
+        """Prompt + up to ``max_new_tokens`` tokens, like transformers' ``generate`` (greedy by
+        default); see :func:`kinetic.infer.generate.generate` for the options."""
+        from kinetic.infer.generate import generate
 
-            capacity = bucket_capacity(capacity)
-        cache.reserve(capacity)
-        ids = input_ids
-        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        eos_t = torch.tensor(eos, device=ids.device, dtype=ids.dtype)
-        step_input = ids
-        graph = cuda_graph if cuda_graph is not None else input_ids.is_cuda
-        decoder = None
-        for i in range(max_new_tokens):
-            if i == 1 and (graph or compile):
-                from kinetic.model.static_cache import static_decoder
-
-                decoder = static_decoder(self, cache, capacity, ids.shape[0], graph)
-            if decoder is not None:
-                logits = decoder.step(step_input)
-            else:
-                logits = self(step_input, cache, return_mtp=False, logits_to_keep=1).logits[:, -1]
-            token = self._pick(logits, do_sample, temperature, top_k, generator)
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            ids = torch.cat([ids, token[:, None]], dim=1)
-            if eos:
-                finished |= torch.isin(token, eos_t)
-                if bool(finished.all()):
-                    break
-            step_input = token[:, None]
-        self.train(was_training)
-        return ids
-
-    @staticmethod
-    def _pick(logits, do_sample, temperature, top_k, generator) -> torch.Tensor:
-        if not do_sample:
-            return logits.argmax(-1)
-        logits = logits / temperature
-        if top_k:
-            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, -math.inf)
-        probs = F.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        return generate(self, input_ids, max_new_tokens, **options)
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
@@ -277,12 +174,12 @@ class NemotronHForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu") -> NemotronHForCausalLM:
-        from kinetic.hf import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device)
+        """A model built from ``path/config.json`` and filled from its safetensors (HF layout)."""
+        config, disk = hf.read_checkpoint(path)
+        with torch.device("meta"):
+            model = cls(config)
+        return hf.load_state(model, disk, dtype=dtype, device=device)
 
     def save_pretrained(self, path: str | Path, *, max_shard_size: int = 5 * 2**30,
                         config_style: str = "pattern") -> Path:
-        from kinetic.hf import save_pretrained
-
-        return save_pretrained(self, path, max_shard_size=max_shard_size, config_style=config_style)
+        return hf.save_pretrained(self, path, max_shard_size=max_shard_size, config_style=config_style)

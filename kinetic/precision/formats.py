@@ -34,11 +34,10 @@ Stochastic rounding here is distributionally the same as the GPU's ``cvt.rs`` (w
 bits below the kept mantissa and truncates) but draws its randomness from a torch.Generator, so it
 is reproducible on CPU, not bit-identical to a GPU run.
 
-Compared with torch 2.13 on CPU (tests/test_precision_formats.py sweeps float32 densely):
-``x.to(torch.float8_e5m2)`` equals ``encode(x, E5M2, saturate=False)`` and
+Compared with torch's own casts on CPU (tests/test_precision_formats.py sweeps float32 densely and
+fails if this changes): ``x.to(torch.float8_e5m2)`` equals ``encode(x, E5M2, saturate=False)`` and
 ``x.to(torch.float8_e4m3fn)`` equals ``encode(x, E4M3, saturate=True)`` bit for bit, NaN and inf
-included: on this build torch's e4m3fn cast *saturates* finite overflow and ±inf to ±448 rather
-than producing NaN.
+included: torch's e4m3fn cast *saturates* finite overflow and ±inf to ±448 rather than producing NaN.
 """
 
 from __future__ import annotations

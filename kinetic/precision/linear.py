@@ -248,26 +248,34 @@ class QuantLinear(nn.Module):
 
 class QuantExperts(Experts):
     """The MoE expert stack with each expert's two GEMMs quantized on its own token slice (per-expert
-    scales, as a grouped GEMM quantizes each group). Reuses ``Experts.forward``'s dispatch through
-    its per-expert ``_loop``; experts that received no tokens are skipped (run on 0 tokens when amaxes
+    scales, as a grouped GEMM quantizes each group): the assignments sorted by expert, one quantized
+    GEMM pair per expert. Experts that received no tokens are skipped (run on 0 tokens when amaxes
     are reduced across ranks) and get zero gradients."""
 
     def __init__(self, experts: Experts, cfg: GemmConfig, state: QuantState) -> None:
         nn.Module.__init__(self)  # Experts.__init__ would allocate fresh parameters
         self.up_proj = experts.up_proj  # (E, I, width)
         self.down_proj = experts.down_proj  # (E, width, I)
-        self.grouped = False  # always the per-expert path below
         self.cfg, self.state = cfg, state
         self.__dict__["original"] = experts
 
-    def _loop(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        tokens, k = indices.shape
+        flat = indices.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.zeros(self.up_proj.shape[0], dtype=torch.long, device=x.device)
+        counts = counts.scatter_add_(0, flat, torch.ones_like(flat)).tolist()
+        xs = x.index_select(0, order // k)  # (tokens * k, width), grouped by expert
         ups, downs = self.up_proj.unbind(0), self.down_proj.unbind(0)
         # with amax reduction an idle expert still runs (on 0 tokens), so all ranks join its collectives
         everyone = self.state.reduce_amax
         outs = [quant_linear(relu2(quant_linear(chunk, ups[e], None, self.cfg, self.state)), downs[e],
                              None, self.cfg, self.state)
                 for e, chunk in enumerate(xs.split(counts)) if counts[e] or everyone]
-        return torch.cat(outs) if outs else xs
+        ys = torch.cat(outs) if outs else xs
+        ys = ys.float() * weights.reshape(-1).index_select(0, order).unsqueeze(-1)
+        out = ys.new_zeros(tokens, ys.shape[-1]).index_add_(0, order // k, ys)
+        return out.to(x.dtype)
 
     def extra_repr(self) -> str:
         e, i, w = self.up_proj.shape

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from kinetic.hf import load_pretrained, save_pretrained
+from kinetic.hf import save_pretrained
+from kinetic.model import NemotronHForCausalLM
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -73,7 +74,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict[str,
 def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:
     """Restore model weights, optimizer, RNG states; return the saved trainer state, with the extra
     generator states saved beside the RNG under ``"generators"`` (restoring those is the caller's)."""
-    loaded = load_pretrained(path)
+    loaded = NemotronHForCausalLM.from_pretrained(path)
     model.load_state_dict(loaded.state_dict())
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)

@@ -1,4 +1,4 @@
-"""Command-line jobs of the data layer, registered into ``kinetic`` by :func:`register`:
+"""``kinetic data`` and ``kinetic tokenizer``: the data layer's jobs, registered by :func:`register`:
 
 * ``kinetic data sources`` — which domains are installed here, their documents, bytes and licenses;
 * ``kinetic tokenizer train --out DIR`` — a byte-level BPE trained on the train split of the chosen
@@ -9,7 +9,8 @@
 Both jobs take the same selection flags (``--domains``, ``--max-bytes-per-domain``,
 ``--val-fraction``, ``--source-root``), so a tokenizer and a corpus made with the same flags see the
 same documents and the tokenizer never sees validation text. A missing domain is skipped with a
-warning; a mistake a user can make prints one line and exits with code 2.
+warning; a mistake a user can make prints one line and exits with code 2. Bad flags and a missing
+tokenizer are caught before the domains are scanned, so no skipped-domain warnings precede the error.
 """
 
 from __future__ import annotations
@@ -24,13 +25,10 @@ import warnings
 from pathlib import Path
 
 from kinetic.data.sources import SOURCES, SourceUnavailable, available, get_source
+from kinetic.errors import UserError
 
 SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KB": 10**3, "MB": 10**6, "GB": 10**9,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-class DataUserError(Exception):
-    """A mistake in the command line or its inputs: one line on stderr, exit code 2."""
 
 
 # ---------------------------------------------------------------------- argument helpers
@@ -62,24 +60,25 @@ def _add_selection_args(p: argparse.ArgumentParser) -> None:
 
 
 def _select_domains(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
-    """Known, installed domains from --domains (each missing one warned about and skipped)."""
+    """Known, installed domains from --domains (each missing one warned about and skipped); the
+    flags are checked before the domains are scanned."""
     names = [n.strip() for n in args.domains.split(",") if n.strip()]
     roots = dict(args.source_root)
     try:
         for name in names + list(roots):
             get_source(name)
     except ValueError as err:
-        raise DataUserError(str(err)) from None
+        raise UserError(str(err)) from None
+    if not 0 <= args.val_fraction < 1:
+        raise UserError(f"--val-fraction={args.val_fraction} must be in [0, 1)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         found = available(names, roots)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     if not found:
-        raise DataUserError(f"none of the domains {names} is installed; run `bash scripts/install_data.sh` "
+        raise UserError(f"none of the domains {names} is installed; run `bash scripts/install_data.sh` "
                             "or choose --domains from python_code,python_docs")
-    if not 0 <= args.val_fraction < 1:
-        raise DataUserError(f"--val-fraction={args.val_fraction} must be in [0, 1)")
     return found, roots
 
 
@@ -157,12 +156,14 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 def cmd_data_build(args: argparse.Namespace) -> int:
     from kinetic.data.pack import build_corpus
+    from kinetic.data.tokenizer import load_tokenizer
 
-    domains, roots = _select_domains(args)
     if args.workers is not None and args.workers < 1:
-        raise DataUserError(f"--workers={args.workers} must be >= 1")
+        raise UserError(f"--workers={args.workers} must be >= 1")
     if args.shard_tokens < 1:
-        raise DataUserError(f"--shard-tokens={args.shard_tokens} must be >= 1")
+        raise UserError(f"--shard-tokens={args.shard_tokens} must be >= 1")
+    load_tokenizer(args.tokenizer)  # a missing or bad tokenizer fails here, before the domain scan warns
+    domains, roots = _select_domains(args)
     start = time.perf_counter()
     index = build_corpus(args.out, domains, args.tokenizer, max_bytes_per_domain=args.max_bytes_per_domain,
                          val_fraction=args.val_fraction, workers=args.workers, source_roots=roots,
@@ -187,11 +188,11 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 
 def _guarded(name: str, func):
-    """Run ``func(args)``; user mistakes print one line and return 2 (what kinetic.cli.main expects)."""
+    """Run ``func(args)``; user mistakes print one line and return 2, the exit code ``main`` raises."""
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
-        except (DataUserError, ValueError, OSError) as err:  # OSError: missing/unwritable paths
+        except (UserError, ValueError, OSError) as err:  # OSError: missing/unwritable paths
             print(f"kinetic {name}: error: {err}", file=sys.stderr)
             return 2
     return run
@@ -223,15 +224,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences of a pair to merge")
     _add_selection_args(p)
     p.set_defaults(func=_guarded("tokenizer train", cmd_tokenizer_train))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m kinetic.data.cli ...``) with the same subcommands."""
-    parser = argparse.ArgumentParser(prog="kinetic")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,16 +1,16 @@
 """Fixed-address decoding state and CUDA-graph decode steps.
 
 At batch 1 a decode step of a small hybrid model launches several hundred tiny kernels, and on a GPU
-the CPU time to launch them, not the GPU, sets the speed (an H100 spends ~0.45 ms of kernel time in
-a ~4 ms eager step of the tiny preset). A CUDA graph replays the whole step with one launch. A graph
+the CPU time to launch them, not the GPU, sets the speed (benchmarks/decode.py shows it). A CUDA
+graph replays the whole step with one launch. A graph
 replays fixed memory addresses and cannot read values back to the host, so the step it captures must:
 
 * keep every state at a fixed address and update it in place: :class:`StaticCache` holds the Mamba
   conv/SSM states and full-capacity KV buffers, and the current position as a device tensor;
 * attend over the whole KV buffer with a mask ``position <= pos`` instead of slicing to a Python
   length (the extra work over the empty tail is the price of a fixed shape);
-* route MoE tokens without host synchronization (``MoE`` gathers the chosen experts' weights when it
-  sees a static cache).
+* route MoE tokens without host synchronization (the experts' implementations that gather the chosen
+  experts' weights take the call while a graph is captured or a step compiled).
 
 Speculative decoding verifies several tokens per step: ``with cache.tracking():`` a forward of up
 to ``track`` tokens writes their keys/values (each query masked to the positions up to its own) and
@@ -19,7 +19,7 @@ leaves every Mamba layer's conv window and per-position SSM states in fixed buff
 anything back to the host (:mod:`kinetic.infer.static_speculative`).
 
 :class:`StaticCache` works eagerly on any device, which is how its equality with
-:class:`~kinetic.model.cache.InferenceCache` decoding is tested on CPU; :class:`CUDAGraphDecoder`
+:class:`~kinetic.infer.cache.InferenceCache` decoding is tested on CPU; :class:`CUDAGraphDecoder`
 captures one single-token step on CUDA and replays it, and :class:`CompiledDecoder` compiles the
 same fixed-shape step with ``torch.compile`` (the fast path on CPU, where graphs do not exist).
 """
@@ -30,14 +30,12 @@ import contextlib
 
 import torch
 
-from kinetic.model.cache import InferenceCache
+from kinetic.infer.cache import InferenceCache
 
 
 class StaticCache:
     """Decode state at fixed addresses for ``capacity`` tokens, taken over from a prefilled
     InferenceCache (its tensors are adopted, not copied, when their KV buffers are big enough)."""
-
-    static = True
 
     def __init__(self, cache: InferenceCache, capacity: int, track: int = 0) -> None:
         lengths = set(cache._len.values())
@@ -118,8 +116,9 @@ class StaticCache:
         self.pos.add_(n[0])
 
     # ---- attention
-    def append_kv_static(self, key: str, k: torch.Tensor, v: torch.Tensor):
-        """Write L tokens' keys/values at ``pos`` .. ``pos + L - 1``; return the full buffers."""
+    def append_kv(self, key: str, k: torch.Tensor, v: torch.Tensor):
+        """Write L tokens' keys/values at ``pos`` .. ``pos + L - 1``; return the full buffers and
+        ``pos`` (attention masks the unwritten tail, see kinetic.ops.cached_attention)."""
         if k.shape[2] > 1 and not self.is_tracking:
             raise ValueError("a static cache decodes one token per step, or several in a tracked "
                              "forward (with cache.tracking(): ...; then cache.keep(n))")
@@ -127,14 +126,7 @@ class StaticCache:
         index = self.pos + steps
         self.k[key].index_copy_(2, index, k.to(self.k[key].dtype))
         self.v[key].index_copy_(2, index, v.to(self.v[key].dtype))
-        return self.k[key], self.v[key]
-
-    def attention_mask(self, length: int) -> torch.Tensor:
-        """Boolean mask (1, 1, L, capacity) for the L tokens written at ``pos``: query i sees the
-        positions up to ``pos + i`` (built per call: attention over a long cache does without it)."""
-        index = self.pos + torch.arange(length, device=self.pos.device)
-        positions = torch.arange(self.capacity, device=self.pos.device)
-        return (positions <= index[:, None]).view(1, 1, length, self.capacity)
+        return self.k[key], self.v[key], self.pos
 
     def advance(self, n: int = 1) -> None:
         self.pos.add_(n)
@@ -160,8 +152,8 @@ def _static_step(model: torch.nn.Module, tokens: torch.Tensor, cache: StaticCach
 
 def compile_step(fn, device: torch.device):
     """``torch.compile`` for a fixed-shape decode function. On CPU with Inductor's C++ wrapper: a
-    decode step runs a few hundred small kernels, and calling them from generated C++ instead of
-    Python made the quickstart model's compiled step 1.3-1.4x faster (same compile time)."""
+    decode step runs a few hundred small kernels, cheaper to call from generated C++ than from Python
+    (benchmarks/decode.py, ``--compile``)."""
     options = {"cpp_wrapper": True} if device.type == "cpu" else None
     return torch.compile(fn, dynamic=False, options=options)
 
@@ -207,11 +199,9 @@ _CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 def capture_stream(device: torch.device) -> torch.cuda.Stream:
-    """The side stream that every CUDA-graph warm-up and capture on ``device`` runs on. cuBLAS keeps
-    a 32 MiB workspace for each stream it has run on, for the life of the process: with a fresh
-    stream per graph (torch hands out up to 32 pool streams) and torch's default capture stream, a
-    graph decoder over a 1M-token cache allocated 66.5 MiB over the prefilled state, 64 MiB of it
-    two such workspaces (measured on an H100); on this one stream, 34.5 MiB."""
+    """The side stream that every CUDA-graph warm-up and capture on ``device`` runs on: cuBLAS keeps
+    a workspace for each stream it has run on, for the life of the process, so one stream for all
+    graphs keeps one workspace (benchmarks/long_context.py, its CUDA-graph memory figures)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _CAPTURE_STREAMS:
         _CAPTURE_STREAMS[index] = torch.cuda.Stream(torch.device("cuda", index))

@@ -1,0 +1,58 @@
+"""The ``kinetic`` command: one subcommand per job.
+
+* ``kinetic params CONFIG.json|CHECKPOINT_DIR|PRESET`` — parameter counts (total / active / MTP) and
+  the layer mix of a config, computed arithmetically, so it works for 120B models on a laptop.
+* ``kinetic demo --out DIR`` — build a random model from a preset, save it, reload it, check the
+  reloaded logits are bit-identical, and generate a few tokens greedily.
+* ``kinetic pretrain --config configs/X.toml [--resume] [--set section.key=value ...]`` — train;
+  under ``torchrun --nproc-per-node N`` it runs data-parallel.
+* ``kinetic data ...``, ``kinetic tokenizer train`` — corpora and tokenizer (kinetic.cli.data).
+* ``kinetic eval``, ``kinetic generate``, ``kinetic chat``, ``kinetic serve`` — evaluation and
+  inference (kinetic.eval, kinetic.infer).
+
+Mistakes a user can make (a bad path, an unknown preset, an invalid config) print one line to stderr
+and exit with code 2; a failed self-check exits with 1. ``demo`` also writes ``summary.json``
+(versions, commit, tokens, timings) next to the checkpoint so a run can be reproduced from it.
+
+One module per command family, each adding its subcommands with ``register(sub)``:
+:mod:`~kinetic.cli.model` (params, demo), :mod:`~kinetic.cli.train` (pretrain), :mod:`~kinetic.cli.eval`
+(eval), :mod:`~kinetic.cli.infer` (generate, chat, serve), :mod:`~kinetic.cli.data` (data, tokenizer).
+Library code never imports this package: the commands turn its ValueErrors into :class:`UserError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kinetic.cli import data, infer, model, train
+from kinetic.cli import eval as evaluation
+from kinetic.errors import UserError
+
+__all__ = ["UserError", "build_parser", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + error
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kinetic", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for family in (model, train, evaluation, infer, data):  # the order of `kinetic --help`
+        family.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns 0 on success, raises SystemExit(code) on failure."""
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except (UserError, OSError) as err:  # OSError: unwritable --out, full disk, ...
+        print(f"kinetic {args.command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if code:
+        raise SystemExit(code)
+    return 0
