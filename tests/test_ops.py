@@ -317,9 +317,10 @@ def test_model_files_import_no_kernel_and_libraries_no_cli():
 
 
 def test_without_avx512_the_kernels_take_only_the_calls_they_win(monkeypatch):
-    """On kernels built for narrower SIMD (AVX2), the gated norm, the conv and the experts' kernels take
-    only decode-sized calls and the attention kernel only training (kinetic.kernels.cpu_ops); with
-    AVX-512 every kernel takes every call it can run."""
+    """On kernels built for narrower SIMD (AVX2), the gated norm and the experts kernels take only
+    decode-sized calls (where the gathered experts are asked first), the conv none, and the attention
+    kernel only training (kinetic.kernels.cpu_ops); with AVX-512 every kernel takes every call it can
+    run."""
     if not (cpu_kernels.mamba_kernels_available() and cpu_kernels.experts_kernel_available()
             and cpu_kernels.attention_kernel_available()):
         pytest.skip("the C kernels do not run here")
@@ -329,21 +330,23 @@ def test_without_avx512_the_kernels_take_only_the_calls_they_win(monkeypatch):
     q, k = _randn(1, 32, 4, 16).requires_grad_(), _randn(1, 32, 2, 16).requires_grad_()
     indices = torch.stack([torch.randperm(8, generator=_g(j))[:2] for j in range(4)])
     experts = (_randn(4, 16), indices, torch.rand(4, 2), _randn(8, 24, 16), _randn(8, 16, 24))
+    c_experts = next(i for i in ops.implementations("routed_experts") if i.name == "cpu.c")
 
     def choices():
         with torch.no_grad():
             inference = (ops.chosen("gated_rms_norm", small, small, w, 16, 1e-5),
                          ops.chosen("gated_rms_norm", big, big, w, 16, 1e-5),
-                         ops.chosen("routed_experts", *experts), ops.chosen("causal_attention", q, k, k))
-        return (ops.chosen("causal_conv1d_silu", big, conv_w, None),
+                         c_experts.fits(*experts), ops.chosen("causal_attention", q, k, k))
+        training_experts = (experts[0].clone().requires_grad_(), *experts[1:])
+        return (ops.chosen("causal_conv1d_silu", big, conv_w, None), c_experts.fits(*training_experts),
                 ops.chosen("gated_rms_norm", big, big, w, 16, 1e-5), ops.chosen("causal_attention", q, k, k),
                 *inference)
 
     monkeypatch.setattr(cpu_kernels, "wide_simd", lambda: True)
-    assert choices() == ("cpu.c",) * 7
+    assert choices() == ("cpu.c", True) + ("cpu.c",) * 4 + (True, "cpu.c")
     monkeypatch.setattr(cpu_kernels, "wide_simd", lambda: False)
-    assert choices() == ("torch.channels-last", "torch.gated-norm-backward", "cpu.c",
-                         "cpu.c", "reference", "cpu.c", "sdpa.causal")
+    assert choices() == ("torch.channels-last", False, "torch.gated-norm-backward", "cpu.c",
+                         "cpu.c", "reference", True, "sdpa.causal")
 
 
 def test_wide_simd_means_an_avx512_build():

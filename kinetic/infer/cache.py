@@ -106,6 +106,18 @@ class InferenceCache:
             self._pending[key] = ("kv", old)
         return self._k[key][:, :, :new], self._v[key][:, :, :new], old
 
+    def kv_lengths(self) -> dict[str, int]:
+        """Tokens cached by each attention layer."""
+        return dict(self._len)
+
+    def kv_buffers(self, capacity: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each attention layer's whole key and value buffers (b, kv_heads, capacity, d), grown to
+        ``capacity`` first where smaller: what a fixed-address cache adopts (kinetic.infer.static_cache)."""
+        for key, buf in self._k.items():
+            if buf.shape[2] < capacity:
+                self._grow(key, capacity)
+        return {key: (self._k[key], self._v[key]) for key in self._k}
+
     # ---- undoing positions
     @contextlib.contextmanager
     def tracking(self):

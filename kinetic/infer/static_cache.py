@@ -38,7 +38,7 @@ class StaticCache:
     InferenceCache (its tensors are adopted, not copied, when their KV buffers are big enough)."""
 
     def __init__(self, cache: InferenceCache, capacity: int, track: int = 0) -> None:
-        lengths = set(cache._len.values())
+        lengths = set(cache.kv_lengths().values())
         if len(lengths) > 1:
             raise ValueError(f"attention layers hold different lengths {sorted(lengths)}")
         length = lengths.pop() if lengths else 0
@@ -48,10 +48,8 @@ class StaticCache:
         self.conv = dict(cache.conv)
         self.ssm = dict(cache.ssm)
         self.k, self.v = {}, {}
-        for key, buf in cache._k.items():
-            if buf.shape[2] < capacity:
-                cache._grow(key, capacity)
-            self.k[key], self.v[key] = cache._k[key], cache._v[key]
+        for key, (k, v) in cache.kv_buffers(capacity).items():
+            self.k[key], self.v[key] = k, v
         device = next(iter([*self.ssm.values(), *self.k.values()]), torch.empty(0)).device
         self.pos = torch.tensor(length, device=device)  # next position to write
         # tracking (speculative verification, see InferenceCache.tracking): a forward of up to

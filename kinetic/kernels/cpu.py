@@ -1,31 +1,29 @@
 """CPU kernels written in C, compiled on first use with the machine's C compiler and loaded by ctypes.
 
-Four libraries so far, each an optional fast path with torch's operators as the fallback the tests
-compare it with:
+Four libraries so far. :mod:`kinetic.kernels.cpu_ops` registers them as implementations of the
+operations in :mod:`kinetic.ops`, whose references (and the torch implementations) run where they
+cannot:
 
 - :func:`decode_attention` (``decode_attention.c``): a few query rows per KV head over a long KV
   cache -- the attention of a decode step -- for x86-64 CPUs with AVX-512;
-  :func:`decode_attention_available` says whether it can run here, else
-  ``scaled_dot_product_attention`` runs.
+  :func:`decode_attention_available` says whether it can run here.
 - :func:`ssd_chunk_forward` / :func:`ssd_chunk_backward` (``mamba.c``): each chunk's outputs of
   Mamba-2's chunked scan without its (heads x chunks x L x L) tensor, :func:`ssd_states_forward` /
   :func:`ssd_states_backward`, the state each chunk adds, :func:`conv_silu_forward`
   / :func:`conv_silu_backward`, its causal depthwise convolution with the SiLU in one pass each way,
   and :func:`gated_norm_forward` / :func:`gated_norm_backward`, the mixer's closing gated RMSNorm;
   for x86-64 Linux CPUs, in C vectorized at the SIMD width the compiler targets (AVX-512, AVX2 or
-  SSE2). :func:`mamba_kernels_available` says whether they can run here, else
-  ``kinetic.model.mamba2``, ``kinetic.model.conv`` and ``kinetic.model.norm`` compose torch operators.
+  SSE2). :func:`mamba_kernels_available` says whether they can run here.
 - :func:`experts_forward` / :func:`experts_backward` (``experts.c``): the routed experts of a MoE
   layer (gathering each expert's token rows, up projection, squared ReLU, down projection, the
   combine weights), a thread per expert with the GEMMs through the BLAS torch links (its
   ``sgemm_``), and :func:`route` / :func:`dispatch`, the router's choice of experts and the sort of
   assignments by expert; for x86-64 Linux. :func:`experts_kernel_available` says whether they can
-  run here, else ``kinetic.model.moe`` calls torch's topk, argsort and grouped matmul.
+  run here.
 - :func:`attention_forward` / :func:`attention_backward` (``attention.c``): causal self-attention
   over whole sequences (training, and forward passes without a cache), a thread per (batch, query
   head), blocks of queries through the same BLAS with the softmax in between; for x86-64 Linux.
-  :func:`attention_kernel_available` says whether it can run here, else
-  ``scaled_dot_product_attention`` runs.
+  :func:`attention_kernel_available` says whether it can run here.
 
 Each library is built once per source, compiler and CPU with ``cc -O3 -march=native -fopenmp`` into
 ``$KINETIC_KERNEL_CACHE`` (default ``~/.cache/kinetic/kernels``), which takes about a second
@@ -205,6 +203,7 @@ def _mamba_library() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.cache
 def wide_simd() -> bool:
     """Whether the kernels were built for AVX-512 (16 floats a register). Some of them pay only there
     (kinetic.kernels.cpu_ops.PAYS_WITHOUT_AVX512)."""

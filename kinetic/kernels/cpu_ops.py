@@ -29,17 +29,20 @@ def _grad_into(t: torch.Tensor):
     return getattr(t, GRAD_INTO, None)
 
 
-def _training(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _training(*tensors: torch.Tensor | None) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def _positions(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
-# Without AVX-512 (benchmarks/ops.py, AVX2 build): the gated norm, the conv and the experts' GEMM
-# blocks lose to torch's paths at training sizes but win on a decode step or verification; the
-# causal-attention kernel wins forward + backward only; the scan, routing and RMSNorm win everywhere.
+# Without AVX-512 (benchmarks/ops.py, AVX2 build): the gated norm, the conv and the experts kernel
+# lose to torch's paths at training sizes (the gated norm and experts win on a decode step or
+# verification, where the gathered-experts path is asked first anyway); the causal-attention kernel
+# wins forward + backward only; the scan, routing and RMSNorm win everywhere.
 SMALL_CALL = 16  # positions (or expert assignments) of a decode step or verification, at most
 PAYS_WITHOUT_AVX512 = {
     "split_channels": lambda x, sizes: False,  # only feeds the conv and gated-norm kernels' gradients
@@ -74,7 +77,7 @@ def _shared_split_fits(x: torch.Tensor, sizes: list[int]) -> bool:
 
 # ---------------------------------------------------------------------- norms
 class _RMSNormC(torch.autograd.Function):
-    """The same in C on CPUs (float32; the gated norm's kernel without a gate, one group): one pass
+    """RMSNorm in C on CPUs (float32; the gated norm's kernel without a gate, one group): one pass
     each way, the backward's weight gradient summed per thread."""
 
     @staticmethod
@@ -102,8 +105,9 @@ def _rms_norm_fits(x, weight, eps):
 
 
 class _GatedRMSNormC(torch.autograd.Function):
-    """The same in C on CPUs (float32; ``kinetic/kernels/mamba.c``): one pass over x and the gate
-    forward, keeping only each group's 1/rms; the backward recomputes silu(gate) and the product."""
+    """Mamba-2's gated RMSNorm in C on CPUs (float32; ``kinetic/kernels/mamba.c``): one pass over x
+    and the gate forward, keeping only each group's 1/rms; the backward recomputes silu(gate) and the
+    product."""
 
     @staticmethod
     def forward(ctx, x, gate, weight, group_size: int, eps: float, grad_into=None):
@@ -123,7 +127,6 @@ class _GatedRMSNormC(torch.autograd.Function):
                 None, None, None)
 
 
-
 def _gated_norm_c(x, gate, weight, group_size, eps):
     if not torch.is_grad_enabled():
         return cpu_kernels.gated_norm_forward(x, gate, weight, group_size, eps, keep=False)[0]
@@ -136,9 +139,9 @@ def _gated_norm_fits(x, gate, weight, group_size, eps):
 
 # ---------------------------------------------------------------------- causal conv + SiLU
 class _CausalConvSiLUC(torch.autograd.Function):
-    """The same in C on CPUs (``kinetic/kernels/mamba.c``): one pass each way, the pre-activation
-    recomputed in the backward pass instead of stored. With ``grad_into`` (a SharedGrad and a slice
-    index, see kinetic.model.shared_grad) x's gradient is written into that slice."""
+    """Causal depthwise conv + SiLU in C on CPUs (``kinetic/kernels/mamba.c``): one pass each way,
+    the pre-activation recomputed in the backward pass instead of stored. With ``grad_into`` (a
+    SharedGrad and a slice index, see kinetic.kernels.shared_grad) x's gradient is written there."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -216,6 +219,9 @@ class _ExpertsC(torch.autograd.Function):
 def _experts_c(x, indices, weights, up, down):
     order, token_of, ends = cpu_kernels.dispatch(indices, up.shape[0])
     w = weights.reshape(-1).index_select(0, order).float()  # sorted like the rows
+    if not torch.is_grad_enabled():  # inference: the kernel without autograd's bookkeeping
+        ys, _ = cpu_kernels.experts_forward(x, up, down, ends, False, token_of, w)
+        return ys.new_zeros(x.shape).index_add_(0, token_of, ys)
     return _ExpertsC.apply(x, w, up, down, token_of, ends)
 
 

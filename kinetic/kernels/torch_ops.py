@@ -14,8 +14,10 @@ from kinetic.kernels import Implementation, ssd
 from kinetic.kernels import cpu as cpu_kernels
 
 
-def _training(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _training(*tensors: torch.Tensor | None) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 # ---------------------------------------------------------------------- norms
@@ -278,7 +280,8 @@ def combine_assignments(ys: torch.Tensor, order: torch.Tensor, k: int, atomic_fr
 
 # Inference on at most this many (token, expert) assignments -- a decode or verification step --
 # gathers the chosen experts' weights and runs two batched matmuls, instead of visiting every expert
-# (on CPUs the C experts kernel, asked first, is faster still where it runs; benchmarks/ops.py).
+# (asked before the C experts kernel: with its Python-side setup that kernel is no faster for a
+# decode step in a whole model, benchmarks/decode.py, although benchmarks/ops.py times it faster).
 GATHER_MAX = 32
 
 
@@ -402,7 +405,7 @@ IMPLEMENTATIONS = [
     Implementation("causal_conv1d_silu", "torch.unfold-after-state", _conv_after_state,
                    lambda x, weight, bias, state=None: state is not None and x.shape[1] <= SHORT_WINDOW),
     Implementation("ssd_chunk_scan", "torch.grouped", ssd.grouped_scan, _always),
-    Implementation("routed_experts", "torch.gather", gather_experts, _gather_fits),
+    Implementation("routed_experts", "torch.gather", gather_experts, _gather_fits, priority=10),
     Implementation("routed_experts", "torch.sorted", sorted_experts, _always),
     Implementation("linear_cross_entropy", "torch.chunked", chunked_cross_entropy, _always),
 ]

@@ -28,44 +28,54 @@ from kinetic.kernels import Implementation
 
 _REFERENCES: dict[str, Callable] = {}
 _TABLE: dict[str, list[Implementation]] = {}
-_loaded = False
-_reference_depth = 0  # nesting of reference_only() contexts
-_fast_env: bool | None = None  # KINETIC_FAST_OPS, read at the first call
+_CALLS: dict[str, list[tuple[Callable, Callable]]] = {}  # op -> its implementations' (fits, fn)
+
+
+class _State:
+    loaded = False
+    env = True  # KINETIC_FAST_OPS, read at the first call
+    depth = 0  # nesting of reference_only() contexts
+    fast: bool | None = None  # env and depth == 0; None until the first call
+
+
+_state = _State()
 
 
 def _load() -> None:
-    """Register the implementations in kinetic.kernels (once per process)."""
-    global _loaded
-    if _loaded:
+    """Register the implementations in kinetic.kernels and read the switch (once per process)."""
+    if _state.loaded:
         return
-    _loaded = True
+    _state.loaded = True
     from kinetic.kernels import cpu_ops, sdpa, torch_ops
 
     for module in (cpu_ops, sdpa, torch_ops):
         for impl in module.IMPLEMENTATIONS:
             _TABLE.setdefault(impl.op, []).append(impl)
-    for impls in _TABLE.values():
+    for op, impls in _TABLE.items():
         impls.sort(key=lambda impl: impl.priority)  # stable: a module's own order breaks ties
+        _CALLS.setdefault(op, [])[:] = [(impl.fits, impl.fn) for impl in impls]
+    value = os.environ.get("KINETIC_FAST_OPS", "1").strip().lower()
+    _state.env = value not in ("0", "false", "no", "off")
+    _state.fast = _state.env and _state.depth == 0
 
 
 def fast_enabled() -> bool:
     """Whether implementations other than the references may run now."""
-    global _fast_env
-    if _fast_env is None:
-        value = os.environ.get("KINETIC_FAST_OPS", "1").strip().lower()
-        _fast_env = value not in ("0", "false", "no", "off")
-    return _fast_env and _reference_depth == 0
+    _load()
+    return bool(_state.fast)
 
 
 @contextlib.contextmanager
 def reference_only() -> Iterator[None]:
     """Within this context every operation runs its plain-torch reference."""
-    global _reference_depth
-    _reference_depth += 1
+    _load()
+    _state.depth += 1
+    _state.fast = False
     try:
         yield
     finally:
-        _reference_depth -= 1
+        _state.depth -= 1
+        _state.fast = _state.env and _state.depth == 0
 
 
 def implementations(op: str) -> list[Implementation]:
@@ -84,7 +94,7 @@ def operations() -> dict[str, Callable]:
 def chosen(op: str, *args, **kwargs) -> str:
     """The name of what would run for this call: an implementation's, or ``"reference"``."""
     _load()
-    if fast_enabled():
+    if _state.fast:
         for impl in _TABLE.get(op, ()):
             if impl.fits(*args, **kwargs):
                 return impl.name
@@ -99,15 +109,19 @@ def operation(name: str) -> Callable[[Callable], Callable]:
         if name in _REFERENCES:
             raise ValueError(f"operation {name!r} is declared twice")
         _REFERENCES[name] = reference
+        calls = _CALLS.setdefault(name, [])  # filled by _load(), read on every call
+        state = _state
 
         @functools.wraps(reference)
         def dispatch(*args, **kwargs):
-            if not _loaded:
+            fast = state.fast
+            if fast is None:
                 _load()
-            if fast_enabled():
-                for impl in _TABLE.get(name, ()):
-                    if impl.fits(*args, **kwargs):
-                        return impl.fn(*args, **kwargs)
+                fast = state.fast
+            if fast:
+                for fits, fn in calls:
+                    if fits(*args, **kwargs):
+                        return fn(*args, **kwargs)
             return reference(*args, **kwargs)
 
         dispatch.reference = reference
