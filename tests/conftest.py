@@ -108,6 +108,24 @@ def failed_build(monkeypatch, tmp_path):
     return fails
 
 
+@pytest.fixture(params=["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def compile_backend(request, monkeypatch):
+    """The backend ``torch.compile`` uses in a compiled-equals-eager test: AOT autograd without code
+    generation in ``make test`` -- what kinetic's code decides (tracing, graph breaks, custom ops and
+    their fake and backward functions, fixed shapes, reuse of compiled functions) at a fraction of
+    Inductor's cold compile time -- and Inductor itself in ``make test-slow``."""
+    if request.param != "inductor":
+        real = torch.compile
+
+        def compile_with(model=None, **kwargs):
+            kwargs.pop("options", None)  # Inductor's options
+            kwargs["backend"] = request.param
+            return real(**kwargs) if model is None else real(model, **kwargs)
+
+        monkeypatch.setattr(torch, "compile", compile_with)
+    return request.param
+
+
 @pytest.fixture
 def kernels_off(monkeypatch):
     """``KINETIC_CPU_KERNELS=0`` for the test: every cached loader of kinetic.kernels.cpu is cleared on

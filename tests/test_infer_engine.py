@@ -302,11 +302,13 @@ def test_cmd_chat(checkpoint, capsys, monkeypatch):
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_decode_engine_equals_plain(engine, tok):
+def test_compiled_decode_engine_equals_plain(engine, tok, compile_backend):
     """``compile_decode`` (``--compile``) on CPU: greedy answers equal the eager engine's, plain and
     speculative (fixed-shape rounds, on by default with MTP), and sequences of one capacity bucket
     share the compiled functions; sampled speculative rounds run too (stepwise). (That CUDA graphs
     refuse speculative decoding is checked in test_cuda.py.)"""
+    for key in ("_compiled_decode_step", "_compiled_speculative"):  # compiled by another backend
+        engine.model.__dict__.pop(key, None)
     prompts = ["The quick brown", "def add(a, b):\n"]
     params = replace(GREEDY, max_new_tokens=10, ignore_eos=True)
     want = [r.token_ids for r in Engine(engine.model, tok, speculative=False).generate(prompts, params)]

@@ -72,7 +72,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     assert [r["resumed_from_step"] for r in runs] == [None, 3]
 
 
-def test_compiled_training_equals_eager(tmp_path):
+def test_compiled_training_equals_eager(tmp_path, compile_backend):
     """train.compile = true: the same losses and weights as eager training (MoE grouped matmuls, MTP
     loss, expert-bias updates, evaluation included), and checkpoints under the eager names."""
     runs = {}
