@@ -35,21 +35,17 @@ def _training(*tensors: torch.Tensor | None) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
 
-def _positions(x: torch.Tensor) -> int:
-    return x.numel() // x.shape[-1] if x.shape[-1] else 0
-
-
-# Without AVX-512 (benchmarks/ops.py, AVX2 build): the gated norm, the conv and the experts kernel
-# lose to torch's paths at training sizes (the gated norm and experts win on a decode step or
-# verification, where the gathered-experts path is asked first anyway); the causal-attention kernel
-# wins forward + backward only; the scan, routing and RMSNorm win everywhere.
+# Without AVX-512 (benchmarks/ops.py, AVX2 build): the experts kernel loses to torch's grouped paths
+# at training sizes (it wins on a decode step or verification, where the gathered-experts path is
+# asked first anyway), and the causal-attention kernel wins forward + backward but not forward alone;
+# the scan, conv, norms, routing and the shared-gradient split win there too.
 SMALL_CALL = 16  # positions (or expert assignments) of a decode step or verification, at most
 PAYS_WITHOUT_AVX512 = {
-    "split_channels": lambda x, sizes: False,  # only feeds the conv and gated-norm kernels' gradients
+    "split_channels": lambda *args: True,
     "rms_norm": lambda *args: True,
-    "gated_rms_norm": lambda x, *rest: not torch.is_grad_enabled() and _positions(x) <= SMALL_CALL,
-    "causal_conv1d_silu": lambda *args, **kwargs: False,
-    "ssd_chunk_scan": lambda *args, **kwargs: True,
+    "gated_rms_norm": lambda *args: True,
+    "causal_conv1d_silu": lambda *args: True,
+    "ssd_chunk_scan": lambda *args: True,
     "route_topk": lambda *args: True,
     "routed_experts": lambda x, indices: not torch.is_grad_enabled() and indices.numel() <= 2 * SMALL_CALL,
     "causal_attention": lambda q, k, v: _training(q, k, v),
@@ -72,7 +68,7 @@ def shared_split(x: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
 def _shared_split_fits(x: torch.Tensor, sizes: list[int]) -> bool:
     return (_training(x) and x.device.type == "cpu" and x.dtype == torch.float32
             and not torch.compiler.is_compiling() and not cpu_kernels.stepped_aside()
-            and cpu_kernels.mamba_kernels_available() and _pays("split_channels", x, sizes))
+            and cpu_kernels.mamba_kernels_available() and _pays("split_channels"))
 
 
 # ---------------------------------------------------------------------- norms
@@ -134,7 +130,7 @@ def _gated_norm_c(x, gate, weight, group_size, eps):
 
 
 def _gated_norm_fits(x, gate, weight, group_size, eps):
-    return cpu_kernels.gated_norm_fits(x, gate, weight, group_size) and _pays("gated_rms_norm", x)
+    return cpu_kernels.gated_norm_fits(x, gate, weight, group_size) and _pays("gated_rms_norm")
 
 
 # ---------------------------------------------------------------------- causal conv + SiLU

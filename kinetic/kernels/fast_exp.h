@@ -26,4 +26,22 @@ static inline float exp_in_range(float x) {
     return p * scale;
 }
 
+/* c ? a : b by a bit mask: GCC splits a ternary clamp before exp_in_range into branches (exp folded at
+ * the bound) that only AVX-512's masked arithmetic vectorizes; this keeps the loops SIMD on AVX2 too
+ * (KINETIC_KERNEL_MARCH=haswell in benchmarks/ops.py). */
+static inline float select_float(int c, float a, float b) {
+    int32_t ab, bb;
+    memcpy(&ab, &a, sizeof ab);
+    memcpy(&bb, &b, sizeof bb);
+    const int32_t mask = -(int32_t)(c != 0), r = (ab & mask) | (bb & ~mask);
+    float out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+}
+
+/* x < lo ? lo : (x > hi ? hi : x), branch-free (see select_float); NaN passes through */
+static inline float clamp_float(float x, float lo, float hi) {
+    return select_float(x < lo, lo, select_float(x > hi, hi, x));
+}
+
 #endif
