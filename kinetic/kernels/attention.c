@@ -48,8 +48,12 @@ static void mm(sgemm_fn gemm, int ta, int tb, int M, int N, int K, float alpha, 
     gemm(tb ? "T" : "N", ta ? "T" : "N", &N, &M, &K, &alpha, B, &lb, A, &la, &beta, C, &lc);
 }
 
-/* exp(x) for x <= 0; 0 below -87 (and for the -inf of a masked score) */
-static inline float exp_nonpositive(float x) { return x < -87.0f ? 0.0f : exp_in_range(x); }
+/* exp(x) for x <= 0; 0 below -87 (and for the -inf of a masked score). Branch-free selects (see
+ * select_float) so that the softmax loops vectorize on AVX2 too, not only with AVX-512's masks. */
+static inline float exp_nonpositive(float x) {
+    const int under = x < -87.0f;
+    return select_float(under, 0.0f, exp_in_range(select_float(under, -87.0f, x)));
+}
 
 typedef struct {
     sgemm_fn gemm;
