@@ -62,9 +62,6 @@ class InferenceCache:
         self.ssm[key] = state.detach().to(self.ssm_dtype)
 
     # ---- attention
-    def kv_length(self, key: str) -> int:
-        return self._len.get(key, 0)
-
     def reserve(self, tokens: int) -> None:
         """Allocate KV buffers for ``tokens`` tokens at once when they are first needed (and grow
         existing ones to that size now)."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class Implementation:
@@ -28,3 +30,15 @@ class Implementation:
     fn: Callable
     fits: Callable[..., bool]
     priority: int = 50
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd is recording and one of ``tensors`` requires a gradient (a training call)."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def always(*args, **kwargs) -> bool:
+    """The capability check of an implementation that takes every call of its operation."""
+    return True

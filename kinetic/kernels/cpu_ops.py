@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from kinetic.kernels import Implementation, ssd
+from kinetic.kernels import Implementation, needs_grad, ssd
 from kinetic.kernels import cpu as cpu_kernels
 from kinetic.kernels.shared_grad import SharedGrad, split_shared
 
@@ -29,32 +29,20 @@ def _grad_into(t: torch.Tensor):
     return getattr(t, GRAD_INTO, None)
 
 
-def _training(*tensors: torch.Tensor | None) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    return any(t is not None and t.requires_grad for t in tensors)
-
-
 # Without AVX-512 (benchmarks/ops.py, AVX2 build): the experts kernel loses to torch's grouped paths
 # at training sizes (it wins on a decode step or verification, where the gathered-experts path is
 # asked first anyway), and the causal-attention kernel wins forward + backward but not forward alone;
 # the scan, conv, norms, routing and the shared-gradient split win there too.
-SMALL_CALL = 16  # positions (or expert assignments) of a decode step or verification, at most
-PAYS_WITHOUT_AVX512 = {
-    "split_channels": lambda *args: True,
-    "rms_norm": lambda *args: True,
-    "gated_rms_norm": lambda *args: True,
-    "causal_conv1d_silu": lambda *args: True,
-    "ssd_chunk_scan": lambda *args: True,
-    "route_topk": lambda *args: True,
+SMALL_CALL = 16  # expert assignments of a decode step or verification, at most
+PAYS_WITHOUT_AVX512 = {  # the kernels not named here win on AVX2 builds too
     "routed_experts": lambda x, indices: not torch.is_grad_enabled() and indices.numel() <= 2 * SMALL_CALL,
-    "causal_attention": lambda q, k, v: _training(q, k, v),
+    "causal_attention": lambda q, k, v: needs_grad(q, k, v),
 }
 
 
-def _pays(op: str, *args, **kwargs) -> bool:
+def _pays(op: str, *args) -> bool:
     """Whether the kernel for ``op`` beats torch's path on this call here (see PAYS_WITHOUT_AVX512)."""
-    return cpu_kernels.wide_simd() or PAYS_WITHOUT_AVX512[op](*args, **kwargs)
+    return cpu_kernels.wide_simd() or PAYS_WITHOUT_AVX512[op](*args)
 
 
 # ---------------------------------------------------------------------- split with shared gradients
@@ -66,9 +54,9 @@ def shared_split(x: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
 
 
 def _shared_split_fits(x: torch.Tensor, sizes: list[int]) -> bool:
-    return (_training(x) and x.device.type == "cpu" and x.dtype == torch.float32
+    return (needs_grad(x) and x.device.type == "cpu" and x.dtype == torch.float32
             and not torch.compiler.is_compiling() and not cpu_kernels.stepped_aside()
-            and cpu_kernels.mamba_kernels_available() and _pays("split_channels"))
+            and cpu_kernels.mamba_kernels_available())
 
 
 # ---------------------------------------------------------------------- norms
@@ -96,8 +84,8 @@ def _rms_norm_c(x, weight, eps):
 
 
 def _rms_norm_fits(x, weight, eps):
-    return (x.device.type == "cpu" and _training(x, weight)
-            and cpu_kernels.gated_norm_fits(x, None, weight, x.shape[-1]) and _pays("rms_norm"))
+    return (x.device.type == "cpu" and needs_grad(x, weight)
+            and cpu_kernels.gated_norm_fits(x, None, weight, x.shape[-1]))
 
 
 class _GatedRMSNormC(torch.autograd.Function):
@@ -130,7 +118,7 @@ def _gated_norm_c(x, gate, weight, group_size, eps):
 
 
 def _gated_norm_fits(x, gate, weight, group_size, eps):
-    return cpu_kernels.gated_norm_fits(x, gate, weight, group_size) and _pays("gated_rms_norm")
+    return cpu_kernels.gated_norm_fits(x, gate, weight, group_size)
 
 
 # ---------------------------------------------------------------------- causal conv + SiLU
@@ -160,16 +148,12 @@ def _conv_c(x, weight, bias, state=None):
 
 
 def _conv_fits(x, weight, bias, state=None):
-    return state is None and cpu_kernels.conv_silu_fits(x, weight) and _pays("causal_conv1d_silu")
+    return state is None and cpu_kernels.conv_silu_fits(x, weight)
 
 
 # ---------------------------------------------------------------------- SSD scan
 def _ssd_c(x, dt, A, B, C, chunk_size, initial_state=None, D=None):
     return ssd.grouped_scan(x, dt, A, B, C, chunk_size, initial_state, D, kernel=True)
-
-
-def _ssd_fits(*args, **kwargs):
-    return ssd.kernel_fits(*args, **kwargs) and _pays("ssd_chunk_scan")
 
 
 # ---------------------------------------------------------------------- experts
@@ -178,7 +162,7 @@ def _route_c(scores, bias, n_group, topk_group, k):
 
 
 def _route_fits(scores, bias, n_group, topk_group, k):
-    return cpu_kernels.routing_fits(scores) and _pays("route_topk")
+    return cpu_kernels.routing_fits(scores)
 
 
 class _ExpertsC(torch.autograd.Function):
@@ -278,12 +262,12 @@ def _head_inference(hidden, weight) -> bool:
             and not cpu_kernels.stepped_aside())
 
 
-def _rows(hidden) -> int:
+def _row_count(hidden) -> int:
     return hidden.numel() // hidden.shape[-1] if hidden.shape[-1] else 0
 
 
 def swapped_head(hidden, weight):
-    rows, width = _rows(hidden), hidden.shape[-1]
+    rows, width = _row_count(hidden), hidden.shape[-1]
     out = torch.mm(weight, hidden.reshape(rows, width).t()).t().contiguous()
     return out.view(*hidden.shape[:-1], weight.shape[0])
 
@@ -291,19 +275,19 @@ def swapped_head(hidden, weight):
 def huge_page_head(hidden, weight):
     """Logits written into transparent huge pages: one page fault per 2 MiB of a large fresh buffer
     instead of one per 4 KiB (see kinetic.kernels.cpu.empty_huge)."""
-    rows, width = _rows(hidden), hidden.shape[-1]
+    rows, width = _row_count(hidden), hidden.shape[-1]
     out = cpu_kernels.empty_huge(rows, weight.shape[0], dtype=hidden.dtype)
     torch.mm(hidden.reshape(rows, width), weight.t(), out=out)
     return out.view(*hidden.shape[:-1], weight.shape[0])
 
 
 def _swapped_fits(hidden, weight):
-    return _head_inference(hidden, weight) and _rows(hidden) in SWAPPED_HEAD_ROWS
+    return _head_inference(hidden, weight) and _row_count(hidden) in SWAPPED_HEAD_ROWS
 
 
 def _huge_fits(hidden, weight):
     return (_head_inference(hidden, weight)
-            and _rows(hidden) * weight.shape[0] * 4 >= cpu_kernels.HUGE_PAGE_MIN_BYTES)
+            and _row_count(hidden) * weight.shape[0] * 4 >= cpu_kernels.HUGE_PAGE_MIN_BYTES)
 
 
 IMPLEMENTATIONS = [
@@ -311,7 +295,7 @@ IMPLEMENTATIONS = [
     Implementation("rms_norm", "cpu.c", _rms_norm_c, _rms_norm_fits),
     Implementation("gated_rms_norm", "cpu.c", _gated_norm_c, _gated_norm_fits),
     Implementation("causal_conv1d_silu", "cpu.c", _conv_c, _conv_fits),
-    Implementation("ssd_chunk_scan", "cpu.c", _ssd_c, _ssd_fits),
+    Implementation("ssd_chunk_scan", "cpu.c", _ssd_c, ssd.kernel_fits),
     Implementation("route_topk", "cpu.c", _route_c, _route_fits),
     Implementation("routed_experts", "cpu.c", _experts_c, _experts_fits),
     Implementation("causal_attention", "cpu.c", _attention_c, _attention_fits),

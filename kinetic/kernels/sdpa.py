@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kinetic.kernels import Implementation
+from kinetic.kernels import Implementation, always
 
 # A few queries over a short context (a speculative verification, an MTP commit) take one SDPA call
 # with a small explicit mask: on CPU faster than the two flash passes below up to about this many
@@ -316,15 +316,11 @@ def masked_sdpa(q, k, v, start):
     return _sdpa_kernel(q, k, v, visible.view(1, 1, s, n), False, True)
 
 
-def _always(*args, **kwargs) -> bool:
-    return True
-
-
 IMPLEMENTATIONS = [
-    Implementation("causal_attention", "sdpa.causal", causal_sdpa, _always),
+    Implementation("causal_attention", "sdpa.causal", causal_sdpa, always),
     Implementation("cached_attention", "sdpa.static-split-kv", static_split_kv, _static_split_kv_fits),
     Implementation("cached_attention", "sdpa.split-kv-decode", split_kv_decode, _split_kv_decode_fits),
     Implementation("cached_attention", "sdpa.grouped-decode", grouped_decode, _grouped_decode_fits),
     Implementation("cached_attention", "sdpa.two-pass-chunk", two_pass_chunk, _two_pass_fits),
-    Implementation("cached_attention", "sdpa.masked", masked_sdpa, _always),
+    Implementation("cached_attention", "sdpa.masked", masked_sdpa, always),
 ]

@@ -10,14 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kinetic.kernels import Implementation, ssd
+from kinetic.kernels import Implementation, always, needs_grad, ssd
 from kinetic.kernels import cpu as cpu_kernels
-
-
-def _training(*tensors: torch.Tensor | None) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    return any(t is not None and t.requires_grad for t in tensors)
 
 
 # ---------------------------------------------------------------------- norms
@@ -307,15 +301,23 @@ def _gather_fits(x, indices, weights, up, down):
     return not torch.is_grad_enabled() and (indices.numel() <= GATHER_MAX or _no_host_sync(x))
 
 
+def sort_by_expert(indices: torch.Tensor, num_experts: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (token, slot) assignments of ``indices`` (tokens, k) sorted by expert, stably: order (the
+    flat index ``token * k + slot`` of each sorted row), token_of (its token) and counts (rows per
+    expert, (E,))."""
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=indices.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    return order, order // indices.shape[1], counts
+
+
 def sorted_experts(x, indices, weights, up, down):
     """The assignments sorted by expert, so each expert runs on one contiguous slice: through torch's
     grouped matmul where it runs (and in compiled code), else one matmul pair per expert."""
-    tokens, k = indices.shape
-    flat = indices.reshape(-1)
-    order = flat.argsort(stable=True)
-    counts = torch.zeros(up.shape[0], dtype=torch.long, device=x.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    token_of = order // k  # the token of each expert-sorted assignment
+    k = indices.shape[1]
+    order, token_of, counts = sort_by_expert(indices, up.shape[0])
     xs = x.index_select(0, token_of)  # (tokens * k, width), grouped by expert
     if use_grouped_mm(x) or torch.compiler.is_compiling():
         offsets = counts.cumsum(0).to(torch.int32)
@@ -390,22 +392,18 @@ def chunked_cross_entropy(hidden, weight, targets, ignore_index=-100):
                                           ignore_index, LOSS_CHUNK)
 
 
-def _always(*args, **kwargs) -> bool:
-    return True
-
-
 IMPLEMENTATIONS = [
     Implementation("rms_norm", "torch.rms-norm-backward", _rms_norm_fn,
-                   lambda x, weight, eps: x.device.type == "cpu" and _training(x, weight)),
+                   lambda x, weight, eps: x.device.type == "cpu" and needs_grad(x, weight)),
     Implementation("gated_rms_norm", "torch.gated-norm-backward", _gated_norm_fn,
-                   lambda x, gate, weight, group_size, eps: _training(x, gate, weight)),
-    Implementation("relu_squared", "torch.relu2", relu2, _always),
+                   lambda x, gate, weight, group_size, eps: needs_grad(x, gate, weight)),
+    Implementation("relu_squared", "torch.relu2", relu2, always),
     Implementation("causal_conv1d_silu", "torch.channels-last", _conv_fn,  # its backward pays
-                   lambda x, weight, bias, state=None: state is None and _training(x, weight, bias)),
+                   lambda x, weight, bias, state=None: state is None and needs_grad(x, weight, bias)),
     Implementation("causal_conv1d_silu", "torch.unfold-after-state", _conv_after_state,
                    lambda x, weight, bias, state=None: state is not None and x.shape[1] <= SHORT_WINDOW),
-    Implementation("ssd_chunk_scan", "torch.grouped", ssd.grouped_scan, _always),
+    Implementation("ssd_chunk_scan", "torch.grouped", ssd.grouped_scan, always),
     Implementation("routed_experts", "torch.gather", gather_experts, _gather_fits, priority=10),
-    Implementation("routed_experts", "torch.sorted", sorted_experts, _always),
-    Implementation("linear_cross_entropy", "torch.chunked", chunked_cross_entropy, _always),
+    Implementation("routed_experts", "torch.sorted", sorted_experts, always),
+    Implementation("linear_cross_entropy", "torch.chunked", chunked_cross_entropy, always),
 ]

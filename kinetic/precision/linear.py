@@ -61,6 +61,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from kinetic.kernels.torch_ops import combine_assignments, sort_by_expert
 from kinetic.model.mlp import relu2
 from kinetic.model.moe import Experts
 from kinetic.precision import fp8, nvfp4
@@ -260,12 +261,9 @@ class QuantExperts(Experts):
         self.__dict__["original"] = experts
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        tokens, k = indices.shape
-        flat = indices.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.zeros(self.up_proj.shape[0], dtype=torch.long, device=x.device)
-        counts = counts.scatter_add_(0, flat, torch.ones_like(flat)).tolist()
-        xs = x.index_select(0, order // k)  # (tokens * k, width), grouped by expert
+        order, token_of, counts = sort_by_expert(indices, self.up_proj.shape[0])
+        counts = counts.tolist()
+        xs = x.index_select(0, token_of)  # (tokens * k, width), grouped by expert
         ups, downs = self.up_proj.unbind(0), self.down_proj.unbind(0)
         # with amax reduction an idle expert still runs (on 0 tokens), so all ranks join its collectives
         everyone = self.state.reduce_amax
@@ -274,7 +272,7 @@ class QuantExperts(Experts):
                 for e, chunk in enumerate(xs.split(counts)) if counts[e] or everyone]
         ys = torch.cat(outs) if outs else xs
         ys = ys.float() * weights.reshape(-1).index_select(0, order).unsqueeze(-1)
-        out = ys.new_zeros(tokens, ys.shape[-1]).index_add_(0, order // k, ys)
+        out = combine_assignments(ys, order, indices.shape[1], atomic_free=ys.device.type != "cpu")
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
