@@ -1,20 +1,34 @@
 """OpenAI-compatible HTTP server for an :class:`~kinetic.infer.engine.Engine` (FastAPI + uvicorn).
 
-Endpoints: ``GET /v1/models`` (and ``/v1/models/{id}``), ``POST /v1/completions``,
-``POST /v1/chat/completions`` -- both with ``stream: true`` as server-sent events in OpenAI's chunk
-format ending with ``data: [DONE]``, and usage counts -- ``GET /health``, and a chat page at ``/``.
+Endpoints, with the shapes of OpenAI's API and vLLM's extensions:
+
+* ``POST /v1/completions``: text, token-id or batched prompts; ``n``, ``seed``, ``stop`` (a list),
+  ``echo``, ``logprobs`` (the legacy format: tokens, token_logprobs, top_logprobs, text_offset; with
+  ``echo`` the scored prompt comes first, its first token with null), ``max_tokens: 0`` (with echo and
+  logprobs: just the scored prompt -- what lm-evaluation-harness asks for), ``top_k`` / ``min_p``;
+* ``POST /v1/chat/completions``: the checkpoint's chat template; ``logprobs`` / ``top_logprobs``;
+* both with ``stream: true`` as server-sent events in OpenAI's chunk format ending ``data: [DONE]``;
+* ``POST /tokenize`` and ``POST /detokenize`` (vLLM's), ``GET /v1/models``, ``GET /health``, a chat
+  page at ``/``, and ``GET /openapi.json``, which describes all of the above as the server answers.
+
+Log-probs are under the raw distribution (``log_softmax`` of the logits, vLLM's default), from the
+same logits that chose the token; the top alternatives come from that distribution too.
 
 Concurrency: the model and its caches are not thread-safe, so one worker thread (:class:`Scheduler`)
-makes every model call. Requests are validated and tokenized off the worker, wait in a bounded queue
-(full: 429), and are admitted into an active set that the worker advances round robin, one token per
-sequence per pass -- continuous batching without a shared batch tensor (see the engine's docstring
-for why): a new request starts while others are mid-generation, and nobody waits for the longest.
-Deltas go back to the event loop through ``loop.call_soon_threadsafe``; a client that disconnects
-mid-stream cancels its sequences.
+makes every engine call. Requests are validated and tokenized off the worker, wait in a bounded queue
+(full: 429), and are started on the worker (``engine.start``) while the running sequences plus the
+request's leave room in ``max_active``; every pass is then one batched ``engine.step`` over all
+running sequences (continuous batching: requests join and leave the batch between steps). Deltas go
+back to the event loop through ``loop.call_soon_threadsafe``. A client that disconnects -- streaming,
+or waiting for a whole answer (its connection is watched while it waits) -- has its sequences
+cancelled within a second. An engine error fails the requests it affects and the server goes on.
 
-Errors: client mistakes (malformed JSON, wrong types, unknown model, bad ``max_tokens``, a prompt
-over the context limit, a body over the size limit) get a 4xx with OpenAI's error body
-``{"error": {"message", "type", "param", "code"}}``; validation errors are 400, as in OpenAI's API.
+Errors: client mistakes (malformed JSON, wrong types, unknown model, bad ``max_tokens``, a prompt over
+the context, a body over the size limit) get a 4xx with OpenAI's error body ``{"error": {"message",
+"type", "param", "code"}}``; validation errors are 400, as in OpenAI's API. Fields that would change the
+answer and are not implemented (``tools``, ``response_format``, ``logit_bias``, penalties, ...) are
+accepted only with their neutral value; anything else is a 400 naming the field. The schema says the
+same, so a request the schema accepts is one the server does not refuse for its form.
 """
 
 from __future__ import annotations
@@ -27,25 +41,32 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from tokenizers import Tokenizer
 
+from kinetic import __version__
+from kinetic.infer.decoder import Token
 from kinetic.infer.engine import Delta, Engine, GenerationSequence, SamplingParams
 
 log = logging.getLogger("kinetic.serve")
 STATIC = Path(__file__).parent / "static"
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's chat limit; vLLM's default max_logprobs)
+WATCH_S = 0.2  # how often a waiting non-streaming request looks at its connection
+LOGPROB_FLOOR = -9999.0  # what -inf is reported as (JSON has no infinity; vLLM's convention)
 
 
 @dataclass
@@ -56,7 +77,7 @@ class Limits:
     default_max_tokens: int = 256  # completion length when a request gives none (clipped to the context)
     max_n: int = 8  # choices per request (n x number of prompts)
     max_queue: int = 64  # requests waiting for the worker; more are answered 429
-    max_active: int = 8  # sequences the worker advances in turn
+    max_active: int = 8  # sequences decoded together (a larger request runs alone)
     max_request_bytes: int = 1_000_000  # larger request bodies are answered 413
 
 
@@ -108,33 +129,75 @@ class BodyLimit:
 
 # ---------------------------------------------------------------------- request schemas
 class _Strict(BaseModel):
-    # strict: "8" is not an int and "yes" is not a bool; unknown fields are ignored, as clients
-    # send options this server does not implement (e.g. presence_penalty)
+    # strict: "8" is not an int and "yes" is not a bool; unknown fields are ignored, as clients send
+    # options that do not change the answer (user, metadata, store, ...); those that would are refused
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+Nothing = Annotated[list[Any], Field(max_length=0)]  # a list field only accepted empty
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+# name -> why it is refused; each field below accepts only its neutral value (and null)
+REFUSED = {
+    **dict.fromkeys(("tools", "tool_choice", "functions", "function_call"),
+                    "tool calling is not implemented"),
+    "response_format": "only plain text output is implemented ({\"type\": \"text\"})",
+    "logit_bias": "logit bias is not implemented", "suffix": "insertion (suffix) is not implemented",
+    "best_of": "best_of > 1 is not implemented",
+    **dict.fromkeys(("presence_penalty", "frequency_penalty", "repetition_penalty"),
+                    "penalties are not implemented"),
+    **dict.fromkeys(("guided_json", "guided_regex", "guided_choice", "guided_grammar"),
+                    "guided decoding is not implemented"),
+}
+
+
 class _Sampling(_Strict):
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # vLLM's extension; 0 or -1 = off
+    min_p: float | None = Field(None, ge=0, le=1)  # vLLM's extension; 0 = off
     n: int | None = Field(None, ge=1)
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    stop: str | list[str] | None = None
+    stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension
+    # refused unless neutral (see REFUSED)
+    tools: Nothing | None = None
+    tool_choice: Literal["none"] | None = None
+    functions: Nothing | None = None
+    function_call: Literal["none"] | None = None
+    response_format: TextFormat | None = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
+    presence_penalty: float | None = Field(None, ge=0, le=0)
+    frequency_penalty: float | None = Field(None, ge=0, le=0)
+    repetition_penalty: float | None = Field(None, ge=1, le=1)
+    guided_json: None = None
+    guided_regex: None = None
+    guided_choice: None = None
+    guided_grammar: None = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)] | TokenIds | Annotated[
+        list[TokenIds], Field(min_length=1)]
+    max_tokens: int | None = Field(None, ge=0)  # 0: nothing generated (with echo: the prompt scored)
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top alternatives per token
+    suffix: Annotated[str, Field(max_length=0)] | None = None
+    best_of: int | None = Field(None, ge=1, le=1)
 
 
 class TextPart(_Strict):
@@ -149,19 +212,176 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # used when logprobs is true
+
+
+class TokenizeCompletionRequest(_Strict):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True  # kinetic's tokenizers add no BOS/EOS either way
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Strict):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+# ---------------------------------------------------------------------- response schemas (documentation)
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(_Doc):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(_Doc):
+    error: ErrorDetail
+
+
+class UsageInfo(_Doc):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class LegacyLogprobs(_Doc):
+    tokens: list[str]
+    token_logprobs: list[float | None]  # null for the first prompt token (nothing predicts it)
+    top_logprobs: list[dict[str, float] | None]  # the top alternatives and the chosen token
+    text_offset: list[int]
+
+
+Finish = Literal["stop", "length"] | None
+
+
+class CompletionChoice(_Doc):
+    index: int
+    text: str
+    logprobs: LegacyLogprobs | None
+    finish_reason: Finish
+
+
+class CompletionResponse(_Doc):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None  # absent from stream chunks but the last (stream_options)
+
+
+class TopLogprob(_Doc):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Doc):
+    content: list[TokenLogprob]
+    refusal: None = None
+
+
+class AssistantMessage(_Doc):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Doc):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: Finish
+
+
+class ChatCompletionResponse(_Doc):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class TokenizeResponse(_Doc):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None
+
+
+class DetokenizeResponse(_Doc):
+    prompt: str
+
+
+class ModelCard(_Doc):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(_Doc):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+ERRORS = {400: "invalid request (OpenAI's error body; ``param`` names the field)",
+          404: "unknown model", 413: "request body over --max-request-bytes",
+          429: "queue full (--max-queue); retry later", 500: "generation failed inside the engine"}
+
+
+def _responses(model: type[BaseModel] | None, *errors: int, stream: bool = False) -> dict:
+    out: dict = {code: {"model": ErrorResponse, "description": ERRORS[code]} for code in errors}
+    if model is not None:
+        out[200] = {"model": model, "description": "the answer"}
+    if stream:
+        out[200]["description"] = ("the answer; with stream: true, server-sent events of chunks ending "
+                                   "data: [DONE]")
+        out[200]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+    return out
 
 
 # ---------------------------------------------------------------------- scheduler
-class Job:
-    """One request's sequences and the event-loop queue their deltas go to."""
+class ClientGone(Exception):
+    """The client of a non-streaming request disconnected while it waited."""
 
-    def __init__(self, seqs: list[GenerationSequence], loop: asyncio.AbstractEventLoop) -> None:
-        self.seqs = seqs
+
+class Job:
+    """One request: its prompts, each started with ``n`` samples on the worker, and the event-loop
+    queue its deltas go to. Choice index = prompt index * n + sample."""
+
+    def __init__(self, prompts: list[list[int]], params: list[SamplingParams], n: int,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.prompts, self.params, self.n = prompts, params, n
+        self.size = len(prompts) * n
+        self.seqs: list[GenerationSequence] = []  # set by the worker when it starts the job
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
-        self.cancelled = False  # set when the client is gone; the worker then drops the sequences
+        self.cancelled = False  # set when the client is gone; the worker then cancels the sequences
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
     def push(self, index: int, item: Delta | BaseException) -> None:
         """Called on the worker thread."""
@@ -171,8 +391,9 @@ class Job:
             self.cancelled = True
 
     async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
-        """(choice index, delta) until every sequence has finished; raises a worker error."""
-        remaining = len(self.seqs)
+        """(choice index, delta) until every choice has finished; raises a worker error (or
+        ClientGone, pushed by :func:`_watch`)."""
+        remaining = self.size
         while remaining:
             index, item = await self.events.get()
             if isinstance(item, BaseException):
@@ -181,18 +402,28 @@ class Job:
             yield index, item
 
 
+async def _watch(request: Request, job: Job) -> None:
+    """Cancel ``job`` once its client has disconnected (a non-streaming request; Starlette cancels
+    a streaming response itself)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(WATCH_S)
+    job.cancel()
+    job.events.put_nowait((0, ClientGone()))
+
+
 class Scheduler:
-    """The one thread that runs the model: admits queued jobs while fewer than ``max_active``
-    sequences are active, then advances every active sequence by one token per pass."""
+    """The one thread that runs the engine: starts queued jobs while the running sequences plus the
+    job's fit in ``max_active`` (a larger job starts when nothing runs), then makes one batched
+    ``engine.step()`` per pass and routes each sequence's delta to its job."""
 
     def __init__(self, engine: Engine, max_active: int = 8, max_queue: int = 64) -> None:
         self.engine, self.max_active, self.max_queue = engine, max_active, max_queue
         self._pending: deque[Job] = deque()
-        self._active: list[tuple[Job, int, GenerationSequence]] = []
+        self._running: dict[int, tuple[Job, int, GenerationSequence]] = {}  # id(seq) -> its job, choice
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.peak_active = 0  # most sequences ever active at once (tests check requests overlapped)
+        self.peak_active = 0  # most sequences ever running at once (tests check requests overlapped)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="kinetic-infer-worker", daemon=True)
@@ -210,7 +441,7 @@ class Scheduler:
         return self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> dict:
-        return {"queued": len(self._pending), "active": len(self._active)}
+        return {"queued": len(self._pending), "active": len(self._running)}
 
     def submit(self, job: Job) -> None:
         with self._cv:
@@ -221,40 +452,79 @@ class Scheduler:
             self._pending.append(job)
             self._cv.notify()
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[Job]:
         with self._cv:
-            while not self._active and not self._pending and not self._stopping:
+            while not (self._pending or self._running or self._stopping):
                 self._cv.wait()
-            while self._pending and (not self._active
-                                     or len(self._active) + len(self._pending[0].seqs) <= self.max_active):
-                job = self._pending.popleft()
+            jobs, count = [], len(self._running)
+            while self._pending and not self._stopping:
+                job = self._pending[0]
+                if not job.cancelled and count and count + job.size > self.max_active:
+                    break
+                self._pending.popleft()
                 if not job.cancelled:
-                    self._active += [(job, i, s) for i, s in enumerate(job.seqs)]
-            self.peak_active = max(self.peak_active, len(self._active))
+                    jobs.append(job)
+                    count += job.size
+            return jobs
 
     def _run(self) -> None:
-        while True:
-            self._admit()
-            if self._stopping:
-                for job in [*self._pending, *(a[0] for a in self._active)]:
-                    job.push(0, RuntimeError("the server is shutting down"))
-                return
-            for job, index, seq in self._active:
-                if job.cancelled:
-                    continue
-                try:
-                    delta = self.engine.step(seq)
-                except Exception as err:  # a bug or out of memory: fail this request, keep serving
-                    log.exception("generation failed")
-                    job.cancelled = True
-                    job.push(index, err)
-                    continue
-                if delta.text or delta.finish_reason:
-                    job.push(index, delta)
-            self._active = [a for a in self._active if not a[0].cancelled and not a[2].finished]
+        while not self._stopping:
+            for job in self._admit():
+                self._start(job)
+            self.peak_active = max(self.peak_active, len(self._running))
+            for key, (job, _, seq) in list(self._running.items()):
+                if job.cancelled:  # the client is gone: free the slot now
+                    self.engine.cancel(seq)
+                    del self._running[key]
+            if self._running:
+                self._step()
+        shutdown = RuntimeError("the server is shutting down")
+        self._fail({job for job, _, _ in self._running.values()} | set(self._pending), shutdown)
+
+    def _start(self, job: Job) -> None:
+        seqs: list[GenerationSequence] = []
+        try:
+            for ids, params in zip(job.prompts, job.params, strict=True):
+                seqs += self.engine.start(ids, params, job.n)
+        except Exception as err:  # checked before, so a ValueError here is still the client's
+            for seq in seqs:
+                self.engine.cancel(seq)
+            if not isinstance(err, ValueError):
+                log.exception("starting a request failed")
+            job.push(0, APIError(400, str(err)) if isinstance(err, ValueError) else err)
+            return
+        job.seqs = seqs
+        for index, seq in enumerate(seqs):
+            if seq.state is None:  # max_tokens=0 and nothing to score: finished before it ran
+                job.push(index, Delta("", [], seq.finish_reason))
+            else:
+                self._running[id(seq)] = (job, index, seq)
+
+    def _step(self) -> None:
+        try:
+            out = self.engine.step()
+        except Exception as err:  # a bug or out of memory: fail what ran, keep serving
+            log.exception("generation failed")
+            self._fail({job for job, _, _ in self._running.values()}, err)
+            return
+        for seq, delta in out:
+            entry = self._running.get(id(seq))
+            if entry is None:
+                continue
+            if delta.finish_reason is not None:
+                del self._running[id(seq)]
+            entry[0].push(entry[1], delta)
+
+    def _fail(self, jobs: set[Job], err: BaseException) -> None:
+        for key, (job, _, seq) in list(self._running.items()):
+            if job in jobs:
+                self.engine.cancel(seq)
+                del self._running[key]
+        for job in jobs:
+            job.push(0, err)
 
 
-# ---------------------------------------------------------------------- request -> sequences
+# ---------------------------------------------------------------------- request -> sampling params
 def _max_tokens(asked: int | None, name: str, prompt_len: int, prompt_name: str, max_context: int,
                 limits: Limits) -> int:
     """The completion length for a prompt: ``asked`` (the request's ``name`` field) checked against
@@ -277,49 +547,150 @@ def _max_tokens(asked: int | None, name: str, prompt_len: int, prompt_name: str,
     return asked
 
 
-def _sequences(engine: Engine, limits: Limits, req: _Sampling, prompts: list[list[int]],
-               extra_stop_ids: tuple[int, ...] = ()) -> list[GenerationSequence]:
-    """The request's sequences: n per prompt, choice index = prompt index * n + j."""
+def _params(engine: Engine, limits: Limits, req: _Sampling, prompts: list[list[int]], *,
+            extra_stop_ids: tuple[int, ...] = (), logprobs: int | None = None,
+            prompt_logprobs: int | None = None) -> list[SamplingParams]:
+    """One SamplingParams per prompt (its max_new_tokens depends on the prompt's length)."""
     chat = isinstance(req, ChatCompletionRequest)
     if chat and req.max_completion_tokens is not None:
         max_tokens, name = req.max_completion_tokens, "max_completion_tokens"
     else:
         max_tokens, name = req.max_tokens, "max_tokens"
-    prompt_name = "messages" if chat else "prompt"
     n = req.n or 1
     if n * len(prompts) > limits.max_n:
         raise APIError(400, f"{n * len(prompts)} choices requested (n x prompts); this server's limit is "
                        f"{limits.max_n} (kinetic serve --max-n)", param="n", code="invalid_value")
-    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stops) > MAX_STOP_STRINGS or not all(stops):
-        raise APIError(400, f"stop must be up to {MAX_STOP_STRINGS} non-empty strings", param="stop")
-    top_k = req.top_k if req.top_k and req.top_k > 0 else 0
-    seqs = []
+    if n > engine.max_batch:
+        raise APIError(400, f"n={n} samples of one prompt is over this engine's batch of "
+                       f"{engine.max_batch}", param="n", code="invalid_value")
+    stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    out = []
     for ids in prompts:
-        max_new = _max_tokens(max_tokens, name, len(ids), prompt_name, engine.max_context, limits)
+        max_new = _max_tokens(max_tokens, name, len(ids), "messages" if chat else "prompt",
+                              engine.max_context, limits)
         try:  # the schema already bounds every field; a ValueError here is still the client's
-            base = SamplingParams(
+            out.append(SamplingParams(
                 max_new_tokens=max_new, temperature=1.0 if req.temperature is None else req.temperature,
-                top_k=top_k, top_p=1.0 if req.top_p is None else req.top_p, stop_strings=tuple(stops),
-                stop_token_ids=extra_stop_ids, ignore_eos=req.ignore_eos)
-            for j in range(n):  # choice j gets seed + j: n copies of one seed would be n equal answers
-                seed = None if req.seed is None else (req.seed + j) % 2**64
-                seqs.append(engine.start(ids, replace(base, seed=seed)))
+                top_k=max(req.top_k or 0, 0), top_p=1.0 if req.top_p is None else req.top_p,
+                min_p=req.min_p or 0.0, seed=req.seed, stop_strings=stops, stop_token_ids=extra_stop_ids,
+                ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs))
         except ValueError as err:
             raise APIError(400, str(err)) from None
-    return seqs
+    return out
 
 
 def _prompt_ids(engine: Engine, prompt) -> list[list[int]]:
     """Completion prompts as token-id lists: a string, a list of strings, ids, or a list of id lists."""
-    if not prompt:
-        raise APIError(400, "prompt must not be empty", param="prompt")
     if isinstance(prompt, str) or isinstance(prompt[0], int):
         prompt = [prompt]
     try:
         return [engine.encode(p) for p in prompt]
     except ValueError as err:  # ids out of range, text that is not valid Unicode
         raise APIError(400, str(err), param="prompt") from None
+
+
+# ---------------------------------------------------------------------- log-prob formats
+def _unicode_to_byte() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's bytes_to_unicode), inverted: token character -> byte."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
+class TokenText:
+    """Token ids as the strings and UTF-8 bytes the log-prob formats show. A byte-level token that
+    holds part of a character shows U+FFFD in its string; its ``bytes`` are exact."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._special = set(tokenizer.get_added_tokens_decoder())
+        self._byte_level = type(tokenizer.decoder).__name__ == "ByteLevel"
+        self._alphabet = _unicode_to_byte()
+        self._bytes: dict[int, bytes] = {}
+
+    def bytes(self, token_id: int) -> bytes:
+        if token_id not in self._bytes:
+            piece = self.tokenizer.id_to_token(token_id) or ""
+            if self._byte_level and token_id not in self._special and all(c in self._alphabet for c in piece):
+                self._bytes[token_id] = bytes(self._alphabet[c] for c in piece)
+            else:
+                self._bytes[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
+        return self._bytes[token_id]
+
+    def text(self, token_id: int) -> str:
+        return self.bytes(token_id).decode("utf-8", errors="replace")
+
+    def legacy(self, items: list[tuple[int, Token | None]], offset: int = 0) -> dict:
+        """The completions format of (id, Token or None when unscored) pairs; text offsets from ``offset``."""
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token_id, token in items:
+            text = self.text(token_id)
+            out["tokens"].append(text)
+            out["text_offset"].append(offset)
+            offset += len(text)
+            if token is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            top = {}
+            for alt, logprob in token.top or ():
+                top.setdefault(self.text(alt), _finite(logprob))
+            top.setdefault(text, _finite(token.logprob))  # the chosen token is always listed
+            out["token_logprobs"].append(_finite(token.logprob))
+            out["top_logprobs"].append(top)
+        return out
+
+    def _entry(self, token_id: int, logprob: float) -> dict:
+        raw = self.bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": _finite(logprob),
+                "bytes": list(raw)}
+
+    def chat(self, tokens: list[Token]) -> dict:
+        """The chat format: {"content": [{token, logprob, bytes, top_logprobs: [...]}], "refusal": null}."""
+        return {"content": [{**self._entry(t.id, t.logprob),
+                             "top_logprobs": [self._entry(i, lp) for i, lp in t.top or ()]} for t in tokens],
+                "refusal": None}
+
+
+# ---------------------------------------------------------------------- answers
+@dataclass
+class _Choice:
+    text: str = ""
+    tokens: list[Token] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+async def _collect(job: Job, request: Request) -> list[_Choice]:
+    """Every choice's whole answer; the client's connection is watched while it waits."""
+    choices = [_Choice() for _ in range(job.size)]
+    watcher = asyncio.create_task(_watch(request, job))
+    try:
+        async for index, delta in job.deltas():
+            c = choices[index]
+            c.text += delta.text
+            c.tokens += delta.tokens
+            c.finish_reason = delta.finish_reason or c.finish_reason
+    except ClientGone:
+        raise APIError(499, "the client closed the connection") from None  # nobody reads this
+    except APIError:
+        raise
+    except Exception as err:
+        raise APIError(500, f"generation failed: {err}", type="server_error") from None
+    finally:
+        watcher.cancel()
+        job.cancel()  # a no-op when done; frees the worker when this request was abandoned
+    return choices
 
 
 def _usage(prompts: list[list[int]], seqs: list[GenerationSequence]) -> dict:
@@ -329,8 +700,31 @@ def _usage(prompts: list[list[int]], seqs: list[GenerationSequence]) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+class _CompletionChoices:
+    """Completion choices (whole or as stream chunks): echo puts the prompt first, its text and, with
+    logprobs, its scored tokens; text offsets run on over a stream's chunks."""
+
+    def __init__(self, engine: Engine, fmt: TokenText, job: Job, echo: bool, logprobs: bool) -> None:
+        self.engine, self.fmt, self.job, self.echo, self.logprobs = engine, fmt, job, echo, logprobs
+        self.offset = [0] * job.size
+        self.started = [False] * job.size
+
+    def choice(self, index: int, text: str, tokens: list[Token], finish: str | None) -> dict:
+        items: list[tuple[int, Token | None]] = []
+        if not self.started[index]:
+            self.started[index] = True
+            if self.echo:
+                prompt = self.job.prompts[index // self.job.n]
+                text = self.engine.tokenizer.decode(prompt, skip_special_tokens=False) + text
+                if self.logprobs:  # None first (nothing predicts the first token), then a Token each
+                    scored = self.job.seqs[index].prompt_logprobs or [None]
+                    items = [(prompt[0], None), *((t.id, t) for t in scored[1:])]
+        items += [(t.id, t) for t in tokens]
+        logprobs = None
+        if self.logprobs:
+            logprobs = self.fmt.legacy(items, self.offset[index])
+            self.offset[index] += sum(map(len, logprobs["tokens"]))
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
 
 # ---------------------------------------------------------------------- app
@@ -338,6 +732,7 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None) ->
     """The FastAPI app serving ``engine`` as ``model_name``; the worker runs while the app does."""
     limits = limits or Limits()
     scheduler = Scheduler(engine, max_active=limits.max_active, max_queue=limits.max_queue)
+    fmt = TokenText(engine.tokenizer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -345,10 +740,11 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None) ->
         yield
         scheduler.stop()
 
-    app = FastAPI(title="kinetic", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="kinetic", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine, app.state.scheduler, app.state.limits = engine, scheduler, limits
     app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
     _add_error_handlers(app)
+    _describe_errors(app)
     created = int(time.time())
 
     def check_model(name: str | None) -> None:
@@ -360,16 +756,20 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None) ->
         return {"id": model_name, "object": "model", "created": created, "owned_by": "kinetic",
                 "max_model_len": engine.max_context}
 
-    async def submit(seqs: list[GenerationSequence]) -> Job:
-        job = Job(seqs, asyncio.get_running_loop())
+    def submit(prompts: list[list[int]], params: list[SamplingParams], n: int) -> Job:
+        job = Job(prompts, params, n, asyncio.get_running_loop())
         scheduler.submit(job)
         return job
+
+    def meta(prefix: str, kind: str) -> dict:
+        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+                "model": model_name}
 
     @app.get("/", include_in_schema=False)
     async def chat_page():
         return FileResponse(STATIC / "chat.html", media_type="text/html")
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "the worker thread is not running"}})
     async def health():
         if not scheduler.alive:
             return JSONResponse({"status": "error", "message": "the worker thread is not running"}, 503)
@@ -378,55 +778,111 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None) ->
             out["speculative"] = engine.spec_stats.as_dict()
         return out
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_responses(ModelList))
     async def list_models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{name:path}")
+    @app.get("/v1/models/{name:path}", responses=_responses(ModelCard, 404))
     async def get_model(name: str):
         check_model(name)
         return model_card()
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        check_model(req.model)
-        if req.echo or req.logprobs is not None:
-            raise APIError(400, "echo and logprobs are not supported",
-                           param="echo" if req.echo else "logprobs")
-        prompts = await run_in_threadpool(_prompt_ids, engine, req.prompt)
-        seqs = _sequences(engine, limits, req, prompts)
-        job = await submit(seqs)
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": model_name}
-        if req.stream:
-            return _event_stream(_completion_chunks(job, meta, prompts, req.stream_options))
-        texts, finish = await _collect(job)
-        choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": finish[i]}
-                   for i in range(len(seqs))]
-        return {**meta, "choices": choices, "usage": _usage(prompts, seqs)}
+    generating = (400, 404, 413, 429, 500)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    @app.post("/v1/completions", responses=_responses(CompletionResponse, *generating, stream=True))
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
-        if req.logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
+        prompts = await run_in_threadpool(_prompt_ids, engine, req.prompt)
+        k = req.logprobs
+        params = _params(engine, limits, req, prompts, logprobs=k,
+                         prompt_logprobs=k if req.echo and k is not None else None)
+        job = submit(prompts, params, req.n or 1)
+        render = _CompletionChoices(engine, fmt, job, bool(req.echo), k is not None)
+        head = meta("cmpl", "text_completion")
+        if req.stream:
+            return _event_stream(_chunks(job, head, prompts, req.stream_options, render.choice))
+        choices = await _collect(job, request)
+        return {**head, "choices": [render.choice(i, c.text, c.tokens, c.finish_reason)
+                                    for i, c in enumerate(choices)], "usage": _usage(prompts, job.seqs)}
+
+    @app.post("/v1/chat/completions",
+              responses=_responses(ChatCompletionResponse, *generating, stream=True))
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        check_model(req.model)
         messages = [m.model_dump() for m in req.messages]
         try:
             prompt = await run_in_threadpool(engine.encode_chat, messages)
         except ValueError as err:  # the checkpoint's template refused the messages
             raise APIError(400, str(err), param="messages") from None
-        seqs = _sequences(engine, limits, req, [prompt], engine.chat_stop_token_ids)
-        job = await submit(seqs)
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
-                "created": int(time.time()), "model": model_name}
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        params = _params(engine, limits, req, [prompt], extra_stop_ids=engine.chat_stop_token_ids, logprobs=k)
+        job = submit([prompt], params, req.n or 1)
+
+        def logprobs(tokens: list[Token]) -> dict | None:
+            return fmt.chat(tokens) if k is not None else None
+
+        head = meta("chatcmpl", "chat.completion")
         if req.stream:
-            return _event_stream(_chat_chunks(job, meta, [prompt], req.stream_options))
-        texts, finish = await _collect(job)
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
-                    "finish_reason": finish[i]} for i in range(len(seqs))]
-        return {**meta, "choices": choices, "usage": _usage([prompt], seqs)}
+            head["object"] = "chat.completion.chunk"
+            opening = tuple({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                  "logprobs": None, "finish_reason": None}]}
+                            for i in range(job.size))  # OpenAI opens each choice with the role
+
+            def chunk(i: int, text: str, tokens: list[Token], end: str | None) -> dict:
+                return {"index": i, "delta": {"content": text} if text else {}, "logprobs": logprobs(tokens),
+                        "finish_reason": end}
+
+            return _event_stream(_chunks(job, head, [prompt], req.stream_options, chunk, opening))
+        choices = await _collect(job, request)
+        return {**head, "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
+                                     "logprobs": logprobs(c.tokens), "finish_reason": c.finish_reason}
+                                    for i, c in enumerate(choices)], "usage": _usage([prompt], job.seqs)}
+
+    @app.post("/tokenize", responses=_responses(TokenizeResponse, 400, 404, 413))
+    async def tokenize(req: TokenizeCompletionRequest | TokenizeChatRequest):
+        check_model(req.model)
+        try:
+            if isinstance(req, TokenizeChatRequest):
+                messages = [m.model_dump() for m in req.messages]
+                ids = await run_in_threadpool(engine.chat_template.encode, engine.tokenizer, messages,
+                                              req.add_generation_prompt)
+            else:
+                ids = await run_in_threadpool(engine.encode, req.prompt)
+        except ValueError as err:
+            raise APIError(400, str(err), param="messages" if isinstance(req, TokenizeChatRequest)
+                           else "prompt") from None
+        strs = [fmt.text(i) for i in ids] if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": engine.max_context, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize", responses=_responses(DetokenizeResponse, 400, 404, 413))
+    async def detokenize(req: DetokenizeRequest):
+        check_model(req.model)
+        size = min(engine.vocab_size, engine.tokenizer.get_vocab_size(with_added_tokens=True))
+        bad = [t for t in req.tokens if t >= size]
+        if bad:
+            raise APIError(400, f"token ids must be in [0, {size}); got {bad[:5]}", param="tokens")
+        return {"prompt": engine.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
     return app
+
+
+def _describe_errors(app: FastAPI) -> None:
+    """/openapi.json as the server answers: FastAPI lists 422 for validation errors, this server
+    sends 400 (declared per route with OpenAI's error body)."""
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                                 description="OpenAI-compatible API of a kinetic checkpoint")
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            components = schema.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -446,10 +902,16 @@ def _add_error_handlers(app: FastAPI) -> None:
         if "json" not in content_type:  # FastAPI only parses JSON bodies (curl -d sends a form)
             return APIError(400, f"send the body as JSON with Content-Type: application/json (got "
                             f"{content_type or 'no Content-Type'})", code="invalid_content_type").response()
-        where = [".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body" for e in errors]
+        params = [_param(e.get("loc", ())) for e in errors]
+        refused = [p.split(".")[0] for p in params if p and p.split(".")[0] in REFUSED]
+        if refused:
+            name = refused[0]
+            return APIError(400, f"{name} is not supported by this server: {REFUSED[name]}; leave it out",
+                            param=name, code="unsupported_parameter").response()
+        where = [p or "body" for p in params]
         message = "; ".join(f"{w}: {e.get('msg')}" for w, e in zip(where[:3], errors, strict=False))
-        return APIError(400, message or "invalid request", param=_param(errors[0].get("loc", ())) if errors
-                        else None, code="invalid_request").response()
+        return APIError(400, message or "invalid request", param=params[0] if params else None,
+                        code="invalid_request").response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException):
@@ -466,25 +928,16 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 def _param(loc: tuple) -> str | None:
     """``("body", "messages", 0, "content", "list[TextPart]", 0)`` -> ``"messages.0.content"``: the
-    request field, without pydantic's union-member tags."""
+    request field, without pydantic's union-member tags (type names such as ``constrained-str``, and
+    the model names of a union body such as /tokenize's)."""
     parts = []
     for p in loc[1:] if loc[:1] == ("body",) else loc:
-        if isinstance(p, str) and ("[" in p or p in ("str", "int", "float", "bool")):
+        if isinstance(p, str) and ("[" in p or "-" in p or p in ("str", "int", "float", "bool", "none")):
             break
+        if isinstance(p, str) and p[:1].isupper():
+            continue
         parts.append(str(p))
     return ".".join(parts) or None
-
-
-async def _collect(job: Job) -> tuple[list[str], list[str | None]]:
-    texts: list[list[str]] = [[] for _ in job.seqs]
-    finish: list[str | None] = [None] * len(job.seqs)
-    try:
-        async for index, delta in job.deltas():
-            texts[index].append(delta.text)
-            finish[index] = delta.finish_reason or finish[index]
-    finally:
-        job.cancelled = True  # a no-op when done; frees the worker when this request was abandoned
-    return ["".join(t) for t in texts], finish
 
 
 def _event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
@@ -492,38 +945,37 @@ def _event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
 async def _chunks(job: Job, meta: dict, prompts: list[list[int]], options: StreamOptions | None,
-                  choice, opening: tuple[dict, ...] = ()) -> AsyncIterator[str]:
-    """SSE lines: the ``opening`` chunks, a ``choice(index, delta)`` chunk per delta, the usage chunk
-    if asked for, then [DONE]. An error after the response has started can only be reported in the
-    stream, as an error event."""
+                  choice: Callable[[int, str, list[Token], str | None], dict],
+                  opening: tuple[dict, ...] = ()) -> AsyncIterator[str]:
+    """SSE lines: the ``opening`` chunks, a ``choice(index, text, tokens, finish_reason)`` chunk per
+    delta that adds text or ends a choice (the tokens of steps that added no text come with the next
+    chunk), the usage chunk if asked for, then [DONE]. An error after the response has started can
+    only be reported in the stream, as an error event. Starlette cancels this generator when the
+    client disconnects; ``finally`` then cancels the job."""
+    waiting: list[list[Token]] = [[] for _ in range(job.size)]
     try:
         for chunk in opening:
             yield _sse(chunk)
         async for index, delta in job.deltas():
-            yield _sse({**meta, "choices": [choice(index, delta)]})
+            waiting[index] += delta.tokens
+            if delta.text or delta.finish_reason:
+                piece = choice(index, delta.text, waiting[index], delta.finish_reason)
+                yield _sse({**meta, "choices": [piece]})
+                waiting[index] = []
         if options is not None and options.include_usage:
             yield _sse({**meta, "choices": [], "usage": _usage(prompts, job.seqs)})
+    except APIError as err:
+        yield _sse(err.body())
     except Exception as err:
         yield _sse(APIError(500, f"generation failed: {err}", type="server_error").body())
     finally:
-        job.cancelled = True  # the client disconnected (or we are done): stop generating
+        job.cancel()
     yield _sse("[DONE]")
-
-
-def _completion_chunks(job: Job, meta: dict, prompts, options) -> AsyncIterator[str]:
-    return _chunks(job, meta, prompts, options, lambda i, d: {
-        "index": i, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason})
-
-
-def _chat_chunks(job: Job, meta: dict, prompts, options) -> AsyncIterator[str]:
-    meta = {**meta, "object": "chat.completion.chunk"}
-    opening = tuple({**meta, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                          "logprobs": None, "finish_reason": None}]}
-                    for i in range(len(job.seqs)))  # OpenAI opens each choice with the role
-    return _chunks(job, meta, prompts, options, lambda i, d: {
-        "index": i, "delta": {"content": d.text} if d.text else {}, "logprobs": None,
-        "finish_reason": d.finish_reason}, opening)
 
 
 # ---------------------------------------------------------------------- running
@@ -531,9 +983,12 @@ def run(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, *, mo
         limits: Limits | None = None, max_context: int | None = None, device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None, log_level: str = "info", **engine_options) -> None:
     """Load ``checkpoint`` and serve it with uvicorn until interrupted; ``engine_options`` go to
-    :class:`Engine` (speculative, draft_tokens, prefill_chunk, compile_decode)."""
+    :class:`Engine` (speculative, draft_tokens, prefill_chunk, compile_decode, max_batch: by default
+    ``limits.max_active``, so every admitted sequence decodes in one batch)."""
     import uvicorn
 
+    limits = limits or Limits()
+    engine_options.setdefault("max_batch", limits.max_active)
     engine = Engine.from_pretrained(checkpoint, device=device, dtype=dtype, max_context=max_context,
                                     **engine_options)
     name = model_name or Path(checkpoint).resolve().name
