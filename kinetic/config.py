@@ -289,11 +289,14 @@ class ModelConfig:
                                     "path to a config.json file")
         try:
             data = json.loads(file.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{file} is not valid JSON: {err}") from None
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with ``changes``; ValueError naming an unknown field (with the closest valid name)
+        or a value of the wrong type, then whatever :meth:`validate` finds."""
+        check_changes(changes)
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ parameter counts
@@ -319,6 +322,32 @@ def _types_to_pattern(types: Any, name: str) -> str:
     except KeyError as err:
         raise ValueError(f"ModelConfig.{name} contains unknown block type {err.args[0]!r}: allowed "
                          f"are {sorted(PATTERN_TO_TYPE.values())}") from None
+
+
+def field_names() -> list[str]:
+    """The ModelConfig fields a config file or an override may set."""
+    return [f.name for f in dataclasses.fields(ModelConfig) if f.name != "extra"]
+
+
+def closest(name: str, choices: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a misspelled ``name``, else ``""``."""
+    import difflib
+
+    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def check_changes(changes: dict[str, Any]) -> None:
+    """Every key of ``changes`` is a ModelConfig field and every value has its type; ValueError
+    naming the key and the fix otherwise."""
+    names = field_names()
+    for key, value in changes.items():
+        if key not in names:
+            hint = (f" (it is the older name of {LEGACY_KEYS[key]!r}; use that)" if key in LEGACY_KEYS
+                    else closest(key, names))
+            raise ValueError(f"{key!r} is not a ModelConfig field{hint}; use a NemotronH config.json key "
+                             "(the fields of kinetic.config.ModelConfig)")
+        _check_type(ModelConfig, key, value)
 
 
 def _check_type(cls: type, name: str, value: Any) -> None:

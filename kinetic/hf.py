@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import uuid
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -59,8 +59,12 @@ def from_disk_names(names: list[str]) -> tuple[dict[str, str], dict[str, dict[in
 def _checkpoint_files(path: Path) -> tuple[list[Path], dict[str, Path]]:
     index = path / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({path / f for f in weight_map.values()})
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({path / f for f in weight_map.values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index} is not a valid safetensors index ({type(err).__name__}: {err}); "
+                             "restore it from the run or re-save the checkpoint") from None
         return files, {k: path / f for k, f in weight_map.items()}
     single = path / SINGLE_NAME
     if single.is_file():
@@ -76,10 +80,24 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     files, _ = _checkpoint_files(Path(path))
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                tensors[key] = f.get_tensor(key)
+        tensors.update(_read_file(file))
     return tensors
+
+
+def _read_file(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file; ValueError naming the file when it is missing, empty,
+    truncated or not safetensors at all (safetensors' own errors name neither)."""
+    if not file.is_file():
+        raise ValueError(f"{file} is missing (named by {INDEX_NAME}); restore it or re-save the checkpoint")
+    if file.stat().st_size == 0:
+        raise ValueError(f"{file} is empty; the checkpoint was not written completely: re-save it, or "
+                         "resume from an earlier checkpoint")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a Mapping)
+    except Exception as err:  # SafetensorError derives from Exception only
+        raise ValueError(f"{file} is truncated or corrupt ({err}); the checkpoint was not written "
+                         "completely: re-save it, or resume from an earlier checkpoint") from None
 
 
 def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -194,19 +212,28 @@ def save_pretrained(model, path: str | Path, *, max_shard_size: int = 5 * 2**30,
     return path
 
 
+def _temp_name(file: Path) -> Path:
+    """A fresh name beside ``file``. Not ``tempfile.mkstemp``: it creates mode 0600 whatever the
+    umask, and the renamed file would keep that; files made by ``open`` get the umask's mode."""
+    return file.with_name(f".{file.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
-    os.close(fd)
+    tmp = _temp_name(file)
     try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        tmp.touch()  # the mode the umask gives; safetensors writes 0600 files whatever the umask
+        mode = tmp.stat().st_mode & 0o777
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, mode)
         os.replace(tmp, file)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def _atomic_write(file: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, file)
+    tmp = _temp_name(file)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)

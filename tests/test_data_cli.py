@@ -40,6 +40,8 @@ def built(tmp_path_factory):
 def test_tokenizer_train_writes_tokenizer_and_summary(built):
     summary = json.loads((built / "tok" / "tokenizer_summary.json").read_text())
     assert (built / "tok" / "tokenizer.json").is_file()
+    config = json.loads((built / "tok" / "tokenizer_config.json").read_text())  # opens in transformers
+    assert config["eos_token"] == "<eos>" and "<|assistant|>" in config["chat_template"]
     assert summary["vocab_size"] == 512 and set(summary["domains"]) == set(DOMAINS)
     assert all(d["val_bytes_per_token"] > 1 for d in summary["domains"].values())
 

@@ -11,7 +11,8 @@
   inference (kinetic.eval, kinetic.infer).
 
 Mistakes a user can make (a bad path, an unknown preset, an invalid config) print one line to stderr
-and exit with code 2; a failed self-check exits with 1. ``demo`` also writes ``summary.json``
+and exit with code 2; a failed self-check exits with 1. Every ``--help`` shows each flag's default;
+``kinetic --version`` prints the version. ``demo`` also writes ``summary.json``
 (versions, commit, tokens, timings) next to the checkpoint so a run can be reproduced from it.
 
 One module per command family, each adding its subcommands with ``register(sub)``:
@@ -23,8 +24,10 @@ Library code never imports this package: the commands turn its ValueErrors into 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 
+import kinetic
 from kinetic.cli import data, infer, model, train
 from kinetic.cli import eval as evaluation
 from kinetic.errors import UserError
@@ -32,13 +35,41 @@ from kinetic.errors import UserError
 __all__ = ["UserError", "build_parser", "main"]
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to each option's help, also to options without help text; skips
+    defaults that say nothing (None, False, empty lists) and help that already names its default."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._shows_default(action):
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if self._shows_default(action) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        default = action.default
+        silent = default is None or default is False or default == [] or default == argparse.SUPPRESS
+        return bool(action.option_strings) and not silent and action.help is not argparse.SUPPRESS
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line instead of usage + error
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kinetic", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"kinetic {kinetic.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for family in (model, train, evaluation, infer, data):  # the order of `kinetic --help`
         family.register(sub)

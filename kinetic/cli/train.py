@@ -8,7 +8,6 @@ blended corpus loader (or synthetic tokens) into the shared :class:`~kinetic.tra
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 from kinetic.cli.model import human
@@ -56,13 +55,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _pretrain(args: argparse.Namespace, cfg, info) -> int:
     from kinetic.train import Trainer
+    from kinetic.train.checkpoint import CheckpointError
 
     try:
         train_src, val_src = make_sources(cfg, info)
     except ValueError as err:
         raise UserError(str(err)) from None
+    tokenizer = Path(cfg.data.corpus) / "tokenizer.json" if cfg.data.corpus else None
     try:
-        trainer = Trainer(cfg, train_source=train_src, val_source=val_src, dist_info=info)
+        trainer = Trainer(cfg, train_source=train_src, val_source=val_src, dist_info=info,
+                          tokenizer=tokenizer if tokenizer is not None and tokenizer.is_file() else None)
     except ValueError as err:  # e.g. an unknown precision recipe or recipe field
         raise UserError(str(err)) from None
     if trainer.precision is not None and info.is_main:
@@ -73,19 +75,28 @@ def _pretrain(args: argparse.Namespace, cfg, info) -> int:
               f"({human(counts['total'])} params, {human(counts['active'])} active), "
               f"{cfg.train.steps} steps x {trainer.tokens_per_step:,} tokens, world size {info.world_size}, "
               f"on {trainer.device}")
-    summary = trainer.train(resume=args.resume)
+    try:
+        summary = trainer.train(resume=args.resume)
+    except CheckpointError as err:  # every checkpoint damaged, or written for another model
+        raise UserError(f"--resume: {err}") from None
     if info.is_main:
-        tokenizer = Path(cfg.data.corpus) / "tokenizer.json" if cfg.data.corpus else None
-        if summary["checkpoint"] and tokenizer is not None and tokenizer.is_file():
-            shutil.copy(tokenizer, Path(summary["checkpoint"]) / "tokenizer.json")
+        print_summary(summary, cfg)
+    return 0
+
+
+def print_summary(summary: dict, cfg) -> None:
+    if summary.get("already_finished"):
+        print(f"nothing to do: {cfg.run.out_dir} already finished at step {summary['steps']} "
+              f"(train.steps={cfg.train.steps}); raise train.steps to train further")
+    else:
         print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_s']:.1f} s "
               f"({summary['tokens_per_s']:,.0f} tokens/s), skipped {summary['skipped_steps']}")
-        val = summary["final_val_loss"]
-        print(f"final train LM loss {summary['final_train_lm_loss']:.4f}, validation loss "
-              f"{val:.4f}" if val is not None else "")
-        print(f"checkpoint {summary['checkpoint']}\nplot       {summary.get('plot')}\n"
-              f"metrics    {Path(cfg.run.out_dir) / 'metrics.jsonl'}")
-    return 0
+    train, val = summary["final_train_lm_loss"], summary["final_val_loss"]
+    if train is not None:
+        print(f"final train LM loss {train:.4f}"
+              + (f", validation loss {val:.4f}" if val is not None else ""))
+    print(f"checkpoint {summary['checkpoint']}\nplot       {summary.get('plot')}\n"
+          f"metrics    {Path(cfg.run.out_dir) / 'metrics.jsonl'}")
 
 
 # ---------------------------------------------------------------------- registration

@@ -11,7 +11,10 @@ each turn with kinetic's role tokens and ends it with ``<eos>``:
 
 In the built-in format message text is always encoded as plain text, so a user who types ``<eos>``
 cannot forge a turn; fine-tuning code should build its examples with :func:`encode_builtin` so that
-training and serving agree token for token.
+training and serving agree token for token. kinetic's checkpoints carry the built-in format as Jinja
+(:data:`kinetic.data.tokenizer.CHAT_TEMPLATE`) for other tools; :meth:`ChatTemplate.from_pretrained`
+recognises that text and keeps the built-in encoding, so such a checkpoint encodes exactly as one
+without a template.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from kinetic.data.tokenizer import ASSISTANT_ID, EOS_ID, SYSTEM_ID, USER_ID, encode
+from kinetic.data.tokenizer import ASSISTANT_ID, CHAT_TEMPLATE, EOS_ID, SYSTEM_ID, USER_ID, encode
 
 CONFIG_FILE = "tokenizer_config.json"
 JINJA_FILE = "chat_template.jinja"
@@ -86,19 +89,25 @@ class ChatTemplate:
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> ChatTemplate:
         """The template in ``directory`` (``chat_template.jinja`` or ``tokenizer_config.json``), else
-        the built-in one. Without jinja2 installed a Jinja template cannot be rendered: warn, use
-        the built-in one."""
+        the built-in one; kinetic's own Jinja rendering of the built-in format is the built-in one.
+        Without jinja2 installed a Jinja template cannot be rendered: warn, use the built-in one."""
         directory = Path(directory)
         config = {}
         if (directory / CONFIG_FILE).is_file():
-            config = json.loads((directory / CONFIG_FILE).read_text())
+            try:
+                config = json.loads((directory / CONFIG_FILE).read_text())
+            except (ValueError, UnicodeDecodeError) as err:
+                raise ValueError(f"{directory / CONFIG_FILE} is not valid JSON ({err}); fix or delete it "
+                                 "(without it the built-in chat template is used)") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{directory / CONFIG_FILE} must hold a JSON object; fix or delete it")
         source = config.get("chat_template")
         if isinstance(source, list):  # transformers' named templates: [{"name", "template"}, ...]
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
             source = named.get("default")
         if (directory / JINJA_FILE).is_file():
             source = (directory / JINJA_FILE).read_text()
-        if not source:
+        if not source or source == CHAT_TEMPLATE:
             return cls()
         try:
             import jinja2  # noqa: F401

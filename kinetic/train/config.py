@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from kinetic.config import check_changes
 from kinetic.device import DEVICE_CHOICES, valid_device_spec
 
 
@@ -104,6 +105,15 @@ class TrainConfig:
         for name in ("steps", "micro_batch", "grad_accum"):
             if getattr(self.train, name) < 1:
                 bad(f"train.{name}", getattr(self.train, name), "must be >= 1")
+        for section, name, least, meaning in _LOWER_BOUNDS:
+            value = getattr(getattr(self, section), name)
+            if value < least:
+                bad(f"{section}.{name}", value, f"must be >= {least} ({meaning}); set {section}.{name} "
+                    f"to {least} or more")
+        try:
+            check_changes(self.model.overrides)
+        except ValueError as err:
+            raise ValueError(f"config [model] overrides: {err}") from None
         if not valid_device_spec(self.train.device):
             bad("train.device", self.train.device, f"use {DEVICE_CHOICES}")
         if self.data.seq_len < 2:
@@ -122,6 +132,28 @@ class TrainConfig:
                 "train.compile=false or drop the recipe")
         if any(not isinstance(w, int | float) or w < 0 for w in self.data.weights.values()):
             bad("data.weights", self.data.weights, "weights must be numbers >= 0")
+
+
+# (section, key, smallest value that works, what the value means): a checked setting names itself,
+# its value and the fix, instead of failing later (log_every=0 divided by zero; eval_batches=0
+# reported a validation loss of 0; keep_checkpoints=0 deleted every checkpoint as it was written).
+_LOWER_BOUNDS = (
+    ("train", "threads", 0, "torch CPU threads, 0 = torch's default"),
+    ("optim", "eps", 0.0, "AdamW epsilon"),
+    ("optim", "weight_decay", 0.0, "decoupled weight decay"),
+    ("optim", "grad_clip", 0.0, "gradient-norm clip, 0 = off"),
+    ("schedule", "warmup_steps", 0, "linear warmup steps"),
+    ("schedule", "min_lr_ratio", 0.0, "final fraction of the peak learning rate"),
+    ("loss", "mtp_scale", 0.0, "MTP loss weight, 0 = off"),
+    ("loss", "balance_loss", 0.0, "balancing loss coefficient, 0 = off"),
+    ("loss", "expert_bias_rate", 0.0, "expert-bias update rate, 0 = off"),
+    ("run", "log_every", 1, "steps between metrics lines"),
+    ("run", "eval_every", 0, "steps between validation passes, 0 = only at the end"),
+    ("run", "eval_batches", 1, "validation batches per pass"),
+    ("run", "save_every", 0, "steps between checkpoints, 0 = only at the end"),
+    ("run", "keep_checkpoints", 1, "checkpoints kept on disk; 2 or more lets --resume fall back past a "
+                                   "damaged one"),
+)
 
 
 def _coerce(section: str, key: str, value: Any, expected: Any) -> Any:

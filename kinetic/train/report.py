@@ -36,7 +36,9 @@ def versions() -> dict[str, str]:
 
 
 class MetricsWriter:
-    """Appends JSON lines; the first line of a new file records what produced the run."""
+    """Appends JSON lines; the first line of a new file records what produced the run. A resumed run
+    (``header["resumed_from_step"]`` set) first drops the step records past that step, which the
+    resumed run writes again, so each step appears once."""
 
     def __init__(self, run_dir: Path, header: dict[str, Any], enabled: bool = True) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -44,6 +46,8 @@ class MetricsWriter:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fresh = not self.path.exists() or self.path.stat().st_size == 0
+            if not fresh and header.get("resumed_from_step") is not None:
+                self._drop_after(header["resumed_from_step"])
             if fresh or header.get("resumed_from_step") is not None:
                 self.write({"type": "run", "time": time.time(), "versions": versions(),
                             "git_commit": git_commit(), **header})
@@ -53,10 +57,47 @@ class MetricsWriter:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def _drop_after(self, step: int) -> None:
+        """Rewrite the file (atomically) without the train/eval records of steps after ``step``; a
+        line cut short by a kill is dropped too."""
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if not (isinstance(record, dict) and record.get("type") in ("train", "eval")
+                    and record.get("step", 0) > step):
+                kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``; a line cut short by a kill is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def summary_from_metrics(run_dir: Path, step: int, tokens: int, skipped: int) -> dict[str, Any]:
+    """A run's summary rebuilt from ``metrics.jsonl`` up to ``step`` (for a run killed after its final
+    checkpoint, before its summary): the final train loss is the last logged line's mean, and the
+    wall time of the lost session is unknown (None)."""
+    records = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+    train = [r for r in records if r.get("type") == "train" and "lm_loss" in r]
+    val = [r for r in records if r.get("type") == "eval"]
+    return {"steps": step, "tokens": tokens, "skipped_steps": skipped,
+            "final_train_lm_loss": train[-1]["lm_loss"] if train else None,
+            "final_val_loss": val[-1]["val_loss"] if val else None, "wall_s": None,
+            "tokens_per_s": train[-1].get("tokens_per_s") if train else None,
+            "rebuilt_from": "metrics.jsonl"}
 
 
 def plot_run(run_dir: Path) -> Path | None:

@@ -4,6 +4,11 @@ checkpoints with exact resume, DDP, progress bar, metrics and report.
 
 Jobs differ only in their batch source and loss function: ``Trainer(config, train_source=...,
 loss_fn=...)``. The default loss is next-token prediction plus the scaled mean MTP loss.
+
+Resuming continues from the newest intact checkpoint (a damaged newer one is skipped with a warning)
+and drops the metrics lines of the steps that will be run again, so ``metrics.jsonl`` holds each step
+once. Resuming a run that already reached ``train.steps`` trains nothing: it returns the run's summary
+(rebuilt from ``metrics.jsonl`` when the process died before writing it) with ``already_finished``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from kinetic.train import checkpoint as ckpt
 from kinetic.train.balance import ExpertBalancer
 from kinetic.train.config import TrainConfig
 from kinetic.train.distributed import DistInfo, all_gather, all_reduce_mean, all_reduce_sum, unwrap, wrap
-from kinetic.train.report import MetricsWriter, plot_run
+from kinetic.train.report import MetricsWriter, plot_run, summary_from_metrics
 from kinetic.train.schedule import wsd_lr
 from kinetic.train.sources import BatchSource, SyntheticSource
 
@@ -67,7 +72,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 class Trainer:
     def __init__(self, config: TrainConfig, *, model: NemotronHForCausalLM | None = None,
                  train_source: BatchSource | None = None, val_source: BatchSource | None = None,
-                 loss_fn: LossFn | None = None, dist_info: DistInfo | None = None) -> None:
+                 loss_fn: LossFn | None = None, dist_info: DistInfo | None = None,
+                 tokenizer: str | Path | None = None) -> None:
+        """``tokenizer``: a tokenizer.json (or a directory with one) copied into every checkpoint."""
         config.validate()
         self.cfg = config
         self.info = dist_info or DistInfo()
@@ -104,6 +111,8 @@ class Trainer:
         self.val_source = val_source or SyntheticSource(vocab, seq, mb, config.train.seed + 7919, r, w)
         self.loss_fn = loss_fn or pretrain_loss(config.loss.mtp_scale)
         self.run_dir = Path(config.run.out_dir)
+        self.tokenizer = Path(tokenizer) if tokenizer is not None else None
+        self.resumed_path: Path | None = None
         self.step = 0
         self.tokens = 0
         self.skipped = 0
@@ -121,14 +130,18 @@ class Trainer:
                       s.min_lr_ratio, s.decay_shape)
 
     def resume(self) -> bool:
-        path = ckpt.latest_checkpoint(self.run_dir)
-        if path is None:
+        """Restore the newest intact checkpoint; False when the run has none. CheckpointError when
+        every checkpoint is damaged or they hold another model than the config."""
+        found = ckpt.read_newest_intact(self.run_dir)
+        if found is None:
             return False
-        state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        path, parts = found
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer, parts)
         self.step, self.tokens, self.skipped = state["step"], state["tokens"], state.get("skipped", 0)
         self.train_source.load_state_dict(state["data"])
         self._load_generators(state["generators"])
         self.resumed_from = self.step
+        self.resumed_path = path
         return True
 
     def _generator_states(self) -> dict[str, torch.Tensor]:
@@ -158,7 +171,8 @@ class Trainer:
             state = {"step": self.step, "tokens": self.tokens, "skipped": self.skipped,
                      "data": self.train_source.state_dict()}
             path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
-                                        keep=self.cfg.run.keep_checkpoints, generators=generators)
+                                        keep=self.cfg.run.keep_checkpoints, generators=generators,
+                                        tokenizer=self.tokenizer)
         if self.info.enabled:
             torch.distributed.barrier()
         return path
@@ -230,6 +244,8 @@ class Trainer:
         cfg = self.cfg
         if resume and not self.resume() and self.info.is_main:
             print(f"no checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0")
+        if self.resumed_from is not None and self.step >= cfg.train.steps:
+            return self._finished_summary()
         self.model.train()
         writer = MetricsWriter(self.run_dir, {
             "config": cfg.to_dict(), "model_config": self.model.config.to_dict(),
@@ -282,6 +298,25 @@ class Trainer:
             summary["plot"] = str(plot) if plot else None
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _finished_summary(self) -> dict[str, Any]:
+        """The summary of a run whose checkpoint already reached train.steps: summary.json when it
+        describes that step, else rebuilt from metrics.jsonl (the process died after the final
+        save) and written. Marked ``already_finished``; nothing is trained."""
+        file = self.run_dir / "summary.json"
+        summary = None
+        if file.is_file():
+            with contextlib.suppress(ValueError):
+                summary = json.loads(file.read_text())
+        if not (isinstance(summary, dict) and summary.get("steps") == self.step
+                and summary.get("final_train_lm_loss") is not None):
+            summary = summary_from_metrics(self.run_dir, self.step, self.tokens, self.skipped)
+            summary["checkpoint"] = str(self.resumed_path)
+            if self.info.is_main:
+                plot = plot_run(self.run_dir)
+                summary["plot"] = str(plot) if plot else None
+                file.write_text(json.dumps(summary, indent=2))
+        return {**summary, "already_finished": True}
 
 
 def build_model(config: TrainConfig) -> NemotronHForCausalLM:
