@@ -52,7 +52,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from tokenizers import Tokenizer
@@ -134,8 +134,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+def _whole(value):
+    """JSON Schema counts 1.0 as an integer, so this server does too (strict mode would not)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def Whole(**bounds):  # noqa: N802 (a type)
+    """An integer field with ``bounds`` (ge, le) that also takes 1.0; the bounds come first so that the
+    schema shows them as minimum/maximum."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole)]
+
+
 NonEmpty = Annotated[str, Field(min_length=1)]
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Whole(ge=0)
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 Nothing = Annotated[list[Any], Field(max_length=0)]  # a list field only accepted empty
 
@@ -166,10 +177,10 @@ class _Sampling(_Strict):
     model: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # vLLM's extension; 0 or -1 = off
+    top_k: Whole(ge=-1) | None = None  # vLLM's extension; 0 or -1 = off
     min_p: float | None = Field(None, ge=0, le=1)  # vLLM's extension; 0 = off
-    n: int | None = Field(None, ge=1)
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    n: Whole(ge=1) | None = None
+    seed: Whole(ge=-(2**63), le=2**64 - 1) | None = None
     stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -193,11 +204,11 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)] | TokenIds | Annotated[
         list[TokenIds], Field(min_length=1)]
-    max_tokens: int | None = Field(None, ge=0)  # 0: nothing generated (with echo: the prompt scored)
+    max_tokens: Whole(ge=0) | None = None  # 0: nothing generated (with echo: the prompt scored)
     echo: bool | None = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top alternatives per token
+    logprobs: Whole(ge=0, le=MAX_LOGPROBS) | None = None  # top alternatives per token
     suffix: Annotated[str, Field(max_length=0)] | None = None
-    best_of: int | None = Field(None, ge=1, le=1)
+    best_of: Whole(ge=1, le=1) | None = None
 
 
 class TextPart(_Strict):
@@ -212,10 +223,10 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: Whole(ge=1) | None = None
+    max_completion_tokens: Whole(ge=1) | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # used when logprobs is true
+    top_logprobs: Whole(ge=0, le=MAX_LOGPROBS) | None = None  # used when logprobs is true
 
 
 class TokenizeCompletionRequest(_Strict):
@@ -346,7 +357,10 @@ class ModelList(_Doc):
     data: list[ModelCard]
 
 
-ERRORS = {400: "invalid request (OpenAI's error body; ``param`` names the field)",
+ERRORS = {400: "invalid request: OpenAI's error body, ``param`` names the field. A request this schema "
+               "rejects gets code invalid_request, unsupported_parameter or invalid_json; one it accepts "
+               "can still be refused for its values: code context_length_exceeded or invalid_value "
+               "(over a server limit, token ids outside the vocabulary, lone surrogates)",
           404: "unknown model", 413: "request body over --max-request-bytes",
           429: "queue full (--max-queue); retry later", 500: "generation failed inside the engine"}
 
@@ -491,7 +505,8 @@ class Scheduler:
                 self.engine.cancel(seq)
             if not isinstance(err, ValueError):
                 log.exception("starting a request failed")
-            job.push(0, APIError(400, str(err)) if isinstance(err, ValueError) else err)
+            refused = isinstance(err, ValueError)
+            job.push(0, APIError(400, str(err), code="invalid_value") if refused else err)
             return
         job.seqs = seqs
         for index, seq in enumerate(seqs):
@@ -530,7 +545,8 @@ def _max_tokens(asked: int | None, name: str, prompt_len: int, prompt_name: str,
     """The completion length for a prompt: ``asked`` (the request's ``name`` field) checked against
     the server's limit and the context, or the default clipped to the room the prompt leaves."""
     if prompt_len == 0:
-        raise APIError(400, "the prompt is empty: give at least one token", param=prompt_name)
+        raise APIError(400, "the prompt is empty: give at least one token", param=prompt_name,
+                       code="invalid_value")
     if prompt_len >= max_context:
         raise APIError(400, f"this model's maximum context length is {max_context} tokens, but the prompt "
                        f"has {prompt_len} tokens", param=prompt_name, code="context_length_exceeded")
@@ -575,7 +591,7 @@ def _params(engine: Engine, limits: Limits, req: _Sampling, prompts: list[list[i
                 min_p=req.min_p or 0.0, seed=req.seed, stop_strings=stops, stop_token_ids=extra_stop_ids,
                 ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs))
         except ValueError as err:
-            raise APIError(400, str(err)) from None
+            raise APIError(400, str(err), code="invalid_value") from None
     return out
 
 
@@ -586,7 +602,7 @@ def _prompt_ids(engine: Engine, prompt) -> list[list[int]]:
     try:
         return [engine.encode(p) for p in prompt]
     except ValueError as err:  # ids out of range, text that is not valid Unicode
-        raise APIError(400, str(err), param="prompt") from None
+        raise APIError(400, str(err), param="prompt", code="invalid_value") from None
 
 
 # ---------------------------------------------------------------------- log-prob formats
@@ -813,7 +829,7 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None) ->
         try:
             prompt = await run_in_threadpool(engine.encode_chat, messages)
         except ValueError as err:  # the checkpoint's template refused the messages
-            raise APIError(400, str(err), param="messages") from None
+            raise APIError(400, str(err), param="messages", code="invalid_value") from None
         k = (req.top_logprobs or 0) if req.logprobs else None
         params = _params(engine, limits, req, [prompt], extra_stop_ids=engine.chat_stop_token_ids, logprobs=k)
         job = submit([prompt], params, req.n or 1)
@@ -850,7 +866,7 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None) ->
                 ids = await run_in_threadpool(engine.encode, req.prompt)
         except ValueError as err:
             raise APIError(400, str(err), param="messages" if isinstance(req, TokenizeChatRequest)
-                           else "prompt") from None
+                           else "prompt", code="invalid_value") from None
         strs = [fmt.text(i) for i in ids] if req.return_token_strs else None
         return {"count": len(ids), "max_model_len": engine.max_context, "tokens": ids, "token_strs": strs}
 
@@ -860,7 +876,8 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None) ->
         size = min(engine.vocab_size, engine.tokenizer.get_vocab_size(with_added_tokens=True))
         bad = [t for t in req.tokens if t >= size]
         if bad:
-            raise APIError(400, f"token ids must be in [0, {size}); got {bad[:5]}", param="tokens")
+            raise APIError(400, f"token ids must be in [0, {size}); got {bad[:5]}", param="tokens",
+                           code="invalid_value")
         return {"prompt": engine.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
     return app
