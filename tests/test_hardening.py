@@ -99,6 +99,32 @@ def test_pretrain_resume_with_every_checkpoint_damaged_names_the_file(run, tmp_p
     assert "step_000004/model.safetensors" in err and "step_000002/model.safetensors" in err, err
 
 
+# (argv with {bad} = a non-UTF-8 file, {dir} = a directory, {corpus} = a corpus whose index.json is garbage,
+#  text the error must hold)
+BAD_FILES = [
+    (["pretrain", "--config", "{bad}"], "{bad} is not valid TOML"),
+    (["pretrain", "--config", "{dir}"], "config file {dir} is a directory"),
+    (["pretrain", *SYNTHETIC, "--set", "model.config='{bad}'"], "{bad} is not valid JSON"),
+    (["pretrain", *SYNTHETIC, "--set", "data.corpus='{corpus}'"], "{corpus}/index.json is not valid JSON"),
+    (["eval", "--checkpoint", "{ck}", "--corpus", "{corpus}"], "{corpus}/index.json is not valid JSON"),
+    (["params", "{bad}"], "{bad} is not valid JSON"),
+    (["data", "build", "--out", "{dir}/c", "--tokenizer", "{bad}"], "{bad} is not a valid tokenizer.json"),
+]
+
+
+@pytest.mark.parametrize("argv, needle", BAD_FILES, ids=[" ".join(a[:2]) + f"-{i}"
+                                                         for i, (a, _) in enumerate(BAD_FILES)])
+def test_bad_input_files_are_named_in_one_line(argv, needle, run, tmp_path, capsys):
+    places = {"bad": tmp_path / "bad.toml", "dir": tmp_path / "dir", "corpus": tmp_path / "corpus",
+              "ck": run / "run" / "checkpoints" / "step_000004"}
+    _garbage(places["bad"])
+    places["dir"].mkdir()
+    places["corpus"].mkdir()
+    _garbage(places["corpus"] / "index.json")
+    err = one_line_error([a.format(**places) for a in argv], capsys)
+    assert needle.format(**places) in err, err
+
+
 BAD_SETTINGS = [
     ("run.log_every=0", "config run.log_every=0 is invalid: must be >= 1"),
     ("run.eval_batches=0", "config run.eval_batches=0 is invalid: must be >= 1"),

@@ -41,10 +41,13 @@ def read_index(corpus_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{corpus_dir} is not a packed corpus (no {INDEX_FILE}); build one with "
                                 "`kinetic data build --out DIR --tokenizer TOKENIZER_DIR`")
-    index = json.loads(path.read_text())
-    if index.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format {index.get('format')!r}, this kinetic reads {FORMAT_VERSION}; "
-                         "rebuild the corpus")
+    try:
+        index = json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({err}); rebuild the corpus") from None
+    found = index.get("format") if isinstance(index, dict) else None
+    if found != FORMAT_VERSION:
+        raise ValueError(f"{path}: format {found!r}, this kinetic reads {FORMAT_VERSION}; rebuild the corpus")
     return index
 
 

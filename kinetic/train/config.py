@@ -196,10 +196,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     """Read a TOML config; ``overrides`` like ``["train.steps=20", "run.out_dir='x'"]`` win."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise FileNotFoundError(f"config file {path} " + ("is a directory; pass a .toml file" if path.is_dir()
+                                                          else "does not exist"))
     try:
         data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid TOML: {err}") from None
     for item in overrides or []:
         key, sep, raw = item.partition("=")
