@@ -6,8 +6,8 @@
 2. MTP speculative decoding vs plain decoding on a checkpoint trained with MTP (the quickstart
    checkpoint when it exists, else a tiny MTP model trained here on a synthetic Markov language),
    for several draft lengths: tokens/s, speed-up, acceptance rate and mean accepted length, and a
-   check that the greedy tokens are identical; eager, and with ``--compile`` also both on their fast
-   paths (``torch.compile`` on CPU, CUDA graphs on CUDA); then what an eager round costs, phase by
+   check that the greedy tokens are identical; eager, and with ``--compile`` the plain decode on its
+   fast path too (the decoder's compiled step); then what an eager round costs, phase by
    phase, in plain decode steps -- the speed-up is the mean accepted length over that cost, and
    the verification pass alone bounds it (meaningful on CPU, where the phases are timed exactly);
 3. per-token decode latency as the context grows (1K .. 128K by default): long prompts are prefilled
@@ -70,14 +70,14 @@ def generate_speed(model, prompt_len: int, new_tokens: int, repeats: int, device
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=gen).to(device)
     out = {"prompt": prompt_len, "new_tokens": new_tokens}
-    # the fast path: CUDA graphs on CUDA (the default there), torch.compile on CPU (opt-in)
-    fast = dict(compile=not ids.is_cuda)
+    # the fast path: the decoder's compiled step (Inductor; on CUDA in reduce-overhead mode: CUDA graphs)
+    fast = dict(compile=True)
     kin_s = _best(lambda: model.generate(ids, max_new_tokens=new_tokens, eos_token_id=None, **fast),
                   repeats, device)  # the warm-up call compiles / captures
-    out["kinetic_fast_path"] = "CUDA graphs" if ids.is_cuda else "torch.compile"
+    out["kinetic_fast_path"] = "torch.compile (CUDA graphs)" if ids.is_cuda else "torch.compile"
     out["kinetic_tokens_per_s"] = new_tokens / kin_s
-    eager_s = _best(lambda: model.generate(ids, max_new_tokens=new_tokens, eos_token_id=None,
-                                           cuda_graph=False), repeats, device)
+    eager_s = _best(lambda: model.generate(ids, max_new_tokens=new_tokens, eos_token_id=None), repeats,
+                    device)
     out["kinetic_eager_tokens_per_s"] = new_tokens / eager_s
     if importlib.util.find_spec("transformers") is None:
         return out
@@ -144,32 +144,27 @@ def trained_checkpoint(path: Path | None, device, dtype, steps: int = 300, patte
 @torch.no_grad()
 def speculative_speed(model, prompts, new_tokens: int, draft_lengths, repeats: int, device,
                       compiled: bool = False) -> dict:
-    """Greedy tokens/s over all prompts: plain cached decode vs MTP speculative decoding, both eager
-    (on CUDA the graph-replayed plain decode is reported beside them). ``compiled`` adds both on
-    their fast paths with fixed-shape speculative rounds: ``torch.compile`` on CPU, CUDA graphs on
-    CUDA; compiling/capturing is done by a warm-up call, not timed."""
+    """Greedy tokens/s over all prompts, one at a time: plain cached decode vs MTP speculative
+    decoding (both eager). ``compiled`` adds the plain decode's compiled step (CUDA graphs on CUDA;
+    compiling is done by a warm-up call, not timed)."""
 
-    def plain(graph: bool = False, compile: bool = False):
+    def plain(compile: bool = False):
         return [model.generate(torch.tensor([p], device=device), max_new_tokens=new_tokens,
-                               eos_token_id=None, cuda_graph=graph, compile=compile)[0, len(p):].tolist()
+                               eos_token_id=None, compile=compile)[0, len(p):].tolist()
                 for p in prompts]
 
     ref = plain()
     plain_s = _best(plain, repeats, device)
     total = new_tokens * len(prompts)
-    graph_tps = total / _best(lambda: plain(True), repeats, device) if device.type == "cuda" else None
-    cuda = device.type == "cuda"
-    compiled_s = None
-    if compiled:
-        compiled_s = total / graph_tps if cuda else _best(lambda: plain(False, True), repeats, device)
+    compiled_s = _best(lambda: plain(True), repeats, device) if compiled else None
+    graph_tps = total / compiled_s if compiled and device.type == "cuda" else None
     rows = []
 
-    def spec(k: int, stats: list, fast: bool = False):
+    def spec(k: int, stats: list):
         stats.clear()
         outs = []
         for p in prompts:
-            toks, st = speculative_generate(model, p, new_tokens, draft_tokens=k,
-                                            compile=fast and not cuda, cuda_graph=fast and cuda)
+            toks, st = speculative_generate(model, p, new_tokens, draft_tokens=k)
             outs.append(toks)
             stats.append(st)
         return outs
@@ -191,12 +186,6 @@ def speculative_speed(model, prompts, new_tokens: int, draft_lengths, repeats: i
         phases = {ph: sum(getattr(s, f"{ph}_s") for s in stats) for ph in ("verify", "draft", "commit")}
         for ph, t in phases.items():
             row[f"{ph}_steps"] = row["round_steps"] * t / max(sum(phases.values()), 1e-12)
-        if compiled:
-            fixed: list = []
-            same_compiled = spec(k, fixed, True) == ref
-            fixed_s = _best(lambda k=k, fixed=fixed: spec(k, fixed, True), repeats, device)
-            row.update(compiled_tokens_per_s=total / fixed_s, compiled_speedup=compiled_s / fixed_s,
-                       identical_tokens=same and same_compiled)
         rows.append(row)
     return {"prompts": len(prompts), "new_tokens": new_tokens, "plain_tokens_per_s": total / plain_s,
             "plain_cuda_graph_tokens_per_s": graph_tps,
@@ -275,15 +264,12 @@ def print_speculative(spec: dict, device: torch.device) -> None:
     print(f"2. MTP speculative decoding, greedy, {what}\n   {spec['prompts']} prompts x "
           f"{spec['new_tokens']} tokens; plain eager decode {spec['plain_tokens_per_s']:.1f} tok/s"
           f"{graph_note}{compiled_note}\n")
-    extra = f" {fast + ' tok/s':>15} {'vs ' + fast + ' plain':>20}" if compiled_tps else ""
     print(f"{'draft k':>8} {'tok/s':>8} {'vs plain':>9} {'accept rate':>12} {'mean accepted len':>18} "
-          f"{'identical':>10}{extra}")
+          f"{'identical':>10}")
     for r in spec["rows"]:
-        extra = (f" {r['compiled_tokens_per_s']:>15.1f} {r['compiled_speedup']:>19.2f}x"
-                 if compiled_tps else "")
         print(f"{r['draft_tokens']:>8} {r['tokens_per_s']:>8.1f} {r['speedup']:>8.2f}x "
               f"{r['acceptance_rate']:>11.0%} {r['mean_accepted_length']:>18.2f} "
-              f"{str(r['identical_tokens']):>10}{extra}")
+              f"{str(r['identical_tokens']):>10}")
     print("\n   where an eager round's time goes, in plain decode steps (speed-up = mean accepted length /"
           "\n   round cost; the ceiling with free drafting and committing = mean accepted length / verify)"
           + ("\n   (on CUDA the split is approximate: queued GPU work is counted in the phase that waits)"

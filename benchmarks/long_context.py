@@ -10,8 +10,8 @@ every allocation (:class:`kinetic.infer.memory.PeakTensorMemory`), in a second r
 that the first, timed run is not slowed by the profiler; the first run also reports the growth of the
 process's peak resident set, an upper bound that also counts the C allocator's slack. On CUDA the
 prefill's and the decode steps' peaks are also reported apart; ``--cuda-graph`` decodes as
-``generate`` does there, replaying a captured step over a static cache (the decode peak then also
-counts what the capture allocates for itself, such as its streams' library workspaces).
+``generate(compile=True)`` does, through the decoder's compiled step (CUDA graphs; the decode peak then
+also counts what the capture allocates for itself, such as its streams' library workspaces).
 
     python benchmarks/long_context.py --device cuda --dtype bfloat16              # 1M tokens
     python benchmarks/long_context.py --device cuda --cuda-graph                  # graph decode
@@ -40,35 +40,54 @@ def _rss_bytes() -> int:
 
 
 def _prefill_and_decode(model, ids: torch.Tensor, chunk: int, decode_steps: int, device: torch.device,
-                        desc: str, phase_peaks: dict | None = None, cuda_graph: bool = False
-                        ) -> tuple[InferenceCache, float, list[float]]:
+                        desc: str, phase_peaks: dict | None = None, cuda_graph: bool = False):
+    """Prefill ``ids`` in chunks of ``chunk`` tokens, then time ``decode_steps`` greedy steps: through
+    an InferenceCache, or with ``cuda_graph`` through the decoder with its compiled step (Inductor's
+    reduce-overhead mode: CUDA graphs), as ``generate(compile=True)`` runs. Returns the cache, the
+    prefill seconds and each step's seconds."""
     cuda = device.type == "cuda"
     tokens = ids.shape[1]
-    cache = InferenceCache()
-    cache.reserve(tokens + decode_steps)
+    if cuda_graph:
+        from kinetic.infer.decoder import Decoder
+        from kinetic.infer.execution import Compiled
+        from kinetic.infer.sampling import SamplingParams
+
+        decoder = Decoder(model, max_batch=1, prefill_chunk=chunk, execution=Compiled())
+        decoder.add(ids[0].tolist(), SamplingParams(max_new_tokens=decode_steps + 1, temperature=0))
+        cache = decoder.cache
+
+        def prefill_chunk(start):
+            decoder.step()
+
+        def step(token):
+            decoder.step()
+            return token
+    else:
+        cache = InferenceCache()
+        cache.reserve(tokens + decode_steps)
+        logits = None
+
+        def prefill_chunk(start):
+            nonlocal logits
+            part = ids[:, start:start + chunk].to(device)
+            logits = model(part, cache, return_mtp=False, logits_to_keep=1).logits
+
+        def step(token):
+            return model(token, cache, return_mtp=False).logits[:, -1].argmax(-1, keepdim=True)
     t0 = time.perf_counter()
     for start in tqdm(range(0, tokens, chunk), desc=desc, unit="chunk"):
-        part = ids[:, start:start + chunk].to(device)
-        logits = model(part, cache, return_mtp=False, logits_to_keep=1).logits
+        prefill_chunk(start)
     if cuda:
         torch.cuda.synchronize(device)
     prefill_s = time.perf_counter() - t0
     if phase_peaks is not None:  # CUDA: the prefill's peak, then count the decode steps' on their own
         phase_peaks["prefill"] = torch.cuda.max_memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    token = logits[:, -1].argmax(-1, keepdim=True)
+    token = None if cuda_graph else logits[:, -1].argmax(-1, keepdim=True)
     times = []
-    if cuda_graph:  # the decode steps replay one captured step over a static cache (generate's default)
-        from kinetic.infer.static_cache import CUDAGraphDecoder, StaticCache
-
-        decoder = CUDAGraphDecoder(model, StaticCache(cache, tokens + decode_steps))
-        step = decoder.step
-    else:
-        def step(token):
-            return model(token, cache, return_mtp=False).logits[:, -1]
     for _ in range(decode_steps):
         t = time.perf_counter()
-        token = step(token).argmax(-1, keepdim=True)
+        token = step(token)
         if cuda:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
@@ -163,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--cuda-graph", action="store_true",
-                        help="CUDA: decode by replaying a captured step on a static cache, as generate does")
+                        help="CUDA: decode with the decoder's compiled step (CUDA graphs), as "
+                        "generate(compile=True) does")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

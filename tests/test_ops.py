@@ -105,8 +105,11 @@ def _cached_attention_cases():
             (2, 4, 2, 12, 3, 10, 13),  # a verification: a few queries over a short context
             (1, 2, 2, 16, 6, 0, 6),  # a prefill into an empty cache
             (1, 4, 2, 16, 1, torch.tensor(5), 16),  # a fixed-capacity buffer, the tail unwritten
-            (2, 4, 1, 8, 3, torch.tensor(9), 24)]):
-        label = f"cached-{b}-h{h}kv{kv}d{d}-s{s}-at{int(start)}-n{n}"
+            (2, 4, 1, 8, 3, torch.tensor(9), 24),
+            (3, 4, 2, 16, 1, torch.tensor([4, 19, 0]), 20),  # a batch at different positions
+            (2, 4, 2, 8, 3, torch.tensor([7, 2]), 10)]):  # its speculative verification
+        at = "-".join(map(str, start.tolist())) if torch.is_tensor(start) and start.dim() else int(start)
+        label = f"cached-{b}-h{h}kv{kv}d{d}-s{s}-at{at}-n{n}"
         yield (label, (_randn(b, h, s, d, seed=i), _randn(b, kv, n, d, seed=i + 1),
                        _randn(b, kv, n, d, seed=i + 2), start), (0, 1, 2))
 

@@ -10,6 +10,7 @@ The three share the checkpoint, device and decoding flags (``add_device_args``, 
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import replace
 
 from kinetic.device import DTYPES, resolve_device
@@ -23,9 +24,11 @@ from kinetic.infer.server import Limits
 def _add_common_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint dir (with tokenizer.json) or run dir")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 (or below 1e-5) = greedy")
     p.add_argument("--top-k", type=int, default=40, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less than this times as likely as the most likely one; 0 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--max-context", type=int, default=None,
@@ -56,16 +59,30 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-tokens", type=int, default=2, help="MTP draft tokens per speculative step")
     p.add_argument("--prefill-chunk", type=int, default=8192, help="prompt tokens per prefill pass")
     p.add_argument("--compile", action="store_true",
-                   help="compiled decode steps: torch.compile on CPU (speculative rounds too; on a model "
-                   "only a few times deeper than its MTP layer --no-speculative is faster), CUDA graphs "
-                   "on GPU (there it implies --no-speculative)")
+                   help="compile the plain decode step (torch.compile; CUDA graphs on a GPU); implies "
+                   "--no-speculative. The first steps compile, which takes seconds")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
     """Engine keyword arguments from the decoding flags."""
-    return dict(speculative=False if args.no_speculative else None,
+    return dict(speculative=False if args.no_speculative or args.compile else None,
                 draft_tokens=args.draft_tokens, prefill_chunk=args.prefill_chunk,
                 compile_decode=args.compile)
+
+
+# SamplingParams fields -> the flags that set them, for error messages
+FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+         "top_p": "--top-p", "min_p": "--min-p", "seed": "--seed", "stop_strings": "--stop",
+         "draft_tokens": "--draft-tokens", "prefill_chunk": "--prefill-chunk", "max_context": "--max-context",
+         "max_batch": "--max-active"}
+
+
+def flag_error(err: Exception) -> UserError:
+    """A ValueError from the engine, its field names replaced by the flags that set them."""
+    message = str(err)
+    for field, flag in FLAGS.items():
+        message = re.sub(rf"(?<![\w-]){field}(?=[=\s!])", flag, message)
+    return UserError(message)
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -108,10 +125,10 @@ def _engine_and_params(args: argparse.Namespace) -> tuple[Engine, SamplingParams
         engine = Engine.from_pretrained(args.checkpoint, max_context=args.max_context, **device_options(args),
                                         **engine_options(args))
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
                                 stop_strings=tuple(args.stop))
     except ValueError as err:
-        raise UserError(str(err)) from None
+        raise flag_error(err) from None
     return engine, params
 
 
@@ -132,7 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 print(delta.text, end="", flush=True)
         except ValueError as err:
             print()
-            raise UserError(f"--prompt {prompt!r}: {err}") from None
+            raise UserError(f"--prompt {prompt!r}: {flag_error(err)}") from None
         print("\n")
     if engine.speculative and engine.spec_stats.rounds:
         st = engine.spec_stats
@@ -167,6 +184,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
+        except UnicodeDecodeError as err:  # stdin is not UTF-8: say so and keep chatting
+            print(f"error: the input is not valid UTF-8 ({err.reason} at byte {err.start}); type it again")
+            continue
         if line in ("/quit", "/exit"):
             return 0
         if line == "/reset":
@@ -201,13 +221,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     bad = [f"--{n.replace('_', '-')}={getattr(args, n)}" for n in names if getattr(args, n) < 1]
     if bad:
         raise UserError(f"{', '.join(bad)}: limits must be >= 1")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port} is not a TCP port: give one in 1..65535 (0 = any free port)")
     limits = Limits(**{n: getattr(args, n) for n in names})
     try:
         server.run(args.checkpoint, args.host, args.port, model_name=args.model_name, limits=limits,
                    max_context=args.max_context, log_level=args.log_level, **device_options(args),
-                   **engine_options(args))
+                   **engine_options(args), max_batch=args.max_active)
     except ValueError as err:  # a bad checkpoint config or --max-context
-        raise UserError(str(err)) from None
+        raise flag_error(err) from None
     return 0
 
 

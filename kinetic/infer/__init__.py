@@ -1,9 +1,13 @@
-"""Inference: the generation engine (batched prompts, greedy/sampled decoding, stop tokens and
-strings, streaming), chat templates, and the OpenAI-compatible server. The server imports FastAPI,
-so ``create_app`` loads it only when first used."""
+"""Inference: the batched decoder (continuous batching; plain and MTP-speculative policies), sampling
+with log-probs, teacher-forced scoring, the generation engine (text, stops, streaming), chat
+templates, and the OpenAI-compatible server. The server imports FastAPI, so ``create_app`` loads it
+only when first used."""
 
 from kinetic.infer.chat_template import ChatTemplate
-from kinetic.infer.engine import Delta, Engine, GenerationResult, SamplingParams, Usage
+from kinetic.infer.decoder import Decoder, Token
+from kinetic.infer.engine import Delta, Engine, GenerationResult, Usage
+from kinetic.infer.sampling import SamplingParams
+from kinetic.infer.scoring import score, sequence_logprobs
 
 
 def create_app(engine, model_name, limits=None):
@@ -13,4 +17,5 @@ def create_app(engine, model_name, limits=None):
     return _create_app(engine, model_name, limits)
 
 
-__all__ = ["ChatTemplate", "Delta", "Engine", "GenerationResult", "SamplingParams", "Usage", "create_app"]
+__all__ = ["ChatTemplate", "Decoder", "Delta", "Engine", "GenerationResult", "SamplingParams", "Token",
+           "Usage", "create_app", "score", "sequence_logprobs"]

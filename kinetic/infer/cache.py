@@ -1,16 +1,10 @@
-"""InferenceCache: what decoding must remember — Mamba conv + SSM states (constant size) and KV
-caches for the attention layers only. Keys are the mixers' ``cache_key`` (e.g. ``layers.5``).
+"""InferenceCache: what decoding one batch of equal-length sequences must remember -- Mamba conv +
+SSM states (constant size) and KV caches for the attention layers only. Keys are the mixers'
+``cache_key`` (e.g. ``layers.5``). ``model(ids, cache)`` feeds tokens and updates it.
 
-Speculative decoding needs to undo part of a forward pass. Two mechanisms, both exact:
-
-* ``with cache.tracking(): model(ids, cache)`` makes every layer remember, for each of the new
-  positions, the state it would have after that position (Mamba layers keep their conv window and
-  per-position SSM states; attention layers their previous KV length). ``cache.keep(n)`` then
-  turns the cache into the state after the first ``n`` of those positions, as if only they had been
-  fed — no recomputation.
-* ``snap = cache.snapshot()`` / ``cache.restore(snap)``: O(1) bookmarks. States are replaced, never
-  written in place, and KV entries below a remembered length are never overwritten, so a bookmark
-  holds references, not copies.
+The decoder (:mod:`kinetic.infer.decoder`) keeps sequences at different positions in a
+:class:`~kinetic.infer.slots.SlotCache`; this simpler cache is for model-level use: a cached forward
+in tests, the long-context benchmark's prefill, anything that feeds one batch in lockstep.
 
 Memory: ``cache_budget(config, tokens)`` gives the bytes a cache needs for ``tokens`` tokens before
 anything runs, and ``reserve(tokens)`` allocates the KV buffers at that size up front, so a long
@@ -19,17 +13,7 @@ prefill does not pay the doubling growth's copies and slack.
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-
 import torch
-
-
-@dataclass
-class _Snapshot:
-    conv: dict
-    ssm: dict
-    lengths: dict
 
 
 class InferenceCache:
@@ -41,8 +25,7 @@ class InferenceCache:
         self._v: dict[str, torch.Tensor] = {}
         self._len: dict[str, int] = {}
         self._reserved = 0  # KV capacity to allocate on first use
-        self._tracking = False
-        self._pending: dict[str, tuple] = {}  # key -> what keep(n) needs (see module docstring)
+        self.is_tracking = False  # (a speculative verification's tracking is the SlotCache's)
 
     # ---- Mamba
     def has_state(self, key: str) -> bool:
@@ -90,8 +73,6 @@ class InferenceCache:
         buf_k = self._k.get(key)
         if buf_k is None:
             cap = max(new, self._reserved, 16)
-            # zeros, not empty: a static cache attends over the unwritten tail (masked), and masked
-            # garbage that happens to be NaN would still poison the output (0 * NaN)
             self._k[key] = k.new_zeros(k.shape[0], k.shape[1], cap, k.shape[3])
             self._v[key] = v.new_zeros(self._k[key].shape)
         elif buf_k.shape[2] < new:
@@ -99,69 +80,11 @@ class InferenceCache:
         self._k[key][:, :, old:new] = k.detach()
         self._v[key][:, :, old:new] = v.detach()
         self._len[key] = new
-        if self._tracking:
-            self._pending[key] = ("kv", old)
         return self._k[key][:, :, :new], self._v[key][:, :, :new], old
 
     def kv_lengths(self) -> dict[str, int]:
         """Tokens cached by each attention layer."""
         return dict(self._len)
-
-    def kv_buffers(self, capacity: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Each attention layer's whole key and value buffers (b, kv_heads, capacity, d), grown to
-        ``capacity`` first where smaller: what a fixed-address cache adopts (kinetic.infer.static_cache)."""
-        for key, buf in self._k.items():
-            if buf.shape[2] < capacity:
-                self._grow(key, capacity)
-        return {key: (self._k[key], self._v[key]) for key in self._k}
-
-    # ---- undoing positions
-    @contextlib.contextmanager
-    def tracking(self):
-        """Within this context, forward passes record what ``keep(n)`` needs (replacing earlier
-        records of the same layer)."""
-        self._pending.clear()
-        self._tracking = True
-        try:
-            yield self
-        finally:
-            self._tracking = False
-
-    @property
-    def is_tracking(self) -> bool:
-        return self._tracking
-
-    def track_mamba(self, key: str, window: torch.Tensor, states: torch.Tensor, kernel: int) -> None:
-        """Called by a Mamba layer: ``window`` (b, conv_dim, kernel-1+L) holds the conv state before
-        the L new positions followed by their conv inputs; ``states`` (b, L, h, p, n) the SSM state
-        after each of them."""
-        self._pending[key] = ("mamba", window.detach(), states.detach(), kernel)
-
-    def keep(self, n: int) -> None:
-        """Keep the first ``n`` positions of the tracked forward pass and forget the rest."""
-        for key, rec in self._pending.items():
-            if rec[0] == "kv":
-                _, old = rec
-                if n > self._len[key] - old:
-                    raise ValueError(f"keep({n}) but layer {key} took {self._len[key] - old} positions")
-                self._len[key] = old + n
-                continue
-            _, window, states, kernel = rec
-            if not 0 < n <= states.shape[1]:
-                raise ValueError(f"keep({n}) must be in [1, {states.shape[1]}] for layer {key}")
-            self.conv[key] = window[..., n:n + kernel - 1].clone()
-            self.ssm[key] = states[:, n - 1].to(self.ssm_dtype)
-        self._pending.clear()
-
-    def snapshot(self) -> _Snapshot:
-        """A bookmark of the current state for ``restore`` (references, no copies)."""
-        return _Snapshot(dict(self.conv), dict(self.ssm), dict(self._len))
-
-    def restore(self, snap: _Snapshot) -> None:
-        self.conv, self.ssm, self._len = dict(snap.conv), dict(snap.ssm), dict(snap.lengths)
-        for key in [k for k in self._k if k not in self._len]:  # layers first used after the bookmark
-            del self._k[key], self._v[key]
-        self._pending.clear()
 
     @property
     def seqlen(self) -> int:

@@ -263,6 +263,12 @@ def _grouped_decode_fits(q, k, v, start):
             and q.shape[1] > k.shape[1])
 
 
+def _row_mask(start: torch.Tensor, s: int, n: int) -> torch.Tensor:
+    """(b or 1, 1, s, n): key j is visible to query i of a row when j <= that row's start + i."""
+    position = start.reshape(-1, 1) + torch.arange(s, device=start.device)  # (b or 1, s)
+    return (torch.arange(n, device=start.device) <= position[..., None]).unsqueeze(1)
+
+
 def grouped_decode(q, k, v, start):
     """One query per head on CPU: the query heads that share a KV head become that head's rows, so
     each cached key/value is read once per step instead of once per query head (a fixed-capacity
@@ -270,9 +276,7 @@ def grouped_decode(q, k, v, start):
     head."""
     b, heads, _, dim = q.shape
     kv_heads = k.shape[1]
-    mask = None
-    if torch.is_tensor(start):
-        mask = (torch.arange(k.shape[2], device=q.device) <= start).view(1, 1, 1, -1)
+    mask = _row_mask(start, 1, k.shape[2]) if torch.is_tensor(start) else None
     out = _sdpa_kernel(q.reshape(b, kv_heads, heads // kv_heads, dim), k, v, mask, False, False)
     return out.reshape(b, heads, 1, dim)
 
@@ -293,7 +297,7 @@ def two_pass_chunk(q, k, v, start):
 
 
 def _static_split_kv_fits(q, k, v, start):
-    return torch.is_tensor(start) and _static_split_kv(q, k.shape[2])
+    return torch.is_tensor(start) and start.dim() == 0 and _static_split_kv(q, k.shape[2])
 
 
 def static_split_kv(q, k, v, start):
@@ -311,9 +315,9 @@ def masked_sdpa(q, k, v, start):
         if start == 0 or s == 1:
             return _sdpa_kernel(q, k, v, None, s > 1 and start == 0, True)
         return _sdpa_kernel(q, k, v, _lower_right_causal(s, n, q), False, True)
-    position = start + torch.arange(s, device=q.device)
-    visible = torch.arange(n, device=q.device) <= position[:, None]
-    return _sdpa_kernel(q, k, v, visible.view(1, 1, s, n), False, True)
+    if isinstance(start, int):
+        start = torch.tensor(start, device=q.device)
+    return _sdpa_kernel(q, k, v, _row_mask(start, s, n), False, True)
 
 
 IMPLEMENTATIONS = [

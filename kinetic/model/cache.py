@@ -2,8 +2,9 @@
 
 A cache holds, per layer (keyed by the mixer's ``cache_key``, e.g. ``layers.5``), what decoding must
 remember: a Mamba layer's conv window and SSM state (constant size), an attention layer's keys and
-values. A speculative verification runs inside ``cache.tracking()``: the layers then also record
-each new position's state (``track_mamba``) so that the cache can later keep only the accepted ones.
+values. In a speculative verification the cache is tracking (``is_tracking``): Mamba layers then also
+report each new position's state (``track_mamba``) so that the cache can later keep only the accepted
+ones, row by row (:class:`kinetic.infer.slots.SlotCache`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 
 class Cache(Protocol):
-    is_tracking: bool  # inside ``tracking()``: Mamba layers report every position's state
+    is_tracking: bool  # a verification: Mamba layers report every position's state
 
     def has_state(self, key: str) -> bool:
         """Whether the Mamba layer ``key`` has seen a token."""
@@ -35,6 +36,6 @@ class Cache(Protocol):
     def append_kv(self, key: str, k: torch.Tensor,
                   v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor]:
         """Write the new keys/values (b, kv_heads, s, d) of attention layer ``key``; return the keys and
-        values to attend over (b, kv_heads, n, d) and the position of the first new one (an int, or
-        a 0-d device tensor for a fixed-address cache), as :func:`kinetic.ops.cached_attention`
-        takes them."""
+        values to attend over (b, kv_heads, n, d) and the position of the first new one (an int; a
+        0-d device tensor where it must not be read back to the host; a (b,) tensor when the rows
+        are at different positions), as :func:`kinetic.ops.cached_attention` takes them."""

@@ -13,7 +13,7 @@ from kinetic.ops.registry import operation
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d), over the ``visible`` keys) v, written out: q (b, heads, s, d), k and v
-    (b, kv_heads, n, d), visible (s, n) boolean -> (b, heads, s, d)."""
+    (b, kv_heads, n, d), visible (s, n) or (b, 1, s, n) boolean -> (b, heads, s, d)."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
@@ -37,9 +37,11 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """New queries over a KV cache: q (b, heads, s, d) at positions ``start`` .. ``start + s - 1``;
     k and v (b, kv_heads, n, d), the cache with the new keys already written at those positions.
     Query i sees keys 0 .. start + i; keys past the last query's position (a fixed-capacity buffer's
-    unwritten tail) are ignored. ``start`` is an int, or a 0-d device tensor where the position must
-    not be read back to the host (CUDA graphs). Returns (b, heads, s, d)."""
+    unwritten tail) are ignored. ``start`` is an int, a 0-d device tensor where the position must
+    not be read back to the host (CUDA graphs), or a (b,) tensor with each row's own position (a
+    batch of sequences of different lengths). Returns (b, heads, s, d)."""
     s, n = q.shape[2], k.shape[2]
-    position = start + torch.arange(s, device=q.device)
-    visible = torch.arange(n, device=q.device) <= position[:, None]
-    return attend(q, k, v, visible)
+    start = torch.as_tensor(start, device=q.device).reshape(-1, 1)  # (b or 1, 1)
+    position = start + torch.arange(s, device=q.device)  # (b or 1, s)
+    visible = torch.arange(n, device=q.device) <= position[..., None]
+    return attend(q, k, v, visible.unsqueeze(1))
