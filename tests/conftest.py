@@ -67,6 +67,27 @@ def randomize(model: torch.nn.Module, seed: int = 0, dt_bias: float | None = Non
     return model
 
 
+def uncached_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens after ``prompt`` by full forwards, no cache at all: the decoders' reference."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]), return_mtp=False).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def drain(decoder, seqs, limits) -> list[list[int]]:
+    """Step a :class:`kinetic.infer.decoder.Decoder` until each of ``seqs`` has its number of tokens
+    (``limits``: one per sequence, or shared), cancelling each when it has; their token ids."""
+    limits = [limits] * len(seqs) if isinstance(limits, int) else limits
+    want = {id(s): n for s, n in zip(seqs, limits, strict=True)}
+    while decoder.busy:
+        for s, _ in decoder.step():
+            if len(s.tokens) >= want.get(id(s), 0):
+                decoder.cancel(s)
+    return [[t.id for t in s.tokens[:want[id(s)]]] for s in seqs]
+
+
 @pytest.fixture
 def transformers_mod():
     return pytest.importorskip("transformers")

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_config, randomize
+from conftest import drain, make_config, randomize, uncached_greedy
 
 from kinetic import NemotronHForCausalLM
 from kinetic.infer.decoder import Decoder
@@ -39,39 +39,21 @@ def _prompts(model, lengths, seed=0):
     return [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
 
 
-def _uncached_greedy(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]), return_mtp=False).logits[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
-def _drain(decoder, seqs, limits):
-    """Step until every sequence has its number of tokens (then it is cancelled); their token ids."""
-    want = {id(s): n for s, n in zip(seqs, limits, strict=True)}
-    while decoder.busy:
-        for s, _ in decoder.step():
-            if len(s.tokens) >= want[id(s)]:
-                decoder.cancel(s)
-    return [[t.id for t in s.tokens[:want[id(s)]]] for s in seqs]
-
-
 # ---------------------------------------------------------------------- batching
 @pytest.mark.parametrize("name,speculative", [("latent-grouped-mtp", False), ("dense-moe-1group", False),
                                               ("mtp-two-depths", True)])
-def test_continuous_batching_equals_solo_uncached_greedy(name, speculative, one_thread):
+def test_continuous_batching_equals_solouncached_greedy(name, speculative, one_thread):
     """Six prompts of different lengths through two slots, prefilled in chunks of 4 between decode
     steps, leaving after different numbers of tokens: each equals its own uncached greedy run."""
     model = _model(name)
     prompts = _prompts(model, (5, 11, 1, 17, 9, 3))
     limits = [12, 4, 9, 12, 1, 7]
-    refs = [_uncached_greedy(model, p, n) for p, n in zip(prompts, limits, strict=True)]
+    refs = [uncached_greedy(model, p, n) for p, n in zip(prompts, limits, strict=True)]
     for max_batch in (2, 6):
         decoder = Decoder(model, max_batch=max_batch, speculative=speculative, draft_tokens=2,
                           prefill_chunk=4)
         seqs = [decoder.add(p, GREEDY)[0] for p in prompts]
-        assert _drain(decoder, seqs, limits) == refs, max_batch
+        assert drain(decoder, seqs, limits) == refs, max_batch
         assert not decoder.running and not decoder.waiting
 
 
@@ -88,7 +70,7 @@ def test_a_batch_decodes_in_one_forward_per_step(monkeypatch):
     monkeypatch.setattr(Eager, "decode", spy)
     decoder = Decoder(model, max_batch=4)
     seqs = [decoder.add(p, GREEDY)[0] for p in _prompts(model, (3, 8, 5, 2))]
-    _drain(decoder, seqs, [10] * 4)
+    drain(decoder, seqs, [10] * 4)
     assert set(widths) <= {(1, 1), (2, 1), (3, 1), (4, 1)}
     assert len([w for w in widths if w == (4, 1)]) >= 4
 
@@ -98,7 +80,7 @@ def test_cancel_during_a_prefill_moves_it_down(one_thread):
     the prefill moves down with the last running sequence, and every answer is still exact."""
     model = _model()
     prompts = _prompts(model, (4, 6, 30), seed=3)
-    refs = [_uncached_greedy(model, p, 8) for p in prompts]
+    refs = [uncached_greedy(model, p, 8) for p in prompts]
     decoder = Decoder(model, max_batch=3, prefill_chunk=5)
     a, b = decoder.add(prompts[0], GREEDY)[0], decoder.add(prompts[1], GREEDY)[0]
     while len(decoder.running) < 2:
@@ -109,7 +91,7 @@ def test_cancel_during_a_prefill_moves_it_down(one_thread):
     early = [t.id for t in a.tokens]
     decoder.cancel(a)  # b moves to slot 0, c's half prefill to slot 1
     assert b.slot == 0 and decoder.running == [b]
-    out = _drain(decoder, [b, c], [8, 8])
+    out = drain(decoder, [b, c], [8, 8])
     assert early == refs[0][:len(early)] and out == refs[1:]
 
 
@@ -129,12 +111,12 @@ def test_samples_of_one_prompt_share_the_prefill_and_equal_solo_runs(monkeypatch
 
     monkeypatch.setattr(Eager, "forward", spy)
     decoder = Decoder(model, max_batch=4)
-    together = _drain(decoder, decoder.add(prompt, params, n=4), [10] * 4)
+    together = drain(decoder, decoder.add(prompt, params, n=4), [10] * 4)
     assert prefills == [13]
     solo = []
     for j in range(4):
         one = Decoder(model, max_batch=1)
-        solo += _drain(one, one.add(prompt, SamplingParams(temperature=0.9, top_k=40, seed=11 + j)), [10])
+        solo += drain(one, one.add(prompt, SamplingParams(temperature=0.9, top_k=40, seed=11 + j)), [10])
     assert together == solo
     assert len({tuple(t) for t in together}) > 1  # different seeds, different samples
 
@@ -151,7 +133,7 @@ def test_sampler_logprobs_equal_the_scorer(speculative, one_thread):
                    SamplingParams(temperature=1.3, min_p=0.05, seed=2), GREEDY):
         decoder = Decoder(model, max_batch=4, speculative=speculative, draft_tokens=2)
         seqs = [s for p in _prompts(model, (5, 11)) for s in decoder.add(p, params, n=2)]
-        _drain(decoder, seqs, [15] * 4)
+        drain(decoder, seqs, [15] * 4)
         scored = score(model, [s.prompt + [t.id for t in s.tokens[:15]] for s in seqs],
                        [len(s.prompt) for s in seqs], params=params)
         for s, row in zip(seqs, scored, strict=True):
@@ -170,7 +152,7 @@ def test_prompt_logprobs_and_top_alternatives_equal_the_scorer():
     prompt = _prompts(model, (12,))[0]
     decoder = Decoder(model, max_batch=1)
     (seq,) = decoder.add(prompt, SamplingParams(temperature=0, prompt_logprobs=3, logprobs=2))
-    _drain(decoder, [seq], [3])
+    drain(decoder, [seq], [3])
     assert seq.prompt_logprobs[0] is None and len(seq.prompt_logprobs) == len(prompt)
     (want,) = score(model, [prompt], top=3)
     for got, ref in zip(seq.prompt_logprobs[1:], want, strict=True):

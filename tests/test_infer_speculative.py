@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import make_config, randomize
+from conftest import drain, make_config, randomize, uncached_greedy
 
 from kinetic import NemotronHForCausalLM, preset
 from kinetic.data.tokenizer import EOS_ID, train_tokenizer
@@ -30,15 +30,6 @@ def _model(name="latent-grouped-mtp", seed=0, **overrides):
 def _prompt(model, n, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(model.config.vocab_size, (n,), generator=g).tolist()
-
-
-def _plain_greedy(model, prompt, n):
-    """Greedy continuation by full forwards (no cache at all): the reference."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]), return_mtp=False).logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 # ---------------------------------------------------------------------- cache rollback
@@ -130,7 +121,7 @@ def test_snapshot_restore_undoes_draft_steps():
 def test_speculative_greedy_equals_plain_greedy_random_weights(name, one_thread):
     model = _model(name)
     prompt = _prompt(model, 17, seed=3)
-    ref = _plain_greedy(model, prompt, 30)
+    ref = uncached_greedy(model, prompt, 30)
     for k in (1, 3, 6):
         out, stats = speculative_generate(model, prompt, 30, draft_tokens=k)
         assert out == ref, k
@@ -147,7 +138,7 @@ def test_partially_accepted_drafts_roll_back_exactly(monkeypatch, one_thread):
     every accept length, per row, and the rollback after it."""
     model = _model()
     prompts = [_prompt(model, n, seed=4 + n) for n in (11, 6, 14)]
-    refs = [_plain_greedy(model, p, 40) for p in prompts]
+    refs = [uncached_greedy(model, p, 40) for p in prompts]
     accepted = set()
     rounds = [0]
 
@@ -165,11 +156,7 @@ def test_partially_accepted_drafts_roll_back_exactly(monkeypatch, one_thread):
     monkeypatch.setattr(Decoder, "_draft", oracle)
     decoder = Decoder(model, max_batch=3, speculative=True, draft_tokens=4)
     seqs = [decoder.add(p, SamplingParams(temperature=0))[0] for p in prompts]
-    while decoder.busy:
-        for s, _ in decoder.step():
-            if len(s.tokens) >= 35:
-                decoder.cancel(s)
-    assert [[t.id for t in s.tokens[:35]] for s in seqs] == [r[:35] for r in refs]
+    assert drain(decoder, seqs, 35) == [r[:35] for r in refs]
     assert accepted == {0, 1, 2, 3, 4}
     assert decoder.stats.accepted > 0 and decoder.stats.mean_accepted_length > 2
 
@@ -204,7 +191,7 @@ def _trained_case(trained, new_tokens=40):
     """The trained model, a prompt of its pattern and plain greedy's continuation."""
     model, pattern = trained
     prompt = pattern.repeat(2).tolist()[:19]
-    return model, prompt, _plain_greedy(model, prompt, new_tokens)
+    return model, prompt, uncached_greedy(model, prompt, new_tokens)
 
 
 def test_speculative_greedy_equals_plain_greedy_trained(trained, one_thread):
@@ -216,16 +203,12 @@ def test_speculative_greedy_equals_plain_greedy_trained(trained, one_thread):
     # in a batch with other prompts, rows accepting different numbers of drafts per step
     model, pattern = trained
     prompts = [prompt, pattern.tolist()[3:10], [5, 9, 30, 2]]
-    refs = [ref] + [_plain_greedy(model, p, 40) for p in prompts[1:]]
+    refs = [ref] + [uncached_greedy(model, p, 40) for p in prompts[1:]]
     out = model.generate(torch.tensor([prompts[0]]), 40, speculative=True, draft_tokens=4, eos_token_id=None)
     assert out[0, len(prompt):].tolist() == ref
     decoder = Decoder(model, max_batch=3, speculative=True, draft_tokens=4)
     seqs = [decoder.add(p, SamplingParams(temperature=0))[0] for p in prompts]
-    while decoder.busy:
-        for s, _ in decoder.step():
-            if len(s.tokens) >= 40:
-                decoder.cancel(s)
-    assert [[t.id for t in s.tokens[:40]] for s in seqs] == refs
+    assert drain(decoder, seqs, 40) == refs
 
 
 # ---------------------------------------------------------------------- sampling is lossless
