@@ -483,14 +483,15 @@ def test_client_that_leaves_a_whole_answer_cancels_its_sequence(served, monkeypa
     check_still_serving(served)
 
 
-def test_engine_error_fails_the_request_and_the_server_goes_on(served, monkeypatch):
+@pytest.mark.parametrize("call", ["start", "step"])
+def test_engine_error_fails_the_request_and_the_server_goes_on(served, monkeypatch, call):
     engine = served.app.state.engine
 
-    def broken():
+    def broken(*args):
         monkeypatch.undo()  # once
         raise RuntimeError("simulated out of memory")
 
-    monkeypatch.setattr(engine, "step", broken)
+    monkeypatch.setattr(engine, call, broken)
     r = httpx.post(served.url + COMPLETIONS, json={"prompt": "The quick", "max_tokens": 4}, timeout=30)
     assert r.status_code == 500, r.text
     assert r.json()["error"]["type"] == "server_error" and "simulated" in r.json()["error"]["message"]

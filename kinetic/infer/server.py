@@ -365,6 +365,12 @@ ERRORS = {400: "invalid request: OpenAI's error body, ``param`` names the field.
           429: "queue full (--max-queue); retry later", 500: "generation failed inside the engine"}
 
 
+# one server-sent event (OpenAPI before 3.2 describes each event with the media type's schema)
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {
+    "type": "string", "description": "a chunk of the answer as JSON (chat: object chat.completion.chunk), an "
+    "error body, or [DONE] as the last event"}}}
+
+
 def _responses(model: type[BaseModel] | None, *errors: int, stream: bool = False) -> dict:
     out: dict = {code: {"model": ErrorResponse, "description": ERRORS[code]} for code in errors}
     if model is not None:
@@ -372,7 +378,7 @@ def _responses(model: type[BaseModel] | None, *errors: int, stream: bool = False
     if stream:
         out[200]["description"] = ("the answer; with stream: true, server-sent events of chunks ending "
                                    "data: [DONE]")
-        out[200]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+        out[200]["content"] = {"text/event-stream": {"schema": SSE_EVENT}}
     return out
 
 
@@ -483,30 +489,38 @@ class Scheduler:
 
     def _run(self) -> None:
         while not self._stopping:
-            for job in self._admit():
-                self._start(job)
-            self.peak_active = max(self.peak_active, len(self._running))
-            for key, (job, _, seq) in list(self._running.items()):
-                if job.cancelled:  # the client is gone: free the slot now
-                    self.engine.cancel(seq)
-                    del self._running[key]
-            if self._running:
-                self._step()
+            try:
+                self._pass()
+            except Exception as err:  # a bug outside the engine's step: fail what runs, keep serving
+                log.exception("the worker failed")
+                self._fail({job for job, _, _ in self._running.values()}, err)
         shutdown = RuntimeError("the server is shutting down")
         self._fail({job for job, _, _ in self._running.values()} | set(self._pending), shutdown)
+
+    def _pass(self) -> None:
+        for job in self._admit():
+            self._start(job)
+        self.peak_active = max(self.peak_active, len(self._running))
+        for key, (job, _, seq) in list(self._running.items()):
+            if job.cancelled:  # the client is gone: free the slot now
+                self.engine.cancel(seq)
+                del self._running[key]
+        if self._running:
+            self._step()
 
     def _start(self, job: Job) -> None:
         seqs: list[GenerationSequence] = []
         try:
             for ids, params in zip(job.prompts, job.params, strict=True):
                 seqs += self.engine.start(ids, params, job.n)
-        except Exception as err:  # checked before, so a ValueError here is still the client's
+        except Exception as err:
             for seq in seqs:
                 self.engine.cancel(seq)
-            if not isinstance(err, ValueError):
+            if isinstance(err, ValueError):  # checked before, so a ValueError here is still the client's
+                err = APIError(400, str(err), code="invalid_value")
+            else:
                 log.exception("starting a request failed")
-            refused = isinstance(err, ValueError)
-            job.push(0, APIError(400, str(err), code="invalid_value") if refused else err)
+            job.push(0, err)
             return
         job.seqs = seqs
         for index, seq in enumerate(seqs):
@@ -533,8 +547,11 @@ class Scheduler:
     def _fail(self, jobs: set[Job], err: BaseException) -> None:
         for key, (job, _, seq) in list(self._running.items()):
             if job in jobs:
-                self.engine.cancel(seq)
                 del self._running[key]
+                try:
+                    self.engine.cancel(seq)
+                except Exception:  # the engine is in a bad way; the job fails all the same
+                    log.exception("cancelling a sequence failed")
         for job in jobs:
             job.push(0, err)
 
