@@ -223,6 +223,18 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(name, damage
     assert ckpt.read_newest_intact(tmp_path / "run")[0].name == "step_000006"  # rewritten whole
 
 
+@pytest.mark.parametrize("damage", [_garbage, _empty, Path.unlink], ids=["garbage", "empty", "missing"])
+def test_a_damaged_latest_pointer_resumes_from_the_newest_checkpoint(damage, tmp_path):
+    cfg = make_cfg(tmp_path / "run", train={"steps": 4}, run={"save_every": 2})
+    Trainer(cfg).train()
+    damage(tmp_path / "run" / "checkpoints" / "latest")
+    assert [p.name for p in ckpt.checkpoints_newest_first(tmp_path / "run")] == ["step_000004", "step_000002"]
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_000004"  # what generate/eval open
+    resumed = Trainer(make_cfg(tmp_path / "run", train={"steps": 6}, run={"save_every": 2}))
+    resumed.train(resume=True)
+    assert resumed.resumed_from == 4 and ckpt.latest_checkpoint(tmp_path / "run").name == "step_000006"
+
+
 def test_resuming_with_another_model_is_refused_by_name(tmp_path):
     cfg = make_cfg(tmp_path / "run", train={"steps": 3})
     Trainer(cfg).train()

@@ -44,11 +44,9 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = checkpoint_dir(run_dir) / "latest"
-    if not pointer.is_file():
-        return None
-    path = checkpoint_dir(run_dir) / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
+    """The newest complete checkpoint of a run: the one ``latest`` names, else (a damaged or missing
+    pointer) the newest directory with its state.json."""
+    return next((p for p in checkpoints_newest_first(run_dir) if (p / "state.json").is_file()), None)
 
 
 def rng_state() -> dict[str, Any]:
@@ -65,7 +63,7 @@ def checkpoints_newest_first(run_dir: Path) -> list[Path]:
     root = checkpoint_dir(run_dir)
     steps = sorted((p for p in root.glob("step_*") if p.is_dir() and _STEP_DIR.match(p.name)), reverse=True)
     pointer = root / "latest"
-    name = pointer.read_text().strip() if pointer.is_file() else ""
+    name = pointer.read_text(errors="replace").strip() if pointer.is_file() else ""
     if _STEP_DIR.match(name):
         steps = [root / name] + [p for p in steps if p.name < name]
     return steps
