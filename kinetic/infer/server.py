@@ -148,7 +148,7 @@ def Whole(**bounds):  # noqa: N802 (a type)
 NonEmpty = Annotated[str, Field(min_length=1)]
 TokenId = Whole(ge=0)
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
-Nothing = Annotated[list[Any], Field(max_length=0)]  # a list field only accepted empty
+Nothing = Annotated[list[Any], Field(max_length=0)]  # a list field accepted only empty
 
 
 class StreamOptions(_Strict):
