@@ -3,7 +3,8 @@ model_speed (both implementations compute the same logits, every mode reports a 
 forward breakdown accounts for the whole forward; with --compile, compiled rows), long_context
 (tensor peak and resident-set growth reported), decode (speculative rows with identical tokens,
 latency rows), decode_attention (every way of attending agrees with a float64 reference),
-train_speed (eager and compiled trainer rows) and ops (a row per implementation that takes a call)."""
+train_speed (eager and compiled trainer rows), ops (a row per implementation that takes a call),
+batch_decode (batched and one-at-a-time rows, identical tokens) and serve (a live server's rows)."""
 
 from __future__ import annotations
 
@@ -229,3 +230,43 @@ def test_ops_benchmark_times_every_implementation_that_fits(tmp_path, capsys):
     assert json.loads(out.read_text())["rows"] == report["rows"]
     printed = capsys.readouterr().out
     assert "vs fallback" in printed and printed.count("gated_rms_norm  ") >= len(report["rows"])
+
+
+def test_batch_decode_benchmark_compares_batched_and_sequential(tmp_path, capsys):
+    import batch_decode
+
+    out = tmp_path / "batch.json"
+    report = batch_decode.main(["--samples", "4", "--new-tokens", "6", "--repeats", "1", "--json", str(out)])
+    for key in ("samples", "prompts"):
+        row = report[key]
+        assert row["sequences"] == 4 and row["tokens"] == 24 and row["identical_tokens"]
+        assert row["batched_tokens_per_s"] > 0 and row["speedup"] > 0
+    assert json.loads(out.read_text())["samples"]["sequences"] == 4
+    assert "4 samples of one prompt" in capsys.readouterr().out
+
+
+def test_serve_benchmark_against_a_live_server(tmp_path, capsys):
+    """The script starts ``kinetic serve`` on a tiny checkpoint and reports every row; greedy and
+    seeded answers under concurrency equal the same requests sent alone."""
+    from dataclasses import replace
+
+    import serve
+    import torch
+
+    from kinetic import NemotronHForCausalLM, preset
+    from kinetic.data.tokenizer import save_tokenizer, train_tokenizer
+
+    text = "The Congress shall make no law. def parse_args(): return 1\n"
+    tok = train_tokenizer([text * 30], vocab_size=300)
+    torch.manual_seed(0)
+    NemotronHForCausalLM(replace(preset("tiny"), vocab_size=tok.get_vocab_size())).save_pretrained(tmp_path)
+    save_tokenizer(tok, tmp_path)
+    report = serve.main(["--checkpoint", str(tmp_path), "--clients", "1", "3", "--requests", "1",
+                         "--max-tokens", "5", "--json", str(tmp_path / "serve.json")])
+    for mode in ("greedy", "sampled"):
+        rows = report["modes"][mode]
+        assert [r["clients"] for r in rows] == [1, 3]
+        assert all(r["tokens"] == 5 * r["requests"] and r["tokens_per_s"] > 0 for r in rows)
+        assert all(r["identical_to_alone"] for r in rows), rows
+        assert rows[0]["latency_p50_s"] <= rows[0]["latency_p99_s"]
+    assert "same as alone" in capsys.readouterr().out
