@@ -55,9 +55,13 @@ def test_attention_kernel_matches_float64(count_calls, b, seqlen, heads, kv_head
     got = with_grads(kernel, q, k, v, grad, torch.float32)
     assert len(calls) == 1
     want = with_grads(lambda *t: reference(*t, scale), q, k, v, grad, torch.float64)
+    # the tolerance scales with the gradients' size: where one is zero in exact arithmetic (dq and dk
+    # of a single position: the softmax over one key is constant), float32 leaves the rounding of the
+    # terms that cancel, about 1e-7 of the others (4e-7 against 2.5 on an Intel Xeon)
+    size = max(r.abs().max().item() for r in want)
     for name, a, r in zip(["out", "dq", "dk", "dv"], got, want, strict=True):
         assert a.dtype == torch.float32 and a.shape == r.shape, name
-        torch.testing.assert_close(a.double(), r, atol=2e-5 * r.abs().max().item(), rtol=1e-5, msg=name)
+        torch.testing.assert_close(a.double(), r, atol=2e-5 * size, rtol=1e-5, msg=name)
     with torch.no_grad():  # inference keeps no log-sum-exp: the same output
         torch.testing.assert_close(kernel(q, k, v), got[0], atol=0, rtol=0)
 
