@@ -15,6 +15,7 @@ from conftest import drain, make_config, randomize, uncached_greedy
 from kinetic import NemotronHForCausalLM, preset
 from kinetic.data.tokenizer import EOS_ID, train_tokenizer
 from kinetic.infer import Engine, SamplingParams
+from kinetic.infer.cache import cache_budget
 from kinetic.infer.decoder import Decoder, accept_drafts
 from kinetic.infer.generate import speculative_generate
 from kinetic.infer.sampling import processed_logprobs
@@ -305,7 +306,18 @@ def test_engine_speculative_by_default_and_equal_to_plain(tok, one_thread):
     budget = spec.memory_budget(100)
     assert budget["weights"] == sum(p.numel() * 4 for p in model.parameters())
     assert "cache budget for 100 tokens" in spec.describe_budget(100)
-    assert spec.capacity(5, 40) == 45 + 3 and plain.capacity(5, 40) == 45  # + k + 1 when drafting
+    assert spec.capacity(5, 40) == 45 + 3 + 1 and plain.capacity(5, 40) == 45 + 1  # + k + 1 drafting
+    # the budget --show-budget prints is what a sequence's main cache really holds after its prefill
+    for engine in (Engine(model, tok), Engine(model, tok, speculative=False)):  # fresh caches
+        (seq,) = engine.start("The quick brown fox", replace(params, max_new_tokens=40))
+        engine.step()
+        reserved = engine.capacity(len(seq.prompt_ids), 40)
+        assert engine.decoder.cache.nbytes() == cache_budget(model.config, reserved)["total"]
+        engine.cancel(seq)
+    small = Engine(model, tok, max_context=30, speculative=False)
+    (seq,) = small.start("The quick brown fox", replace(params, max_new_tokens=1000))
+    small.step()  # the context limit, not max_new_tokens, bounds the reservation
+    assert small.decoder.cache.capacity == small.capacity(len(seq.prompt_ids), 1000) == 31
 
 
 def test_engine_speculative_options_are_checked(tok):

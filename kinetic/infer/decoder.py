@@ -278,9 +278,13 @@ class Decoder:
             s.tokens += t
         return list(zip(seqs, tokens, strict=True))
 
+    def capacity(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """KV positions a sequence's slot is given: its prompt and new tokens, the positions a
+        speculative verification writes past them, and the spare one of fixed-shape steps."""
+        return prompt_tokens + max_new_tokens + (self.draft_tokens + 1 if self.speculative else 0) + 1
+
     def _capacity(self, group: _Group) -> int:
-        params = group.seqs[0].params
-        return len(group.seqs[0].prompt) + params.max_new_tokens + self.draft_tokens + 2
+        return self.capacity(len(group.seqs[0].prompt), group.seqs[0].params.max_new_tokens)
 
     def _commit_prompt(self, group: _Group, rows: slice, hidden: torch.Tensor, ids: torch.Tensor) -> None:
         """MTP positions of a prefill chunk: position i takes (h_i, embed(token i+1)); a chunk's last

@@ -29,7 +29,7 @@ chunk (``Engine.memory_budget`` says what the cache needs before anything runs).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -284,10 +284,9 @@ class Engine:
         return format_budget(budget, budget["weights"])
 
     def capacity(self, prompt_tokens: int, max_new_tokens: int) -> int:
-        """Tokens a sequence's cache holds at most: prompt + completion (within the context limit),
+        """KV positions a sequence's cache is given: prompt + completion (within the context limit),
         plus the positions a speculative verification writes past the last token."""
-        room = min(prompt_tokens + max_new_tokens, self.max_context)
-        return room + (self.draft_tokens + 1 if self.speculative else 0)
+        return self.decoder.capacity(prompt_tokens, min(max_new_tokens, self.max_context - prompt_tokens))
 
     # ---- prompts
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -328,7 +327,8 @@ class Engine:
         seqs = [GenerationSequence(ids, params, stop_ids, self.max_context, self.tokenizer) for _ in range(n)]
         if seqs[0].finished and params.prompt_logprobs is None:
             return seqs  # max_new_tokens=0 and nothing to score: nothing to run
-        states = self.decoder.add(ids, params, n)
+        room = replace(params, max_new_tokens=min(params.max_new_tokens, self.max_context - len(ids)))
+        states = self.decoder.add(ids, room, n)
         for seq, state in zip(seqs, states, strict=True):
             seq.state = state
             self._live[id(state)] = seq
