@@ -186,6 +186,23 @@ def test_tiny_temperature_is_greedy_and_never_nan():
     assert torch.isfinite(lp.exp()).all() and math.isclose(float(lp.exp().sum()), 1.0, rel_tol=1e-6)
 
 
+def test_sample_draws_the_processed_distribution():
+    """20,000 draws (Gumbel-max over the processed log-probs): every token's count within 4.5 standard
+    errors of its probability, none outside the top-k/top-p set, and each draw's reported processed
+    log-prob is its probability's log."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    params = SamplingParams(temperature=0.7, top_k=4, top_p=0.95)
+    want = processed_logprobs(logits, params).exp()
+    rows = 20_000
+    g = torch.Generator().manual_seed(0)
+    choice = sample(logits.expand(rows, -1), [params] * rows, [g] * rows)
+    counts = torch.bincount(choice.tokens, minlength=6).float()
+    assert counts[want == 0].sum() == 0 and (want > 0).sum() < 6
+    sd = torch.sqrt(rows * want * (1 - want)).clamp(min=1.0)
+    assert bool(((counts - rows * want).abs() <= 4.5 * sd).all()), (counts / rows, want)
+    torch.testing.assert_close(choice.processed_logprob, want.log()[choice.tokens])
+
+
 def test_min_p_and_processed_logprobs():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     kept = min_p_filter(probs.log(), 0.2) > -math.inf

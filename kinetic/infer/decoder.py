@@ -42,6 +42,7 @@ import torch
 
 from kinetic.infer.sampling import (
     SamplingParams,
+    draw,
     make_generator,
     processed_logprobs,
     sample,
@@ -131,8 +132,8 @@ def accept_drafts(drafts: list[int], p: torch.Tensor | None, q: torch.Tensor | N
             residual = (p[j] - q[j]).clamp_(min=0)
             if float(residual.sum()) <= 0:  # p == q up to rounding: nothing to correct
                 residual = p[j]
-            return j, int(torch.multinomial(residual, 1, generator=generator))
-    return k, int(torch.multinomial(p[k], 1, generator=generator))
+            return j, draw(residual.log(), generator)  # draw normalises: log of an unnormalised p
+    return k, draw(p[k].log(), generator)
 
 
 class Decoder:
@@ -407,10 +408,10 @@ class Decoder:
         drafts, q = [], [None if s.params.greedy else [] for s in seqs]
         for j in range(k):
             logits = self.execution.head(m, normed[:, -1])
-            choice = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-            for i, s in enumerate(seqs):
+            choice = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], keep=True)
+            for i in range(len(seqs)):
                 if q[i] is not None:
-                    q[i].append(processed_logprobs(logits[i], s.params).exp())
+                    q[i].append(choice.distributions[i].exp())
             token = choice.tokens.to(self.device)
             drafts.append(token)
             if j + 1 < k:

@@ -141,9 +141,20 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return generator
 
 
+def gumbel_noise(rows: int, vocab: int, generators: list[torch.Generator | None],
+                 device: torch.device) -> torch.Tensor:
+    """Standard Gumbel noise (rows, vocab), row i from ``generators[i]`` (so a row's draws do not depend
+    on the others): ``argmax(log p + noise)`` is a draw from p (the Gumbel-max trick), for a whole
+    batch in one argmax."""
+    u = torch.stack([torch.rand(vocab, generator=g, device=device) for g in generators]) if rows else \
+        torch.empty(0, vocab, device=device)
+    return -torch.log(-torch.log(u))  # u = 0 gives -inf: that token never wins
+
+
 def draw(logprobs: torch.Tensor, generator: torch.Generator | None) -> int:
     """One token from a row of processed log-probs (vocab,)."""
-    return int(torch.multinomial(logprobs.exp(), 1, generator=generator))
+    noise = gumbel_noise(1, logprobs.shape[-1], [generator], logprobs.device)[0]
+    return int((logprobs.float() + noise).argmax())
 
 
 @dataclass
@@ -153,25 +164,32 @@ class Choice:
     tokens: torch.Tensor  # (b,) long
     logprob: torch.Tensor  # (b,) under the raw distribution
     processed_logprob: torch.Tensor  # (b,) under the distribution sampled from
+    distributions: list[torch.Tensor | None] | None = None  # with keep=True: processed log-probs
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> Choice:
+           generators: list[torch.Generator | None], keep: bool = False) -> Choice:
     """The next token of each row of ``logits`` (b, vocab), row i with ``params[i]`` and
-    ``generators[i]``: the argmax when greedy, else one draw from the processed distribution."""
-    rows = logits.shape[0]
-    tokens = torch.empty(rows, dtype=torch.long)
-    processed = [None] * rows
-    greedy = [i for i in range(rows) if params[i].greedy]
-    if greedy:
-        tokens[greedy] = logits[greedy].argmax(-1).cpu()
-    for i in range(rows):
-        if not params[i].greedy:
-            processed[i] = processed_logprobs(logits[i], params[i])
-            tokens[i] = draw(processed[i], generators[i])
-    raw = logits.float().log_softmax(dim=-1).gather(-1, tokens.to(logits.device)[:, None])[:, 0].cpu()
-    proc = torch.zeros(rows)
-    for i in range(rows):
-        if processed[i] is not None:
-            proc[i] = processed[i][tokens[i]].cpu()
-    return Choice(tokens, raw, proc)
+    ``generators[i]``: the argmax when greedy, else a draw from the processed distribution (rows with
+    the same settings are processed together). ``keep=True`` also returns each sampled row's
+    processed log-probs (``Choice.distributions``; None for greedy rows)."""
+    rows, vocab = logits.shape
+    tokens = logits.argmax(-1)
+    processed_lp = torch.zeros(rows, device=logits.device)
+    distributions: list[torch.Tensor | None] = [None] * rows
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        if not p.greedy:
+            groups.setdefault((p.temperature, p.top_k, p.top_p, p.min_p), []).append(i)
+    for members in groups.values():
+        index = torch.tensor(members, device=logits.device)
+        lp = processed_logprobs(logits.index_select(0, index), params[members[0]])
+        noise = gumbel_noise(len(members), vocab, [generators[i] for i in members], logits.device)
+        chosen = (lp + noise).argmax(-1)
+        tokens.index_copy_(0, index, chosen)
+        processed_lp.index_copy_(0, index, lp.gather(-1, chosen[:, None])[:, 0])
+        if keep:
+            for j, i in enumerate(members):
+                distributions[i] = lp[j]
+    raw = logits.float().log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
+    return Choice(tokens.cpu(), raw.cpu(), processed_lp.cpu(), distributions)
