@@ -49,9 +49,9 @@ def test_continuous_batching_equals_solouncached_greedy(name, speculative, one_t
     prompts = _prompts(model, (5, 11, 1, 17, 9, 3))
     limits = [12, 4, 9, 12, 1, 7]
     refs = [uncached_greedy(model, p, n) for p, n in zip(prompts, limits, strict=True)]
-    for max_batch in (2, 6):
+    for max_batch, spec_batch in ((2, 1), (6, None)):  # speculative steps alone, or for every batch
         decoder = Decoder(model, max_batch=max_batch, speculative=speculative, draft_tokens=2,
-                          prefill_chunk=4)
+                          prefill_chunk=4, speculative_max_batch=spec_batch)
         seqs = [decoder.add(p, GREEDY)[0] for p in prompts]
         assert drain(decoder, seqs, limits) == refs, max_batch
         assert not decoder.running and not decoder.waiting
@@ -131,7 +131,8 @@ def test_sampler_logprobs_equal_the_scorer(speculative, one_thread):
     model = _model()
     for params in (SamplingParams(temperature=0.7, top_k=20, top_p=0.9, seed=1),
                    SamplingParams(temperature=1.3, min_p=0.05, seed=2), GREEDY):
-        decoder = Decoder(model, max_batch=4, speculative=speculative, draft_tokens=2)
+        decoder = Decoder(model, max_batch=4, speculative=speculative, draft_tokens=2,
+                          speculative_max_batch=4)
         seqs = [s for p in _prompts(model, (5, 11)) for s in decoder.add(p, params, n=2)]
         drain(decoder, seqs, [15] * 4)
         scored = score(model, [s.prompt + [t.id for t in s.tokens[:15]] for s in seqs],
@@ -179,7 +180,7 @@ def test_tiny_temperature_is_greedy_and_never_nan():
     for t in (1e-45, 1e-30, 1e-6):
         params = SamplingParams(temperature=t)
         assert params.greedy
-        choice = sample(logits, [params], [torch.Generator().manual_seed(0)])
+        choice = sample(logits, [params], [(0, 0)])
         assert int(choice.tokens[0]) == 1 and choice.processed_logprob[0] == 0
     # just above the threshold the distribution is sharp but finite
     lp = processed_logprobs(logits[0] * 1e4, SamplingParams(temperature=2e-5))
@@ -187,15 +188,15 @@ def test_tiny_temperature_is_greedy_and_never_nan():
 
 
 def test_sample_draws_the_processed_distribution():
-    """20,000 draws (Gumbel-max over the processed log-probs): every token's count within 4.5 standard
+    """20,000 draws (Gumbel-max over the processed log-probs, the noise of draws 0 .. 19,999 of one
+    seed): every token's count within 4.5 standard
     errors of its probability, none outside the top-k/top-p set, and each draw's reported processed
     log-prob is its probability's log."""
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     params = SamplingParams(temperature=0.7, top_k=4, top_p=0.95)
     want = processed_logprobs(logits, params).exp()
     rows = 20_000
-    g = torch.Generator().manual_seed(0)
-    choice = sample(logits.expand(rows, -1), [params] * rows, [g] * rows)
+    choice = sample(logits.expand(rows, -1), [params] * rows, [(7, i) for i in range(rows)])
     counts = torch.bincount(choice.tokens, minlength=6).float()
     assert counts[want == 0].sum() == 0 and (want > 0).sum() < 6
     sd = torch.sqrt(rows * want * (1 - want)).clamp(min=1.0)

@@ -13,16 +13,26 @@ A step (:meth:`Decoder.step`):
    prompt: the n samples of one request, the G rollouts of one RL prompt) is prefilled in slot R, one
    chunk of ``prefill_chunk`` tokens per step, so a long prompt does not stall the running ones. When
    its prompt is done, its state is copied into one slot per member, each samples its first token
-   from the prompt's last logits with its own generator, and the group joins the running batch.
+   from the prompt's last logits with its own seed, and the group joins the running batch.
 2. **Decode**, by one of two policies over all running sequences at once:
 
    * plain: a forward of each sequence's last token (batch R x 1), then one token per sequence;
    * speculative (MTP): the MTP layer drafts k tokens per sequence (k small forwards of R x 1), one
      tracked forward of the main model verifies them (R x (k+1)), each sequence accepts its own
-     prefix, the caches keep each row's accepted positions, and the MTP layer commits them. Greedy
-     acceptance keeps the drafts equal to the target's argmax (so the output is the plain greedy
-     output token for token); sampled acceptance is the speculative-sampling rule (Leviathan et al.
-     2023; Chen et al. 2023), which keeps the target distribution exactly.
+     prefix, the caches keep each row's accepted positions, and the MTP layer commits them.
+
+   One acceptance rule serves greedy and sampled decoding. A sequence's i-th token is
+   ``argmax(processed log-probs + noise(seed, i))`` (the Gumbel-max trick; no noise when greedy), a
+   function of the logits and of (seed, i) alone. Verification computes that token at each of the
+   k+1 positions and keeps the drafts up to the first that differs, followed by the target's own
+   token there. Every emitted token is therefore the token plain decoding would have drawn: the output
+   equals plain decoding's token for token, greedy or sampled with a seed, and so has its
+   distribution exactly. (Drafts are drawn with the same noise, which couples them to the target's
+   draws; the speculative-sampling rule of Leviathan et al. 2023 would also keep the distribution,
+   but not the draws.) By default the speculative policy runs while at most one sequence does: with
+   more, verifying k+1 tokens per row costs more than the accepted drafts save on the quickstart
+   model, so a bigger batch takes plain steps, and each sequence's MTP layer catches up on those
+   positions in one pass when drafting resumes.
 
 Every emitted token carries its log-prob under the raw and under the processed distribution
 (:mod:`kinetic.infer.sampling`), from the same logits that chose it; the teacher-forced scorer
@@ -40,16 +50,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kinetic.infer.sampling import (
-    SamplingParams,
-    draw,
-    make_generator,
-    processed_logprobs,
-    sample,
-    token_logprobs,
-    top_logprobs,
-)
+from kinetic.infer.sampling import SamplingParams, sample, sequence_seed, token_logprobs, top_logprobs
 from kinetic.infer.slots import SlotCache
+
+MTP_BEHIND_MAX = 64  # plain-step positions a sequence's MTP layer may lag before it catches up
 
 
 @dataclass
@@ -93,13 +97,14 @@ class Sequence:
 
     prompt: list[int]
     params: SamplingParams
-    generator: torch.Generator | None = None
+    seed: int = 0  # its draws' seed (kinetic.infer.sampling.gumbel_noise)
     slot: int | None = None
     tokens: list[Token] = field(default_factory=list)  # emitted so far
     prompt_logprobs: list[Token | None] | None = None  # with params.prompt_logprobs: None first
     stats: SpecStats = field(default_factory=SpecStats)
     last: int | None = None  # the last token, not yet fed to the model
     draft_state: tuple | None = None  # MTP (block output, normed) at the last committed position
+    mtp_behind: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # plain steps' (h_p, x_p+1)
     done: bool = False
 
 
@@ -110,41 +115,28 @@ class _Group:
     pending: torch.Tensor | None = None  # MTP: the last prefilled position's hidden state
 
 
-def accept_drafts(drafts: list[int], p: torch.Tensor | None, q: torch.Tensor | None,
-                  target_logits: torch.Tensor, generator: torch.Generator | None) -> tuple[int, int]:
-    """How many of ``drafts`` to keep and the token that follows them, for one sequence.
-
-    ``target_logits`` (k+1, vocab) are the main model's logits at the verified positions. Greedy when
-    ``p`` is None: the longest prefix equal to the target's argmax, then the target's own token.
-    Else ``p`` (k+1, vocab) and ``q`` (k, vocab) are the target's and the drafter's sampling
-    distributions: accept d_j with probability min(1, p_j(d_j) / q_j(d_j)); at the first rejection
-    draw from normalize(max(p_j - q_j, 0)); if all are accepted draw a bonus token from p_k."""
-    k = len(drafts)
-    if p is None:
-        target = target_logits.argmax(-1).tolist()
-        n = 0
-        while n < k and drafts[n] == target[n]:
-            n += 1
-        return n, target[n]
-    for j, d in enumerate(drafts):
-        u = torch.rand((), generator=generator, device=p.device)
-        if u >= p[j, d] / q[j, d]:  # reject: resample from the part of p that q under-proposed
-            residual = (p[j] - q[j]).clamp_(min=0)
-            if float(residual.sum()) <= 0:  # p == q up to rounding: nothing to correct
-                residual = p[j]
-            return j, draw(residual.log(), generator)  # draw normalises: log of an unnormalised p
-    return k, draw(p[k].log(), generator)
+def accepted(drafts: list[int], targets: list[int]) -> int:
+    """How many drafts to keep: the length of their prefix equal to the target's tokens at those
+    positions (the target's token after them comes next)."""
+    n = 0
+    while n < len(drafts) and drafts[n] == targets[n]:
+        n += 1
+    return n
 
 
 class Decoder:
     """Continuous batching over ``model`` (see the module docstring).
 
     ``max_batch`` bounds the running sequences; ``speculative`` drafts ``draft_tokens`` tokens per
-    step with the MTP layer; ``prefill_chunk`` bounds the prompt tokens of one forward;
-    ``execution`` runs the forwards (:mod:`kinetic.infer.execution`; default eager)."""
+    step with the MTP layer while at most ``speculative_max_batch`` sequences run (a bigger batch takes
+    plain steps: verifying k+1 tokens per row then costs more than the accepted drafts save; the MTP
+    layer catches up on those positions in one pass when drafting resumes); ``prefill_chunk`` bounds
+    the prompt tokens of one forward; ``execution`` runs the forwards (:mod:`kinetic.infer.execution`;
+    default eager)."""
 
     def __init__(self, model: torch.nn.Module, *, max_batch: int = 16, speculative: bool = False,
-                 draft_tokens: int = 2, prefill_chunk: int = 8192, execution=None) -> None:
+                 draft_tokens: int = 2, prefill_chunk: int = 8192, execution=None,
+                 speculative_max_batch: int | None = 1) -> None:
         if speculative and getattr(model, "mtp", None) is None:
             raise ValueError("speculative decoding needs a checkpoint with MTP layers (config "
                              "num_nextn_predict_layers >= 1); this one has none")
@@ -158,6 +150,7 @@ class Decoder:
         self.speculative = speculative and draft_tokens > 0
         self.draft_tokens = draft_tokens
         self.prefill_chunk = prefill_chunk
+        self.speculative_max_batch = max_batch if speculative_max_batch is None else speculative_max_batch
         self.execution = execution or Eager()
         self.device = next(model.parameters()).device
         self.cache = SlotCache()
@@ -168,16 +161,17 @@ class Decoder:
 
     # ---------------------------------------------------------------- requests
     def add(self, prompt: list[int], params: SamplingParams, n: int = 1,
-            generators: list[torch.Generator] | None = None) -> list[Sequence]:
-        """Queue ``n`` samples of ``prompt`` (prefilled once); returns their sequences."""
+            seeds: list[int] | None = None) -> list[Sequence]:
+        """Queue ``n`` samples of ``prompt`` (prefilled once); returns their sequences. Sample j's
+        draws are seeded with ``seeds[j]``, by default ``params.seed + j`` (fresh randomness when the
+        params have no seed)."""
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
         if n < 1 or n > self.max_batch:
             raise ValueError(f"n={n} samples must be in [1, max_batch={self.max_batch}]")
-        if generators is None:
-            generators = [make_generator(None if params.seed is None else params.seed + j, self.device)
-                          for j in range(n)]
-        seqs = [Sequence(list(prompt), params, generators[j]) for j in range(n)]
+        if seeds is None:
+            seeds = [sequence_seed(None if params.seed is None else params.seed + j) for j in range(n)]
+        seqs = [Sequence(list(prompt), params, seeds[j]) for j in range(n)]
         self.waiting.append(_Group(seqs))
         return seqs
 
@@ -221,8 +215,10 @@ class Decoder:
         if self.waiting and len(self.running) + len(self.waiting[0].seqs) <= self.max_batch:
             out += self._prefill_chunk(self.waiting[0])
         count = len(self.running) - len(out)  # a group that just joined holds the last slots
-        if count:
-            out += self._speculative_step(count) if self.speculative else self._plain_step(count)
+        if count and self.speculative and count <= self.speculative_max_batch:
+            out += self._speculative_step(count)
+        elif count:
+            out += self._plain_step(count)
         return out
 
     def run(self) -> None:
@@ -318,7 +314,8 @@ class Decoder:
 
     # ---------------------------------------------------------------- choosing tokens
     def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[list[Token]]:
-        choice = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        """Each sequence's next token from its row of ``logits``."""
+        choice = sample(logits, [s.params for s in seqs], [(s.seed, len(s.tokens)) for s in seqs])
         out = []
         for i, s in enumerate(seqs):
             top = self._top(logits[i], s.params.logprobs)
@@ -348,12 +345,30 @@ class Decoder:
     def _plain_step(self, count: int) -> list[tuple[Sequence, list[Token]]]:
         seqs = self.running[:count]
         ids = torch.tensor([[s.last] for s in seqs], device=self.device)
-        logits = self.execution.decode(self.model, ids, self.cache)
+        if self.speculative:  # the MTP layer will need these positions' hidden states
+            self.cache.open(slice(0, count), 1)
+            out = self.execution.forward(self.model, ids, self.cache)
+            self.cache.close()
+            logits = out.logits[:, -1]
+        else:
+            logits = self.execution.decode(self.model, ids, self.cache)
         tokens = self._choose(logits, seqs)
-        for s, t in zip(seqs, tokens, strict=True):
+        for i, (s, t) in enumerate(zip(seqs, tokens, strict=True)):
             s.last = t[0].id
             s.tokens += t
+            if self.speculative:
+                s.mtp_behind.append((out.hidden_states[i:i + 1], t[0].id))
+                if len(s.mtp_behind) >= MTP_BEHIND_MAX:
+                    self._catch_up(s)
         return list(zip(seqs, tokens, strict=True))
+
+    def _catch_up(self, s: Sequence) -> None:
+        """Commit the positions a sequence decoded with plain steps to the MTP layer, in one pass."""
+        hidden = torch.cat([h for h, _ in s.mtp_behind], dim=1)
+        next_ids = torch.tensor([[t for _, t in s.mtp_behind]], device=self.device)
+        x, normed = self._mtp_forward(slice(s.slot, s.slot + 1), hidden, next_ids)
+        s.draft_state = (x[:, -1:], normed[:, -1:])
+        s.mtp_behind.clear()
 
     # ---------------------------------------------------------------- speculative decoding
     def _speculative_step(self, count: int) -> list[tuple[Sequence, list[Token]]]:
@@ -361,23 +376,27 @@ class Decoder:
         b, k, m = len(seqs), self.draft_tokens, self.model
         rows = slice(0, b)
         t0 = time.perf_counter()
-        drafts, q = self._draft(seqs, rows, k)
+        drafts = self._draft(seqs, rows, k)  # (b, k)
         t1 = time.perf_counter()
         ids = torch.cat([torch.tensor([[s.last] for s in seqs], device=self.device), drafts], dim=1)
         self.cache.open(rows, k + 1, tracking=True)
         out = self.execution.verify(m, ids, self.cache)
         logits = out.logits.float()  # (b, k+1, vocab)
+        # the token plain decoding would draw at each verified position (draw len(tokens) + j)
+        targets = sample(logits.flatten(0, 1), [s.params for s in seqs for _ in range(k + 1)],
+                         [(s.seed, len(s.tokens) + j) for s in seqs for j in range(k + 1)])
         keep, result = [], []
         draft_rows = drafts.tolist()
         for i, s in enumerate(seqs):
-            p = None if s.params.greedy else processed_logprobs(logits[i], s.params).exp()
-            qi = None if q[i] is None else torch.stack(q[i])
-            n, nxt = accept_drafts(draft_rows[i], p, qi, logits[i], s.generator)
-            new = draft_rows[i][:n] + [nxt]
+            at = slice(i * (k + 1), (i + 1) * (k + 1))
+            n = accepted(draft_rows[i], targets.tokens[at].tolist())
+            tokens = [Token(int(t), float(a), float(p), self._top(logits[i, j], s.params.logprobs))
+                      for j, (t, a, p) in enumerate(zip(targets.tokens[at][:n + 1],
+                                                        targets.logprob[at][:n + 1],
+                                                        targets.processed_logprob[at][:n + 1], strict=True))]
             keep.append(n + 1)
-            tokens = self._tokens(logits[i, :n + 1], new, s.params, s.params.logprobs)
             s.tokens += tokens
-            s.last = nxt
+            s.last = tokens[-1].id
             s.stats.rounds += 1
             s.stats.drafted += k
             s.stats.accepted += n
@@ -398,23 +417,23 @@ class Decoder:
         st.commit_s += time.perf_counter() - t2
         return result
 
-    def _draft(self, seqs: list[Sequence], rows: slice, k: int):
-        """k draft tokens per sequence from the MTP layer, fed its own output after the first; the MTP
-        cache is put back afterwards. Returns drafts (b, k) and, per sampled row, the k distributions."""
+    def _draft(self, seqs: list[Sequence], rows: slice, k: int) -> torch.Tensor:
+        """k draft tokens per sequence from the MTP layer, fed its own output after the first, each
+        drawn with the noise of the token it guesses; the MTP cache is put back afterwards. (b, k)."""
         m = self.model
+        for s in seqs:
+            if s.mtp_behind:
+                self._catch_up(s)
         x = torch.cat([s.draft_state[0] for s in seqs])
         normed = torch.cat([s.draft_state[1] for s in seqs])
         snap = self.mtp_cache.snapshot(rows)
-        drafts, q = [], [None if s.params.greedy else [] for s in seqs]
+        drafts = []
         for j in range(k):
             logits = self.execution.head(m, normed[:, -1])
-            choice = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], keep=True)
-            for i in range(len(seqs)):
-                if q[i] is not None:
-                    q[i].append(choice.distributions[i].exp())
+            choice = sample(logits, [s.params for s in seqs], [(s.seed, len(s.tokens) + j) for s in seqs])
             token = choice.tokens.to(self.device)
             drafts.append(token)
             if j + 1 < k:
                 x, normed = self._mtp_forward(rows, x, token[:, None])
         self.mtp_cache.restore(snap)
-        return torch.stack(drafts, dim=1), q
+        return torch.stack(drafts, dim=1)

@@ -8,18 +8,19 @@ and ends sequences at stop tokens, stop strings and length limits. Every sequenc
 decoder's running batch (continuous batching); ``start`` / ``step`` / ``cancel`` are the calls the
 server's worker makes, ``generate`` and ``stream`` loop over them.
 
-Sampling (:mod:`kinetic.infer.sampling`): temperature -> top-k -> top-p -> min-p -> a draw with a
-per-sequence ``torch.Generator``; a seeded prompt gives the same text whatever else shares its batch
-(up to the float rounding of a different batch size, which can flip a near-tie).
+Sampling (:mod:`kinetic.infer.sampling`): temperature -> top-k -> top-p -> min-p -> a draw whose noise
+depends only on the request's seed and the token's index; a seeded prompt gives the same text
+whatever else shares its batch, speculative or not (up to the float rounding of a different batch
+size, which can flip a near-tie).
 
 Text is emitted only once it is stable: byte-level BPE can split a UTF-8 character over several
 tokens, so a piece whose decoding ends in U+FFFD waits for the next token, and text that could be the
 start of a stop string is held back until it is known not to be one.
 
 Speculative decoding (the decoder's MTP policy) is on by default when the checkpoint has MTP layers:
-a step drafts ``draft_tokens`` tokens per sequence and verifies them in one pass. Greedy output is
-the plain greedy output token for token; sampled output has the same distribution (not the same
-draws) as plain sampling with that seed. ``compile_decode=True`` (``--compile``) runs the plain decode
+a step drafts ``draft_tokens`` tokens per sequence and verifies them in one pass (while one sequence
+runs; a bigger batch takes plain steps). The output is plain decoding's token for token, greedy or
+sampled with the same seed. ``compile_decode=True`` (``--compile``) runs the plain decode
 step through ``torch.compile`` (CUDA graphs on CUDA) and turns speculative decoding off.
 
 Prompts are prefilled in chunks of ``prefill_chunk`` tokens, so activation memory is bounded by the
@@ -313,7 +314,7 @@ class Engine:
               n: int = 1) -> list[GenerationSequence]:
         """``n`` samples of ``prompt`` (prefilled once, then decoded with the running batch); nothing
         runs until ``step``. Raises ValueError for an empty prompt or one that leaves no room in
-        the context. Sample j's generator is seeded with ``params.seed + j``."""
+        the context. Sample j's draws are seeded with ``params.seed + j``."""
         params = params or SamplingParams()
         ids = self.encode(prompt)
         if not ids:

@@ -9,7 +9,13 @@ import torch
 
 from kinetic.infer.decoder import Decoder, SpecStats
 from kinetic.infer.execution import Compiled
-from kinetic.infer.sampling import SamplingParams
+from kinetic.infer.sampling import SamplingParams, sequence_seed
+
+
+def _seed(seed: int | None, generator: torch.Generator | None) -> int:
+    if seed is None and generator is not None:
+        seed = int(torch.randint(2**62, (), generator=generator))
+    return sequence_seed(seed)
 
 
 def _run(decoder: Decoder, seqs, limit: int, stop: set[int]) -> list[list[int]]:
@@ -43,13 +49,16 @@ def generate(
     min_p: float = 0.0,
     eos_token_id: int | list[int] | None = -1,
     generator: torch.Generator | None = None,
+    seed: int | None = None,
     compile: bool = False,
     speculative: bool = False,
     draft_tokens: int = 2,
 ) -> torch.Tensor:
     """Prompt + up to ``max_new_tokens`` tokens for each row of ``input_ids`` (batch, seq): greedy by
     default. A row that emits EOS is padded with ``pad_token_id`` afterwards; ``eos_token_id=-1``
-    means the config's EOS ids, ``None`` disables stopping. The rows are decoded together by the
+    means the config's EOS ids, ``None`` disables stopping. Sampling draws row i with seed ``seed + i``
+    (``seed`` defaults to one drawn from ``generator``, or from fresh randomness). The rows are
+    decoded together by the
     decoder; ``compile=True`` runs its decode steps through ``torch.compile`` (CUDA graphs on CUDA;
     the first call compiles, which takes seconds), ``speculative=True`` drafts ``draft_tokens`` tokens
     per step with the MTP layers (greedy output unchanged)."""
@@ -71,7 +80,8 @@ def generate(
     rows = input_ids.shape[0]
     decoder = Decoder(model, max_batch=rows, speculative=speculative, draft_tokens=draft_tokens,
                       execution=Compiled() if compile else None)
-    seqs = [decoder.add(row, params, generators=[generator])[0] for row in input_ids.tolist()]
+    base = _seed(seed, generator)
+    seqs = [decoder.add(row, params, seeds=[base + i])[0] for i, row in enumerate(input_ids.tolist())]
     try:
         new = _run(decoder, seqs, max_new_tokens, set(eos))
     finally:
@@ -87,15 +97,16 @@ def generate(
 def speculative_generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, *,
                          draft_tokens: int = 3, temperature: float = 0.0, top_k: int = 0,
                          top_p: float = 1.0, generator: torch.Generator | None = None,
-                         prefill_chunk: int = 8192) -> tuple[list[int], SpecStats]:
+                         seed: int | None = None, prefill_chunk: int = 8192) -> tuple[list[int], SpecStats]:
     """Up to ``max_new_tokens`` new tokens for one prompt (no stop tokens), drafting ``draft_tokens``
-    tokens per step with MTP (``draft_tokens=0``: plain decoding), and the rounds' statistics."""
+    tokens per step with MTP (``draft_tokens=0``: plain decoding), and the rounds' statistics. With a
+    ``seed`` (or a ``generator`` to draw one from) sampled tokens equal plain decoding's."""
     model.eval()
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     decoder = Decoder(model, max_batch=1, speculative=draft_tokens > 0, draft_tokens=draft_tokens,
                       prefill_chunk=prefill_chunk)
     if max_new_tokens <= 0:
         return [], decoder.stats
-    (seq,) = decoder.add(prompt, params, generators=[generator])
+    (seq,) = decoder.add(prompt, params, seeds=[_seed(seed, generator)])
     (tokens,) = _run(decoder, [seq], max_new_tokens, set())
     return tokens, decoder.stats

@@ -30,7 +30,7 @@ class SamplingParams:
     top_k: int = 0  # sample among the k most likely tokens; 0 = all
     top_p: float = 1.0  # sample among the smallest set of tokens whose probability reaches top_p
     min_p: float = 0.0  # drop tokens less than min_p times as likely as the most likely one; 0 = off
-    seed: int | None = None  # seed of this sequence's generator; None = fresh randomness
+    seed: int | None = None  # the draws' seed (sample j of a request: seed + j); None = fresh randomness
     stop_token_ids: tuple[int, ...] = ()  # ids that end a sequence, besides the model's EOS ids
     stop_strings: tuple[str, ...] = ()  # text that ends a sequence; it is cut from the output
     ignore_eos: bool = False  # do not stop at the model's EOS ids
@@ -132,29 +132,37 @@ def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 
 # ---------------------------------------------------------------------- drawing
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
-    """A per-request generator: seeded, or from fresh randomness."""
+MASK64 = 2**64 - 1
+
+
+def sequence_seed(seed: int | None) -> int:
+    """A sequence's 64-bit seed: the request's (modulo 2**64), or fresh randomness."""
     import secrets
 
+    return (secrets.randbits(63) if seed is None else seed) & MASK64
+
+
+def _mix(seed: int, index: int) -> int:
+    """A 64-bit seed for draw ``index`` of the sequence seeded ``seed`` (SplitMix64's finaliser)."""
+    x = (seed + (index + 1) * 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def gumbel_noise(keys: list[tuple[int, int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """Standard Gumbel noise (rows, vocab); row i is a function of ``keys[i]`` = (sequence seed, index
+    of the token it draws) alone. ``argmax(log p + noise)`` is then a draw from p (the Gumbel-max
+    trick), and a sequence's i-th token is the same draw whatever shares its batch and however the
+    decoder reached it (see :mod:`kinetic.infer.decoder` on speculative sampling)."""
+    if not keys:
+        return torch.empty(0, vocab, device=device)
     generator = torch.Generator(device=device)
-    generator.manual_seed((secrets.randbits(63) if seed is None else seed) & (2**64 - 1))
-    return generator
-
-
-def gumbel_noise(rows: int, vocab: int, generators: list[torch.Generator | None],
-                 device: torch.device) -> torch.Tensor:
-    """Standard Gumbel noise (rows, vocab), row i from ``generators[i]`` (so a row's draws do not depend
-    on the others): ``argmax(log p + noise)`` is a draw from p (the Gumbel-max trick), for a whole
-    batch in one argmax."""
-    u = torch.stack([torch.rand(vocab, generator=g, device=device) for g in generators]) if rows else \
-        torch.empty(0, vocab, device=device)
-    return -torch.log(-torch.log(u))  # u = 0 gives -inf: that token never wins
-
-
-def draw(logprobs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One token from a row of processed log-probs (vocab,)."""
-    noise = gumbel_noise(1, logprobs.shape[-1], [generator], logprobs.device)[0]
-    return int((logprobs.float() + noise).argmax())
+    rows = []
+    for seed, index in keys:
+        generator.manual_seed(_mix(seed, index))
+        rows.append(torch.rand(vocab, generator=generator, device=device))
+    return -torch.log(-torch.log(torch.stack(rows)))  # u = 0 gives -inf: that token never wins
 
 
 @dataclass
@@ -164,19 +172,15 @@ class Choice:
     tokens: torch.Tensor  # (b,) long
     logprob: torch.Tensor  # (b,) under the raw distribution
     processed_logprob: torch.Tensor  # (b,) under the distribution sampled from
-    distributions: list[torch.Tensor | None] | None = None  # with keep=True: processed log-probs
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None], keep: bool = False) -> Choice:
-    """The next token of each row of ``logits`` (b, vocab), row i with ``params[i]`` and
-    ``generators[i]``: the argmax when greedy, else a draw from the processed distribution (rows with
-    the same settings are processed together). ``keep=True`` also returns each sampled row's
-    processed log-probs (``Choice.distributions``; None for greedy rows)."""
+def sample(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[int, int]]) -> Choice:
+    """The token of each row of ``logits`` (b, vocab), row i with ``params[i]``: the argmax when
+    greedy, else ``argmax(processed log-probs + gumbel_noise(keys[i]))``, a draw from the processed
+    distribution (rows with the same settings are processed together)."""
     rows, vocab = logits.shape
     tokens = logits.argmax(-1)
     processed_lp = torch.zeros(rows, device=logits.device)
-    distributions: list[torch.Tensor | None] = [None] * rows
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         if not p.greedy:
@@ -184,12 +188,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     for members in groups.values():
         index = torch.tensor(members, device=logits.device)
         lp = processed_logprobs(logits.index_select(0, index), params[members[0]])
-        noise = gumbel_noise(len(members), vocab, [generators[i] for i in members], logits.device)
-        chosen = (lp + noise).argmax(-1)
+        chosen = (lp + gumbel_noise([keys[i] for i in members], vocab, logits.device)).argmax(-1)
         tokens.index_copy_(0, index, chosen)
         processed_lp.index_copy_(0, index, lp.gather(-1, chosen[:, None])[:, 0])
-        if keep:
-            for j, i in enumerate(members):
-                distributions[i] = lp[j]
     raw = logits.float().log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
-    return Choice(tokens.cpu(), raw.cpu(), processed_lp.cpu(), distributions)
+    return Choice(tokens.cpu(), raw.cpu(), processed_lp.cpu())
