@@ -57,6 +57,8 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-speculative", action="store_true",
                    help="decode one token per step even if the checkpoint has MTP layers")
     p.add_argument("--draft-tokens", type=int, default=2, help="MTP draft tokens per speculative step")
+    p.add_argument("--speculative-max-batch", type=int, default=1,
+                   help="draft only while at most this many sequences run (a batch takes plain steps)")
     p.add_argument("--prefill-chunk", type=int, default=8192, help="prompt tokens per prefill pass")
     p.add_argument("--compile", action="store_true",
                    help="compile the plain decode step (torch.compile; CUDA graphs on a GPU); implies "
@@ -67,14 +69,14 @@ def engine_options(args: argparse.Namespace) -> dict:
     """Engine keyword arguments from the decoding flags."""
     return dict(speculative=False if args.no_speculative or args.compile else None,
                 draft_tokens=args.draft_tokens, prefill_chunk=args.prefill_chunk,
-                compile_decode=args.compile)
+                compile_decode=args.compile, speculative_max_batch=args.speculative_max_batch)
 
 
 # SamplingParams fields -> the flags that set them, for error messages
 FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
          "top_p": "--top-p", "min_p": "--min-p", "seed": "--seed", "stop_strings": "--stop",
          "draft_tokens": "--draft-tokens", "prefill_chunk": "--prefill-chunk", "max_context": "--max-context",
-         "max_batch": "--max-active"}
+         "max_batch": "--max-active", "speculative_max_batch": "--speculative-max-batch"}
 
 
 def flag_error(err: Exception) -> UserError:

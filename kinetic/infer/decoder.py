@@ -140,6 +140,8 @@ class Decoder:
         if speculative and getattr(model, "mtp", None) is None:
             raise ValueError("speculative decoding needs a checkpoint with MTP layers (config "
                              "num_nextn_predict_layers >= 1); this one has none")
+        if speculative_max_batch is not None and speculative_max_batch < 0:
+            raise ValueError(f"speculative_max_batch={speculative_max_batch} must be >= 0 (0: never draft)")
         if max_batch < 1 or prefill_chunk < 1 or draft_tokens < 0:
             raise ValueError(f"max_batch={max_batch} and prefill_chunk={prefill_chunk} must be >= 1 and "
                              f"draft_tokens={draft_tokens} >= 0")

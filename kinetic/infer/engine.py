@@ -207,14 +207,15 @@ class Engine:
 
     ``max_context`` caps prompt + generated tokens (default: the config's max_position_embeddings).
     ``max_batch`` bounds the sequences decoded together; ``speculative`` (default: when the model
-    has MTP layers and ``compile_decode`` is off) drafts ``draft_tokens`` tokens per step with MTP;
+    has MTP layers and ``compile_decode`` is off) drafts ``draft_tokens`` tokens per step with MTP
+    while at most ``speculative_max_batch`` sequences run;
     ``prefill_chunk`` bounds the tokens of one prefill pass. The model is put in eval mode. Not
     thread-safe: the model runs on the caller's thread; the server makes every call from one worker."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, *, max_context: int | None = None,
                  chat_template: ChatTemplate | None = None, speculative: bool | None = None,
                  draft_tokens: int = 2, prefill_chunk: int = 8192, compile_decode: bool = False,
-                 max_batch: int = 16) -> None:
+                 max_batch: int = 16, speculative_max_batch: int = 1) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.vocab_size = model.config.vocab_size
@@ -243,7 +244,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.decoder = Decoder(model, max_batch=max_batch, speculative=self.speculative,
                                draft_tokens=draft_tokens, prefill_chunk=prefill_chunk,
-                               execution=Compiled() if compile_decode else None)
+                               execution=Compiled() if compile_decode else None,
+                               speculative_max_batch=speculative_max_batch)
         self._live: dict[int, GenerationSequence] = {}  # id(decoder sequence) -> its text state
 
     @property
