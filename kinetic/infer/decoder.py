@@ -432,8 +432,8 @@ class Decoder:
         drafts = []
         for j in range(k):
             logits = self.execution.head(m, normed[:, -1])
-            choice = sample(logits, [s.params for s in seqs], [(s.seed, len(s.tokens) + j) for s in seqs])
-            token = choice.tokens.to(self.device)
+            token = sample(logits, [s.params for s in seqs], [(s.seed, len(s.tokens) + j) for s in seqs],
+                           logprobs=False).tokens.to(self.device)
             drafts.append(token)
             if j + 1 < k:
                 x, normed = self._mtp_forward(rows, x, token[:, None])

@@ -174,10 +174,12 @@ class Choice:
     processed_logprob: torch.Tensor  # (b,) under the distribution sampled from
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[int, int]]) -> Choice:
+def sample(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[int, int]],
+           logprobs: bool = True) -> Choice:
     """The token of each row of ``logits`` (b, vocab), row i with ``params[i]``: the argmax when
     greedy, else ``argmax(processed log-probs + gumbel_noise(keys[i]))``, a draw from the processed
-    distribution (rows with the same settings are processed together)."""
+    distribution (rows with the same settings are processed together). ``logprobs=False`` (drafts)
+    skips the chosen tokens' log-probs (the Choice then holds zeros)."""
     rows, vocab = logits.shape
     tokens = logits.argmax(-1)
     processed_lp = torch.zeros(rows, device=logits.device)
@@ -191,5 +193,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[
         chosen = (lp + gumbel_noise([keys[i] for i in members], vocab, logits.device)).argmax(-1)
         tokens.index_copy_(0, index, chosen)
         processed_lp.index_copy_(0, index, lp.gather(-1, chosen[:, None])[:, 0])
+    if not logprobs:
+        return Choice(tokens.cpu(), torch.zeros(rows), torch.zeros(rows))
     raw = logits.float().log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
     return Choice(tokens.cpu(), raw.cpu(), processed_lp.cpu())
