@@ -125,6 +125,32 @@ def test_bad_input_files_are_named_in_one_line(argv, needle, run, tmp_path, caps
     assert needle.format(**places) in err, err
 
 
+# (generate/chat/serve argv after the checkpoint, text the error must hold): every flag named as typed
+BAD_FLAGS = [
+    (["generate", "--prompt", "x", "--temperature", "-1"], "--temperature=-1.0 is invalid"),
+    (["generate", "--prompt", "x", "--temperature", "nan"], "--temperature=nan is invalid"),
+    (["generate", "--prompt", "x", "--top-p", "0"], "--top-p=0.0 is invalid"),
+    (["generate", "--prompt", "x", "--top-k", "-3"], "--top-k=-3 is invalid"),
+    (["generate", "--prompt", "x", "--min-p", "1.5"], "--min-p=1.5 is invalid"),
+    (["generate", "--prompt", "x", "--max-new-tokens", "-1"], "--max-new-tokens=-1 is invalid"),
+    (["generate", "--prompt", "x", "--draft-tokens", "-1"], "--draft-tokens=-1 must be"),
+    (["generate", "--prompt", "x", "--prefill-chunk", "0"], "--prefill-chunk=0 must be"),
+    (["generate", "--prompt", "x", "--max-context", "1"], "--max-context=1 must be >= 2"),
+    (["generate", "--prompt", "x", "--speculative-max-batch", "-1"], "--speculative-max-batch=-1 must be"),
+    (["generate", "--prompt", ""], "empty"),
+    (["chat", "--top-p", "2"], "--top-p=2.0 is invalid"),
+    (["serve", "--port", "70000"], "--port 70000 is not a TCP port"),
+    (["serve", "--max-active", "0"], "--max-active=0: limits must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("argv, needle", BAD_FLAGS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD_FLAGS])
+def test_bad_decoding_flags_are_named_in_one_line(argv, needle, run, capsys):
+    ck = run / "run" / "checkpoints" / "step_000004"
+    err = one_line_error([argv[0], "--checkpoint", str(ck), "--device", "cpu", *argv[1:]], capsys)
+    assert needle in err, err
+
+
 BAD_SETTINGS = [
     ("run.log_every=0", "config run.log_every=0 is invalid: must be >= 1"),
     ("run.eval_batches=0", "config run.eval_batches=0 is invalid: must be >= 1"),
