@@ -164,6 +164,20 @@ def test_prompt_logprobs_and_top_alternatives_equal_the_scorer():
     assert first.top[0][1] == first.logprob
 
 
+def test_cancelling_the_first_of_a_group_mid_prefill_keeps_the_scored_prompt():
+    model = _model()
+    prompt = _prompts(model, (20,))[0]
+    decoder = Decoder(model, max_batch=2, prefill_chunk=8)
+    a, b = decoder.add(prompt, SamplingParams(temperature=0, prompt_logprobs=0), n=2)
+    decoder.step()  # 8 of 20 prompt tokens scored, on a
+    decoder.cancel(a)
+    drain(decoder, [b], 2)
+    (want,) = score(model, [prompt])
+    assert b.prompt_logprobs[0] is None and [t.id for t in b.prompt_logprobs[1:]] == prompt[1:]
+    torch.testing.assert_close(torch.tensor([t.logprob for t in b.prompt_logprobs[1:]]),
+                               torch.tensor([t.logprob for t in want]), atol=1e-5, rtol=0)
+
+
 def test_sequence_logprobs_is_differentiable_and_equals_score():
     model = _model()
     ids = torch.tensor(_prompts(model, (9, 9)))

@@ -188,6 +188,8 @@ class Decoder:
                 group.seqs.remove(seq)
                 if not group.seqs:
                     self.waiting.remove(group)
+                elif group.seqs[0].prompt_logprobs is None:  # the scored prompt so far moves along
+                    group.seqs[0].prompt_logprobs = seq.prompt_logprobs
 
     def _free(self, slot: int) -> None:
         last = len(self.running) - 1
