@@ -151,6 +151,24 @@ def test_bad_decoding_flags_are_named_in_one_line(argv, needle, run, capsys):
     assert needle in err, err
 
 
+# the other commands' bad arguments ({tmp} = a fresh directory)
+BAD_ARGS = [
+    (["tokenizer", "train", "--out", "{tmp}/t", "--vocab-size", "0"], "vocab_size=0 is too small"),
+    (["tokenizer", "train", "--out", "{tmp}/t", "--domains", "nosuch"], "unknown domain 'nosuch'"),
+    (["tokenizer", "train", "--out", "{tmp}/t", "--max-bytes-per-domain", "-5"], "--max-bytes-per-domain"),
+    (["demo", "--preset", "nosuch"], "invalid choice: 'nosuch'"),
+    (["data", "build", "--out", "{tmp}/d", "--tokenizer", "{tmp}/none"], "no tokenizer at {tmp}/none"),
+    (["params", "nosuch"], "'nosuch' is neither an existing config.json"),
+]
+
+
+@pytest.mark.parametrize("argv, needle", BAD_ARGS,
+                         ids=[" ".join(a[:2]) + f"-{i}" for i, (a, _) in enumerate(BAD_ARGS)])
+def test_bad_arguments_of_the_other_commands(argv, needle, tmp_path, capsys):
+    err = one_line_error([a.format(tmp=tmp_path) for a in argv], capsys)
+    assert needle.format(tmp=tmp_path) in err, err
+
+
 BAD_SETTINGS = [
     ("run.log_every=0", "config run.log_every=0 is invalid: must be >= 1"),
     ("run.eval_batches=0", "config run.eval_batches=0 is invalid: must be >= 1"),
