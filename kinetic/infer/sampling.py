@@ -182,6 +182,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[
     skips the chosen tokens' log-probs (the Choice then holds zeros)."""
     rows, vocab = logits.shape
     tokens = logits.argmax(-1)
+    if not logprobs and all(p.greedy for p in params):
+        return Choice(tokens.cpu(), torch.zeros(rows), torch.zeros(rows))
     processed_lp = torch.zeros(rows, device=logits.device)
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):

@@ -116,8 +116,13 @@ class SlotCache:
         rows, width = self.rows, self.width
         if len(n) != rows.stop - rows.start or not all(1 <= m <= width for m in n):
             raise ValueError(f"keep({n}) needs one count in [1, {width}] per row of {rows}")
-        counts = torch.tensor(n, device=self._device)
+        same = n[0] if all(m == n[0] for m in n) else None  # one count: plain slicing
+        counts = None if same else torch.tensor(n, device=self._device)
         for key, (window, states, kernel) in self._pending.items():
+            if same:
+                self.conv[key][rows].copy_(window[..., same:same + kernel - 1])
+                self.ssm[key][rows].copy_(states[:, same - 1])
+                continue
             taps = (counts[:, None] + torch.arange(kernel - 1, device=counts.device))  # (b, kernel-1)
             conv = window.gather(-1, taps[:, None, :].expand(-1, window.shape[1], -1))
             self.conv[key][rows].copy_(conv)
@@ -161,10 +166,12 @@ class SlotCache:
             target.copy_(torch.where(self.active.view(-1, *[1] * (value.dim() - 1)), value, target))
 
     def set_conv_state(self, key: str, state: torch.Tensor) -> None:
-        self._write(self.conv[key][self.rows], state.detach())
+        if not self.is_tracking:  # a tracked forward's states are written by keep(n)
+            self._write(self.conv[key][self.rows], state.detach())
 
     def set_ssm_state(self, key: str, state: torch.Tensor) -> None:
-        self._write(self.ssm[key][self.rows], state.detach().to(self.ssm_dtype))
+        if not self.is_tracking:
+            self._write(self.ssm[key][self.rows], state.detach().to(self.ssm_dtype))
 
     def track_mamba(self, key: str, window: torch.Tensor, states: torch.Tensor, kernel: int) -> None:
         self._pending[key] = (window.detach(), states.detach(), kernel)
