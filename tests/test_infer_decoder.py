@@ -95,6 +95,30 @@ def test_cancel_during_a_prefill_moves_it_down(one_thread):
     assert early == refs[0][:len(early)] and out == refs[1:]
 
 
+def test_the_decoders_chunked_prefill_memory_is_the_cache_plus_a_chunk_of_activations():
+    """A long prompt prefilled by the decoder: peak tensor memory minus the cache budget of its slot
+    is the same at 2K and 8K tokens of context and grows with the chunk (the 1M-token prefill's bound)."""
+    from kinetic.infer.cache import cache_budget
+    from kinetic.infer.memory import PeakTensorMemory
+
+    config = make_config("latent-grouped-mtp").replace(max_position_embeddings=8192)
+    model = randomize(NemotronHForCausalLM(config), seed=71).eval()
+    ids = torch.randint(0, config.vocab_size, (8192,), generator=torch.Generator().manual_seed(72)).tolist()
+
+    def excess(tokens: int, chunk: int) -> int:
+        decoder = Decoder(model, max_batch=1, prefill_chunk=chunk)
+        with PeakTensorMemory() as mem:
+            decoder.add(ids[:tokens], SamplingParams(temperature=0, max_new_tokens=1))
+            while not decoder.running:
+                decoder.step()
+        return mem.peak_bytes - cache_budget(config, decoder.capacity(tokens, 1))["total"]
+
+    short, long, wide = excess(2048, 64), excess(8192, 64), excess(8192, 128)
+    assert short > 0
+    assert abs(long - short) <= 16 * 1024
+    assert long < wide < 3 * long
+
+
 # ---------------------------------------------------------------------- n samples of one prompt
 def test_samples_of_one_prompt_share_the_prefill_and_equal_solo_runs(monkeypatch):
     """n=4 samples: one prefill (forwards of the prompt counted), then each sample's tokens equal a
