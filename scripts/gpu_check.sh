@@ -5,12 +5,11 @@
 #
 # 1. env: torch, CUDA device, and whether transformers is importable;
 # 2. tests/test_cuda.py: chunked prefill == one-shot (no (chunk, context) mask in fp32 or bf16), cached
-#    and CUDA-graph decode == eager, fp32 and graph decode over long caches without copying them,
-#    speculative greedy == plain greedy (dynamic and CUDA-graph rounds), a training step on CUDA == CPU,
-#    torch.compile'd forward+backward == eager (float32, bfloat16), graph decoders share one capture
-#    stream (no cuBLAS workspace each), the trainer trains and resumes on the GPU, its reductions in
-#    an NCCL group;
-# 3. benchmarks/decode.py on CUDA with the fast paths (CUDA graphs): plain decode vs transformers,
+#    decode == eager, fp32 decode over a long cache without copying it, speculative greedy == plain
+#    greedy, the decoder's compiled step (reduce-overhead: CUDA graphs) == eager, a training step on
+#    CUDA == CPU, torch.compile'd forward+backward == eager (float32, bfloat16), the trainer trains
+#    and resumes on the GPU, its reductions in an NCCL group;
+# 3. benchmarks/decode.py on CUDA with the fast path (the compiled step): plain decode vs transformers,
 #    speculative vs plain on MTP_CHECKPOINT (else a tiny MTP model trained there), latency vs context;
 # 4. benchmarks/decode_attention.py: one query per head over up to 1M cached tokens (SDPA vs split-KV);
 # 5. benchmarks/train_speed.py --device cuda: trainer tokens/s and MFU against the GPU's fp32 peak;
