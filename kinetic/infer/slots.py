@@ -94,8 +94,8 @@ class SlotCache:
         first = lengths[0]
         if self._device is None:
             self._device = next(iter([*self.conv.values(), *self.k.values()]), torch.empty(0)).device
-        if self.fixed_shape:
-            self.start = torch.tensor(lengths, device=self._device)
+        if self.fixed_shape:  # one row: a 0-d position, which CUDA's static split-KV path takes
+            self.start = torch.tensor(lengths if len(lengths) > 1 else first, device=self._device)
             self._end = self.capacity
         else:
             same = all(n == first for n in lengths)
@@ -189,7 +189,7 @@ class SlotCache:
             keys[:, :, self.start:self.start + width] = k.detach()
             values[:, :, self.start:self.start + width] = v.detach()
         else:
-            positions = self.start[:, None] + torch.arange(width, device=k.device)  # (b, width)
+            positions = self.start.reshape(-1, 1) + torch.arange(width, device=k.device)  # (b, width)
             if self.active is not None:  # rows that do not write, write to the spare last position
                 positions = torch.where(self.active[:, None], positions, self.capacity - 1)
             batch = torch.arange(k.shape[0], device=k.device)[:, None]
