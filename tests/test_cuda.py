@@ -107,13 +107,14 @@ def test_speculative_greedy_equals_plain_greedy_on_cuda():
         assert out == plain and stats.rounds > 0
 
 
+@pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
-def test_compiled_generate_equals_eager(dtype):
-    """The decoder's compiled step on CUDA (Inductor's reduce-overhead mode: CUDA graphs), a batch of
-    three padded to four rows."""
+def test_compiled_generate_equals_eager(dtype, rows):
+    """The decoder's compiled step on CUDA (Inductor's reduce-overhead mode: CUDA graphs): one row (a
+    0-d position: the static split-KV attention), and three padded to four rows (per-row masks)."""
     model = _model(dtype)
-    ids = torch.randint(3, model.config.vocab_size, (3, 30), device="cuda",
+    ids = torch.randint(3, model.config.vocab_size, (rows, 30), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(1))
     eager = model.generate(ids, max_new_tokens=40, eos_token_id=None)
     compiled = model.generate(ids, max_new_tokens=40, eos_token_id=None, compile=True)
