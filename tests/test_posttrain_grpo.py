@@ -121,6 +121,16 @@ def test_importance_correction_is_a_no_op_when_sampler_and_learner_agree():
     assert not w.requires_grad
 
 
+def test_padding_with_infinite_log_probs_stays_out():
+    """Padding positions may score -inf (outside a top-p set): loss and gradient stay finite."""
+    logp = _leaf([[-1.0, -math.inf]])
+    mask = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    out = policy_loss(logp, logp.detach(), torch.tensor([1.0], dtype=torch.float64), mask, 1,
+                      logp_sampler=torch.tensor([[-1.0, -math.inf]], dtype=torch.float64))
+    out.loss.backward()
+    assert float(out.loss.detach()) == -1.0 and torch.isfinite(logp.grad).all()
+
+
 def test_kl_term_by_hand():
     logp = _leaf([[-1.0, -2.0]])
     ref = torch.tensor([[-1.5, -2.0]], dtype=torch.float64)

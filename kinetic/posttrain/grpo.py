@@ -101,6 +101,10 @@ def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Te
         raise ValueError(f"total_tokens={total_tokens} must be > 0 (the step's completion tokens)")
     if config.kl_coef > 0 and logp_ref is None:
         raise ValueError("config.kl_coef > 0 needs logp_ref, the reference model's log-probs")
+    keep = mask.bool()  # padding may hold -inf log-probs (outside a top-p set): never let them in
+    logp, logp_old = torch.where(keep, logp, 0.0), torch.where(keep, logp_old, 0.0)
+    logp_sampler = None if logp_sampler is None else torch.where(keep, logp_sampler, 0.0)
+    logp_ref = None if logp_ref is None else torch.where(keep, logp_ref, 0.0)
     mask = mask.to(logp.dtype)
     adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(logp)
     ratio = torch.exp(logp - logp_old.detach())
