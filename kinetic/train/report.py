@@ -101,7 +101,8 @@ def summary_from_metrics(run_dir: Path, step: int, tokens: int, skipped: int) ->
 
 
 def plot_run(run_dir: Path) -> Path | None:
-    """Train/validation loss and learning rate against step; returns the PNG path."""
+    """Train/validation loss (an RL run: rewards, clipped share, log-prob gap) and learning rate
+    against step; returns the PNG path."""
     try:
         import matplotlib
 
@@ -115,13 +116,22 @@ def plot_run(run_dir: Path) -> Path | None:
     if not train:
         return None
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[3, 1])
-    ax.plot([r["step"] for r in train], [r["lm_loss"] for r in train], label="train LM loss")
+    if not any("lm_loss" in r for r in train):  # an RL run: its rewards instead of a loss
+        for key, label in (("reward_mean", "mean reward"), ("clip_fraction", "clipped tokens"),
+                           ("logprob_mismatch", "sampler/learner |log-prob| gap")):
+            pts = [(r["step"], r[key]) for r in train if key in r]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), label=label)
+        ax.set_ylabel("per step")
+        val = []
+    else:
+        ax.plot([r["step"] for r in train], [r["lm_loss"] for r in train], label="train LM loss")
+        ax.set_ylabel("cross-entropy (nats/token)")
     if any("mtp_loss" in r for r in train):
         pts = [(r["step"], r["mtp_loss"]) for r in train if "mtp_loss" in r]
         ax.plot(*zip(*pts, strict=True), label="train MTP loss", alpha=0.7)
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
-    ax.set_ylabel("cross-entropy (nats/token)")
     ax.legend()
     ax.grid(alpha=0.3)
     ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:gray")

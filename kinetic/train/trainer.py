@@ -209,13 +209,15 @@ class Trainer:
             sync = self.info.enabled and micro < accum - 1
             with self.net.no_sync() if sync else contextlib.nullcontext():
                 loss, metrics = self.loss_fn(self.net, batch)
+                # a loss normalised over the whole step (RL's global token count) is not divided again
+                loss = loss if getattr(self.loss_fn, "per_step", False) else loss / accum
                 balance = self.balancer.loss()
                 if balance is not None:
-                    loss = loss + balance
+                    loss = loss + balance / accum
                     metrics["balance_loss"] = balance.item()
                 self.balancer.accumulate()
                 finite &= bool(torch.isfinite(loss))
-                (loss / accum).backward()  # every rank runs backward, so DDP never hangs on a skip
+                loss.backward()  # every rank runs backward, so DDP never hangs on a skip
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v / accum
         params = [p for p in self.model.parameters() if p.grad is not None]
