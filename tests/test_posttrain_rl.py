@@ -27,10 +27,12 @@ def reward(prompt, completion, metadata) -> float:
     return sum(t < ALLOWED for t in completion) / max(len(completion), 1)
 
 
-def _run(tmp_path, steps: int, accum: int = 1, name: str = "run", **rl):
+def _run(tmp_path, steps: int, accum: int = 1, name: str = "run", save_every: int = 0, resume: bool = False,
+         **rl):
     cfg = make_cfg(tmp_path / name, train={"steps": steps, "grad_accum": accum, "micro_batch": 1},
                    optim={"lr": 1e-2, "weight_decay": 0.0}, schedule={"warmup_steps": 0},
-                   loss={"balance_loss": 0.0}, run={"eval_every": 0, "save_every": 0, "log_every": 1})
+                   loss={"balance_loss": 0.0},
+                   run={"eval_every": 0, "save_every": save_every, "log_every": 1})
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
     pattern = model.config.hybrid_override_pattern + model.config.mtp_hybrid_override_pattern
@@ -39,7 +41,7 @@ def _run(tmp_path, steps: int, accum: int = 1, name: str = "run", **rl):
                          "seed": 1, **rl})
     source = RolloutSource(model, problems, reward, config, micro_batches=accum, stop_ids=())
     trainer = Trainer(cfg, model=model, train_source=source, loss_fn=rl_loss(config))
-    summary = trainer.train()
+    summary = trainer.train(resume=resume)
     records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     return trainer, summary, [r for r in records if r.get("type") == "train"]
 
@@ -72,6 +74,17 @@ def test_micro_batches_do_not_change_a_step(tmp_path):
     assert a[0]["reward_mean"] == b[0]["reward_mean"]
     assert abs(a[0]["grad_norm"] - b[0]["grad_norm"]) <= 1e-5 * a[0]["grad_norm"]
     assert abs(a[0]["policy_loss"] - b[0]["policy_loss"]) <= 1e-6
+
+
+def test_an_interrupted_rl_run_resumes_exactly(tmp_path):
+    """4 steps in one go, or 2 steps, a new process (fresh model and source) and --resume to 4: the
+    same weights (the step index seeds the prompts and the samples)."""
+    whole, _, _ = _run(tmp_path, 4, name="whole")
+    _run(tmp_path, 2, name="split", save_every=2)
+    resumed, _, _ = _run(tmp_path, 4, name="split", save_every=2, resume=True)
+    pairs = zip(whole.model.named_parameters(), resumed.model.named_parameters(), strict=True)
+    for (name, p), (_, q) in pairs:
+        assert torch.equal(p, q), name
 
 
 def test_rollout_source_checks_the_split():
