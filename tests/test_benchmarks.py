@@ -270,3 +270,14 @@ def test_serve_benchmark_against_a_live_server(tmp_path, capsys):
         assert all(r["identical_to_alone"] for r in rows), rows
         assert rows[0]["latency_p50_s"] <= rows[0]["latency_p99_s"]
     assert "same as alone" in capsys.readouterr().out
+
+
+def test_rl_step_benchmark_splits_a_step(tmp_path, capsys):
+    import rl_step
+
+    report = rl_step.main(["--tiny", "--steps", "1", "--group-size", "2", "--prompts", "1",
+                           "--new-tokens", "3", "--json", str(tmp_path / "rl.json")])
+    shares = report["sampling_share"] + report["scoring_share"] + report["update_share"]
+    assert abs(shares - 1) < 1e-9 and min(report["sampling_share"], report["scoring_share"]) > 0
+    assert report["rollout_tokens_per_s"] > 0 and report["decoder_tokens_per_s"] > 0
+    assert "backward + optimizer" in capsys.readouterr().out
