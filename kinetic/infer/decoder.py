@@ -239,9 +239,8 @@ class Decoder:
                 if cache is not None:
                     cache.ensure(slot + len(group.seqs), self._capacity(group))
                     cache.reset(slot)
-            wants = [s.params.prompt_logprobs for s in group.seqs if s.params.prompt_logprobs is not None]
-            if wants:
-                first.prompt_logprobs = [None]
+            if any(s.params.prompt_logprobs is not None for s in group.seqs):
+                first.prompt_logprobs = [None]  # the first prompt token has no context to be scored in
         rows = slice(slot, slot + 1)
         start = group.fed
         ids = torch.tensor([prompt[start:start + self.prefill_chunk]], device=self.device)
