@@ -2,19 +2,20 @@
 directory, resource limits, a scrubbed environment, a wall-clock timeout and, where the host allows
 it, Linux namespaces that take away the network and the rest of the file system.
 
-Two processes per run (this file is also their program, so it imports only the standard library):
+Three processes per run (this file is also their program, so it imports only the standard library):
 
-- the *launcher* (``python -I -S sandbox.py``, started by :class:`Sandbox`) enters new namespaces
-  (network, PID, mount; plus a user namespace when not root), bind-mounts the work directory
-  read-write and remounts every other mount read-only, forks the candidate and reports how it ended
-  on a pipe. The launcher is the sandbox's own worker: if it fails or dies without reporting, the
-  run raises :class:`SandboxError` — a broken sandbox never scores a candidate 0.
-- the *candidate* is PID 1 of the new PID namespace (so every process it forks dies with it), sets
-  ``resource`` limits (address space, CPU seconds, processes, file size, open files, no core
-  dumps), drops to an unprivileged uid of its own when started as root (one uid per worker slot, so
-  one candidate's fork bomb cannot use up another's process limit; as root the limits and the file
-  permissions would not bind), asks for SIGKILL when the launcher dies, and execs
-  ``python -I -S main.py`` in the work directory.
+- the *launcher* (``python -I -S sandbox.py``, started by :class:`Sandbox` in a new session) enters
+  new namespaces (network, PID, mount; plus a user namespace when not root), bind-mounts the work
+  directory read-write and remounts every other mount read-only, and reports how the run ended on a
+  pipe. It is the sandbox's own worker: if it fails or dies without reporting, the run raises
+  :class:`SandboxError` — a broken sandbox never scores a candidate 0.
+- the namespace's *init* (PID 1, forked by the launcher, dies with it) forks the candidate and waits;
+  when it exits, every process left in the PID namespace dies with it (fork bombs included).
+- the *candidate* sets ``resource`` limits (address space, CPU seconds, processes, file size, open
+  files, no core dumps), empties its capability bounding set, drops to an unprivileged uid when
+  started as root (one uid per worker slot and process, so one candidate's fork bomb cannot use up
+  another's process limit; as root neither RLIMIT_NPROC nor file permissions would bind), asks for
+  SIGKILL when its parent dies, and execs ``python -I -S main.py`` in the work directory.
 
 A candidate that fails, times out or exceeds a limit gets a :class:`RunResult` whose ``ok`` is
 False and whose ``reason`` says why. ``Sandbox.isolation`` records what the host allowed, probed
@@ -53,7 +54,10 @@ CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000,
 MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
 KEEP_MOUNT_FLAGS = 2 | 4 | 8 | 1024 | 2048 | 4096  # nosuid, nodev, noexec, noatime, nodiratime, relatime
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP = 1, 24
-UID_BASE = 2_000_000_000  # slot i runs as uid/gid UID_BASE + i when the sandbox runs as root
+# As root, slot i of the sandbox in process p runs as uid/gid UID_BASE + (p % PROCESSES) * SLOTS + i:
+# its own RLIMIT_NPROC count, also beside other processes' sandboxes (torchrun ranks, pytest workers).
+UID_BASE, PROCESSES, SLOTS = 2_000_000_000, 1_000_000, 256
+NOBODY = 65534  # the fallback when that range is not mapped (a container's user namespace)
 
 
 class SandboxError(RuntimeError):
@@ -84,7 +88,8 @@ class Isolation:
     network: bool  # candidate in an empty network namespace (no interface up, not even loopback)
     pid: bool  # candidate is PID 1 of its own PID namespace (its processes die with it)
     mounts: bool  # everything but the work directory read-only
-    user: str  # "uid" (root dropped to a per-slot uid), "userns" (not root, own user namespace), "none"
+    user: str  # "uid" (root dropped to a per-slot uid), "nobody" (root dropped to 65534 for every
+    # slot), "userns" (not root, own user namespace), "none"
     notes: tuple[str, ...] = ()  # why a feature is off
 
 
@@ -112,8 +117,8 @@ class Sandbox:
     from many threads; ``map`` does that for you)."""
 
     def __init__(self, limits: Limits | None = None, workers: int = 2, require_isolation: bool = False):
-        if workers < 1:
-            raise ValueError(f"workers={workers} must be at least 1")
+        if not 1 <= workers <= SLOTS:
+            raise ValueError(f"workers={workers} must lie in [1, {SLOTS}]")
         self.limits = limits or Limits()
         self.workers = workers
         self.isolation = probe()
@@ -138,11 +143,20 @@ class Sandbox:
         """Write ``files`` (name -> text) into a fresh directory and run ``python main.py`` there."""
         if main not in files:
             raise ValueError(f"files has no {main!r} (names: {sorted(files)}); pass the program as {main!r}")
+        for name in files:
+            if os.path.isabs(name) or ".." in name.split("/"):
+                raise ValueError(f"file name {name!r} leaves the work directory; use a relative path")
         limits = limits or self.limits
         slot = self._slots.get()
-        root = tempfile.mkdtemp(prefix="kinetic-sandbox-")
+        try:
+            root = tempfile.mkdtemp(prefix="kinetic-sandbox-")
+        except OSError as e:
+            self._slots.put(slot)
+            raise SandboxError(f"cannot make the sandbox's temporary directory: {e}") from e
         try:
             return self._run(slot, root, files, limits, main)
+        except OSError as e:  # writing the files, handing them to the slot's uid, ...
+            raise SandboxError(f"sandbox setup failed: {e}") from e
         finally:
             shutil.rmtree(root, ignore_errors=True)
             self._slots.put(slot)
@@ -151,13 +165,11 @@ class Sandbox:
         work = os.path.join(root, "work")
         os.mkdir(work, 0o700)
         for name, text in files.items():
-            path = os.path.normpath(os.path.join(work, name))
-            if not path.startswith(work + os.sep):
-                raise ValueError(f"file name {name!r} leaves the work directory")
+            path = os.path.join(work, name)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:
                 f.write(text)
-        uid = UID_BASE + slot if self.isolation.user == "uid" else None
+        uid = {"uid": slot_uid(slot), "nobody": NOBODY}.get(self.isolation.user)
         if uid is not None:
             os.chmod(root, 0o711)  # the candidate may pass through root to work, not list it
             for dirpath, _, names in os.walk(work):
@@ -215,6 +227,10 @@ class Sandbox:
             os.close(read_end)
             with self._lock:
                 self._running.pop(slot, None)
+
+
+def slot_uid(slot: int, pid: int | None = None) -> int:
+    return UID_BASE + ((os.getpid() if pid is None else pid) % PROCESSES) * SLOTS + slot
 
 
 def run_tests(sandbox: Sandbox, program: str, tests: str, limits: Limits | None = None) -> RunResult:
@@ -305,7 +321,13 @@ def _probe() -> Isolation:
         except (OSError, ValueError, subprocess.TimeoutExpired) as e:
             raise SandboxError(f"cannot probe the host for namespaces: {e}") from e
     notes = [f"{k}: {v}" for k, v in found.items() if v is not True]
-    user = "uid" if root else ("userns" if found["user"] is True else "none")
+    if root and found["user"] is not True:
+        notes.append("every slot runs as uid 65534: one candidate's processes count against the "
+                     "others' process limit")
+    if root:
+        user = "uid" if found["user"] is True else "nobody"
+    else:
+        user = "userns" if found["user"] is True else "none"
     if not root:
         notes.append("not root: the candidate runs as the calling user" +
                      (" inside its own user namespace" if user == "userns" else ""))
@@ -456,14 +478,14 @@ def _probe_child(work: str) -> dict:
     found = {}
     for key, args in (("net", (True, False, False)), ("pid", (False, True, False)),
                       ("mounts", (False, False, True)), ("user", None)):
-        if key == "user" and os.geteuid() == 0:
-            found[key] = "root: drops to a per-slot uid instead"
-            continue
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
             try:
-                if args is None:
+                if args is None and os.geteuid() == 0:  # can the per-slot uids be used?
+                    for uid in (slot_uid(0, 0), slot_uid(SLOTS - 1, PROCESSES - 1)):
+                        _fork_and(lambda u=uid: (os.setgid(u), os.setuid(u)))
+                elif args is None:
                     _syscall("unshare", CLONE_NEWUSER)
                 else:
                     _enter_namespaces(*args, work)
@@ -479,6 +501,19 @@ def _probe_child(work: str) -> dict:
         _, status = os.waitpid(pid, 0)
         found[key] = True if os.waitstatus_to_exitcode(status) == 0 else (why or "unshare refused")
     return found
+
+
+def _fork_and(action) -> None:
+    """Run ``action`` in a forked child; OSError if it fails there."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            action()
+            os._exit(0)
+        except BaseException:  # noqa: BLE001
+            os._exit(1)
+    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+        raise OSError("cannot switch to the sandbox uids (not mapped here?)")
 
 
 if __name__ == "__main__":
