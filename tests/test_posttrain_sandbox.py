@@ -14,7 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from kinetic.posttrain.sandbox import SLOTS, Limits, Sandbox, SandboxError, probe, run_tests, slot_uid
+from kinetic.posttrain import sandbox as sandbox_module
+from kinetic.posttrain.sandbox import (
+    SLOTS,
+    Isolation,
+    Limits,
+    Sandbox,
+    SandboxError,
+    probe,
+    run_tests,
+    slot_uid,
+)
 
 LIMITS = Limits(wall_s=2.0, cpu_s=1, memory_mb=256, processes=8, file_mb=1, open_files=32)
 
@@ -44,6 +54,11 @@ def test_tests_pass_after_long_output_and_are_hidden(sandbox):
     assert "bytes cut" in result.stdout and len(result.stdout) < 70_000  # output_kb=64 keeps both ends
 
 
+def test_a_candidate_that_kills_itself_scores_zero(sandbox):
+    result = run_tests(sandbox, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", "assert False")
+    assert not result.ok and result.reason == "killed by SIGKILL"  # not a SandboxError: no way out of a 0
+
+
 def test_output_and_exit_status(sandbox):
     result = sandbox.run({"main.py": "import sys\nprint('hello')\nsys.exit(3)"})
     assert (result.ok, result.returncode, result.stdout) == (False, 3, "hello\n")
@@ -57,7 +72,10 @@ def test_busy_loop_is_killed_within_timeout_plus_one_second(sandbox):
     assert time.monotonic() - start < limits.wall_s + 1.0
     assert not result.ok and result.reason.startswith("timeout")
     cpu = sandbox.run({"main.py": "while True:\n    pass\n"})  # cpu_s=1 < wall_s=2: the CPU limit
-    assert not cpu.ok and "SIGXCPU" in cpu.reason
+    assert not cpu.ok and cpu.reason == "killed by SIGXCPU (CPU limit)"
+    stubborn = "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass\n"
+    cpu = sandbox.run({"main.py": stubborn}, dataclasses.replace(LIMITS, wall_s=4.0))  # hard limit: 1 s later
+    assert not cpu.ok and cpu.reason == "killed by SIGKILL (CPU limit)"
 
 
 def test_sleeping_past_the_wall_clock_times_out(sandbox):
@@ -207,10 +225,17 @@ def test_workers_are_bounded():
     assert all(r.ok for r in results) and peak[0] == 2
 
 
-def test_probe_is_cached_and_reported():
+def test_probe_is_cached_and_reported(monkeypatch):
     assert probe() is probe()
-    iso = probe()
-    assert iso.network or iso.notes  # when a feature is off, the notes say why
+    assert probe().network or probe().notes  # when a feature is off, the notes say why
+    # A host without namespaces: a warning once, the reason kept, and require_isolation refuses.
+    bare = Isolation(False, False, False, "nobody", ("net: unshare refused",))
+    monkeypatch.setattr(sandbox_module, "_PROBED", None)
+    monkeypatch.setattr(sandbox_module, "_probe", lambda: bare)
+    with pytest.warns(RuntimeWarning, match="no network namespace.*unshare refused"):
+        assert Sandbox(LIMITS).isolation is bare
+    with pytest.raises(SandboxError, match="unshare refused"):
+        Sandbox(LIMITS, require_isolation=True)
 
 
 def test_bad_arguments():

@@ -109,7 +109,7 @@ class RunResult:
 
 
 SIGNAL_REASONS = {signal.SIGXCPU: "CPU limit", signal.SIGXFSZ: "file size limit",
-                  signal.SIGSEGV: "segmentation fault, often the memory limit"}
+                  signal.SIGSEGV: "often the memory limit"}
 
 
 class Sandbox:
@@ -190,13 +190,8 @@ class Sandbox:
             detail = report.get("error") if report else f"launcher ended with status {returncode}"
             raise SandboxError(f"sandbox worker failed: {detail}; stderr: {stderr[-500:]}")
         status = report["status"]
-        if status == 0:
-            return RunResult(True, "ok", 0, stdout, stderr, wall)
-        if status > 0:
-            return RunResult(False, f"exit status {status}", status, stdout, stderr, wall)
-        name = signal.Signals(-status).name
-        why = f" ({SIGNAL_REASONS[-status]})" if -status in SIGNAL_REASONS else ""
-        return RunResult(False, f"killed by {name}{why}", status, stdout, stderr, wall)
+        reason = _ending(status, report["cpu_s"], limits)
+        return RunResult(status == 0, reason, status, stdout, stderr, wall)
 
     def _launch(self, slot, config, out, err, wall_s) -> tuple[int, bool, dict | None]:
         read_end, write_end = os.pipe()
@@ -227,6 +222,18 @@ class Sandbox:
             os.close(read_end)
             with self._lock:
                 self._running.pop(slot, None)
+
+
+def _ending(status: int, cpu_s: float, limits: Limits) -> str:
+    """Why the candidate ended. The sandbox's own processes never die here (that raises); a candidate
+    killed by a signal scores 0 whoever sent it, itself included, so that dying is never a way out
+    of a 0."""
+    if status >= 0:
+        return "ok" if status == 0 else f"exit status {status}"
+    sig = signal.Signals(-status)
+    if sig == signal.SIGKILL and cpu_s >= limits.cpu_s:
+        return "killed by SIGKILL (CPU limit)"  # the hard limit, one second after an ignored SIGXCPU
+    return f"killed by {sig.name}" + (f" ({SIGNAL_REASONS[sig]})" if sig in SIGNAL_REASONS else "")
 
 
 def slot_uid(slot: int, pid: int | None = None) -> int:
@@ -310,7 +317,6 @@ def probe() -> Isolation:
 
 def _probe() -> Isolation:
     root = os.geteuid() == 0
-    notes = []
     if sys.platform != "linux":
         return Isolation(False, False, False, "none", (f"namespaces need Linux, not {sys.platform}",))
     with tempfile.TemporaryDirectory(prefix="kinetic-sandbox-probe-") as work:
@@ -440,12 +446,14 @@ def _launcher(config: dict, report_fd: int) -> None:
         report.write(json.dumps({"error": f"launcher: {e}"}))
         return
     if init == 0:
+        code = 1
         try:
             _syscall("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             report.write(json.dumps(_init(config, report)))
             report.close()
+            code = 0
         finally:
-            os._exit(0)
+            os._exit(code)
     _, status = os.waitpid(init, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         report.write(json.dumps({"error": f"namespace init ended with {os.waitstatus_to_exitcode(status)}"}))
@@ -469,8 +477,10 @@ def _init(config: dict, report) -> dict:
     os.close(err_write)
     with os.fdopen(err_read, "rb") as f:
         setup_error = f.read().decode()
-    _, status = os.waitpid(child, 0)
-    return {"error": setup_error} if setup_error else {"status": os.waitstatus_to_exitcode(status)}
+    _, status, usage = os.wait4(child, 0)
+    if setup_error:
+        return {"error": setup_error}
+    return {"status": os.waitstatus_to_exitcode(status), "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def _probe_child(work: str) -> dict:
