@@ -111,5 +111,8 @@ class PythonFunctions(Environment):
         return Reward(float(result.ok), result.info)
 
     def verify_many(self, prompts: list, completions: list[str], metadatas: list[dict]) -> list[Reward]:
+        if not len(prompts) == len(completions) == len(metadatas):
+            raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions, {len(metadatas)} "
+                             f"metadata: pass one of each per sample")
         with ThreadPoolExecutor(self.sandbox.workers) as pool:
             return list(pool.map(self.verify, prompts, completions, metadatas))

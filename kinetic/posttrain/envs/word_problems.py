@@ -137,7 +137,8 @@ class WordProblems(Environment):
 @register("gsm8k")
 class GSM8K(WordProblems):
     """GSM8K problems from ``<path>/<split>.jsonl`` (``question``/``answer`` records, the answer
-    ending in ``#### <number>``). ``problem(seed, index)`` walks a seeded shuffle of the split."""
+    ending in ``#### <number>``). ``problem(seed, index)`` walks a seeded shuffle of the split,
+    wrapping around past its end."""
 
     def __init__(self, path: str | Path, split: str = "test"):
         file = Path(path) / f"{split}.jsonl"
