@@ -377,6 +377,9 @@ def _expose_interpreter(prefix: str, scratch: str) -> None:
                    if not os.stat(a).st_mode & 0o001), None)
     if closed is None:
         return
+    if scratch.startswith(closed + "/"):
+        raise OSError(f"the sandbox's temporary directory {scratch} lies under {closed}, which the "
+                      f"candidate cannot enter; set TMPDIR to a directory outside it (e.g. /tmp)")
     stage = os.path.join(scratch, "python")
     os.mkdir(stage, 0o755)
     _syscall("mount", prefix.encode(), stage.encode(), None, MS_BIND | MS_REC, None)
