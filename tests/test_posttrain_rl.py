@@ -87,6 +87,24 @@ def test_an_interrupted_rl_run_resumes_exactly(tmp_path):
         assert torch.equal(p, q), name
 
 
+def test_environment_task_scores_reference_answers():
+    """The adapter from a text environment: prompts encoded, completions decoded and verified; a
+    reference answer scores 1, a wrong one 0, and draws of different seeds do not repeat problems."""
+    from kinetic.data.tokenizer import encode, train_tokenizer
+    from kinetic.posttrain.envs import make
+    from kinetic.posttrain.rl import environment_task
+
+    tok = train_tokenizer(["What is 12 + 30? Answer: 42\n" * 50], vocab_size=300)
+    env = make("arithmetic")
+    problems, reward = environment_task(env, tok)
+    first, second = problems(0, 3), problems(1, 3)
+    assert {tuple(p) for p, _ in first}.isdisjoint({tuple(p) for p, _ in second})
+    for prompt_ids, meta in first:
+        reference = meta[1]["reference"]
+        assert reward(prompt_ids, encode(tok, reference), meta) == 1.0
+        assert reward(prompt_ids, encode(tok, "Answer: 0.5"), meta) == 0.0
+
+
 def test_rollout_source_checks_the_split():
     with pytest.raises(ValueError, match="prompts_per_step=3"):
         RolloutSource(None, problems, reward, RLConfig(prompts_per_step=3), micro_batches=2)

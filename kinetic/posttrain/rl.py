@@ -81,6 +81,36 @@ class RLBatch:
                        sampler_logp=self.sampler_logp.to(**move), advantages=self.advantages.to(**move))
 
 
+def environment_task(env, tokenizer, encode_prompt: Callable[[Any], list[int]] | None = None,
+                     problem_seed: int = 0) -> tuple[Problems, Reward]:
+    """The (problems, reward) pair :class:`RolloutSource` takes, for a text environment
+    (:mod:`kinetic.posttrain.envs`): problem i of draw ``seed`` is the environment's problem
+    (problem_seed, seed * n + i) -- so training draws never repeat and ``problem_seed`` keeps a held-out
+    seed apart -- encoded by ``encode_prompt`` (default: the prompt text with ``tokenizer``; pass a
+    chat template's encoder for a chat model); the reward decodes the completion (special tokens
+    dropped) and returns ``env.verify(...).value``. A failure of the sandbox itself raises; it is
+    never a reward of 0."""
+    from kinetic.data.tokenizer import decode, encode
+
+    def default(prompt) -> list[int]:
+        if not isinstance(prompt, str):
+            raise ValueError("this environment's prompts are chat messages: pass encode_prompt, e.g. "
+                             "a ChatTemplate's encode")
+        return encode(tokenizer, prompt)
+
+    encoder = encode_prompt or default
+
+    def problems(seed: int, n: int):
+        items = env.problems(problem_seed, n, start=seed * n)
+        return [(encoder(p.prompt), (p.prompt, p.metadata)) for p in items]
+
+    def reward(prompt_ids, completion, metadata) -> float:
+        prompt, meta = metadata
+        return float(env.verify(prompt, decode(tokenizer, completion, skip_special_tokens=True), meta).value)
+
+    return problems, reward
+
+
 def freeze_routers(model: torch.nn.Module) -> int:
     """Stop gradients to every MoE router's weights (the score-correction bias is a buffer the
     balancer updates); returns the number of routers frozen."""
