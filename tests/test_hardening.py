@@ -153,7 +153,8 @@ def test_bad_decoding_flags_are_named_in_one_line(argv, needle, run, capsys):
 
 # the other commands' bad arguments ({tmp} = a fresh directory)
 BAD_ARGS = [
-    (["tokenizer", "train", "--out", "{tmp}/t", "--vocab-size", "0"], "vocab_size=0 is too small"),
+    (["tokenizer", "train", "--out", "{tmp}/t", "--vocab-size", "0", "--domains", "python_code"],
+     "vocab_size=0 is too small"),
     (["tokenizer", "train", "--out", "{tmp}/t", "--domains", "nosuch"], "unknown domain 'nosuch'"),
     (["tokenizer", "train", "--out", "{tmp}/t", "--max-bytes-per-domain", "-5"], "--max-bytes-per-domain"),
     (["demo", "--preset", "nosuch"], "invalid choice: 'nosuch'"),
