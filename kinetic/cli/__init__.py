@@ -17,7 +17,8 @@ and exit with code 2; a failed self-check exits with 1. Every ``--help`` shows e
 
 One module per command family, each adding its subcommands with ``register(sub)``:
 :mod:`~kinetic.cli.model` (params, demo), :mod:`~kinetic.cli.train` (pretrain), :mod:`~kinetic.cli.eval`
-(eval), :mod:`~kinetic.cli.infer` (generate, chat, serve), :mod:`~kinetic.cli.data` (data, tokenizer).
+(eval), :mod:`~kinetic.cli.posttrain` (sft), :mod:`~kinetic.cli.infer` (generate, chat, serve),
+:mod:`~kinetic.cli.data` (data, tokenizer).
 Library code never imports this package: the commands turn its ValueErrors into :class:`UserError`.
 """
 
@@ -28,7 +29,7 @@ import copy
 import sys
 
 import kinetic
-from kinetic.cli import data, infer, model, train
+from kinetic.cli import data, infer, model, posttrain, train
 from kinetic.cli import eval as evaluation
 from kinetic.errors import UserError
 
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kinetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"kinetic {kinetic.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for family in (model, train, evaluation, infer, data):  # the order of `kinetic --help`
+    for family in (model, train, posttrain, evaluation, infer, data):  # the order of `kinetic --help`
         family.register(sub)
     return parser
 

@@ -70,30 +70,39 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int = 8192, min_freque
     return tok
 
 
-def save_tokenizer(tok: Tokenizer, directory: str | Path, model_max_length: int | None = None) -> Path:
-    """Write ``DIRECTORY/tokenizer.json`` and its ``tokenizer_config.json`` (creating the directory)
-    and return the tokenizer.json path."""
+def save_tokenizer(tok: Tokenizer, directory: str | Path, model_max_length: int | None = None,
+                   chat_template: str | None = None) -> Path:
+    """Write ``DIRECTORY/tokenizer.json`` and its ``tokenizer_config.json`` (creating the directory;
+    ``chat_template`` defaults to the built-in one) and return the tokenizer.json path."""
     path = Path(directory) / TOKENIZER_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
-    write_tokenizer_config(path.parent, model_max_length)
+    write_tokenizer_config(path.parent, model_max_length, chat_template)
     return path
 
 
 def copy_tokenizer(source: str | Path, directory: str | Path, model_max_length: int | None = None) -> Path:
     """Copy a ``tokenizer.json`` (a file, or the one in a directory) into ``directory`` with a fresh
-    ``tokenizer_config.json`` beside it, so the directory (e.g. a checkpoint) opens on its own."""
+    ``tokenizer_config.json`` beside it, so the directory (e.g. a checkpoint) opens on its own. A chat
+    template in a ``tokenizer_config.json`` beside the source (a post-trained model's) is kept."""
     source = Path(source)
     file = source / TOKENIZER_FILE if source.is_dir() else source
     target = Path(directory) / TOKENIZER_FILE
     shutil.copyfile(file, target)
-    write_tokenizer_config(target.parent, model_max_length)
+    template = None
+    beside = file.parent / TOKENIZER_CONFIG_FILE
+    if beside.is_file():
+        try:
+            template = json.loads(beside.read_text()).get("chat_template")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            template = None  # a damaged config beside the source: the copy gets the built-in one
+    write_tokenizer_config(target.parent, model_max_length, template if isinstance(template, str) else None)
     return target
 
 
-def tokenizer_config(model_max_length: int | None = None) -> dict:
-    """The Hugging Face ``tokenizer_config.json`` of a kinetic tokenizer: its special tokens and
-    the built-in chat format as a Jinja template (:data:`CHAT_TEMPLATE`)."""
+def tokenizer_config(model_max_length: int | None = None, chat_template: str | None = None) -> dict:
+    """The Hugging Face ``tokenizer_config.json`` of a kinetic tokenizer: its special tokens and a
+    chat template (default: the built-in chat format as Jinja, :data:`CHAT_TEMPLATE`)."""
     pad, bos, eos, *roles = SPECIAL_TOKENS
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -104,16 +113,17 @@ def tokenizer_config(model_max_length: int | None = None) -> dict:
                                  for i, t in enumerate(SPECIAL_TOKENS)},
         "add_bos_token": False, "add_eos_token": False,
         "clean_up_tokenization_spaces": False,  # byte-level: decoding must give back the exact text
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template or CHAT_TEMPLATE,
     }
     if model_max_length is not None:
         config["model_max_length"] = model_max_length
     return config
 
 
-def write_tokenizer_config(directory: str | Path, model_max_length: int | None = None) -> Path:
+def write_tokenizer_config(directory: str | Path, model_max_length: int | None = None,
+                           chat_template: str | None = None) -> Path:
     path = Path(directory) / TOKENIZER_CONFIG_FILE
-    path.write_text(json.dumps(tokenizer_config(model_max_length), indent=2) + "\n")
+    path.write_text(json.dumps(tokenizer_config(model_max_length, chat_template), indent=2) + "\n")
     return path
 
 
