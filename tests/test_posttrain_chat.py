@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer
 
+from kinetic.data.chat import CHAT_TOKENS, add_chat_tokens, encode_chat, render, training_chats
 from kinetic.data.tokenizer import decode, train_tokenizer
-from kinetic.posttrain.chat import CHAT_TOKENS, add_chat_tokens, encode_chat, render, training_chats
 
 SYS = {"role": "system", "content": "Be brief."}
 Q1 = {"role": "user", "content": "What is 2 + 3?"}
@@ -106,8 +106,8 @@ def test_a_tokenizer_without_chat_tokens_is_refused():
 
 
 def test_transformers_renders_the_same_text(tok, tmp_path, transformers_mod):
+    from kinetic.data.chat import REASONING_TEMPLATE
     from kinetic.data.tokenizer import save_tokenizer
-    from kinetic.posttrain.chat import REASONING_TEMPLATE
 
     save_tokenizer(tok, tmp_path)
     hf = transformers_mod.AutoTokenizer.from_pretrained(tmp_path)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import kinetic
+from kinetic.data.chat import CHAT_TOKENS, REASONING_TEMPLATE
 from kinetic.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-from kinetic.posttrain.chat import CHAT_TOKENS, REASONING_TEMPLATE
 from tests.test_data_cli import main
 
 

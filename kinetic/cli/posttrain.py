@@ -3,7 +3,7 @@ the shared trainer (:mod:`kinetic.posttrain.sft`).
 
 ``kinetic sft --init-from CK --data chats.jsonl --out DIR [--steps N] [--resume]`` gives the
 checkpoint the chat tokens (``<think>``, ``</think>``, ``<|tool|>``) if it lacks them, renders every
-chat in the reasoning chat format (:mod:`kinetic.posttrain.chat`) with the reasoning-control
+chat in the reasoning chat format (:mod:`kinetic.data.chat`) with the reasoning-control
 augmentation, packs them, and trains; every checkpoint it writes carries the tokenizer with the chat
 tokens and that format as its chat template.
 """
@@ -18,9 +18,9 @@ from kinetic.errors import UserError
 
 def cmd_sft(args: argparse.Namespace) -> int:
     import kinetic
+    from kinetic.data.chat import REASONING_TEMPLATE
     from kinetic.data.tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer
     from kinetic.eval import resolve_checkpoint
-    from kinetic.posttrain.chat import REASONING_TEMPLATE
     from kinetic.posttrain.sft import SFTSource, chat_examples, read_chats, sft_loss, with_chat_tokens
     from kinetic.train import Trainer
     from kinetic.train.config import from_dict

@@ -24,7 +24,6 @@ import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -176,19 +175,6 @@ def _token_text(value) -> str | None:
 
 def _environment():
     """The Jinja environment transformers uses for chat templates."""
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from kinetic.data.chat import jinja_environment
 
-    def raise_exception(message):
-        raise jinja2.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
+    return jinja_environment()

@@ -1,7 +1,7 @@
 """Supervised fine-tuning on chats, on the one trainer (:class:`kinetic.train.trainer.Trainer`).
 
 * **Examples.** :func:`chat_examples` turns conversations (OpenAI ``messages``, e.g. read from JSONL by
-  :func:`read_chats`) into (ids, loss mask) pairs through :mod:`kinetic.posttrain.chat`: a chat with
+  :func:`read_chats`) into (ids, loss mask) pairs through :mod:`kinetic.data.chat`: a chat with
   reasoning in k assistant turns gives k examples, and only assistant output counts (reasoning and
   the end-of-turn token included; system, user and tool tokens never).
 * **Reasoning control** (as NVIDIA trains Nemotron 3): a fraction ``strip_reasoning`` of the examples
@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from kinetic.data.chat import encode_chat, training_chats
 from kinetic.ops.loss import IGNORE_INDEX
-from kinetic.posttrain.chat import encode_chat, training_chats
 
 
 def read_chats(path: str | Path) -> list[list[dict]]:
@@ -222,9 +222,9 @@ def grow_vocabulary(model: torch.nn.Module, size: int) -> int:
 
 
 def with_chat_tokens(model: torch.nn.Module, tok: Tokenizer) -> Tokenizer:
-    """``tok`` with the chat tokens (:func:`kinetic.posttrain.chat.add_chat_tokens`) and ``model`` with
+    """``tok`` with the chat tokens (:func:`kinetic.data.chat.add_chat_tokens`) and ``model`` with
     rows for every id the tokenizer now has."""
-    from kinetic.posttrain.chat import add_chat_tokens
+    from kinetic.data.chat import add_chat_tokens
 
     add_chat_tokens(tok)
     grow_vocabulary(model, tok.get_vocab_size())

@@ -1,5 +1,6 @@
-"""The chat format of post-training: kinetic's role tokens with Nemotron 3's reasoning conventions,
-as a Jinja template (:data:`REASONING_TEMPLATE`) rendered with ``jinja2``:
+"""The reasoning chat format (post-training's, and what a post-trained checkpoint serves): kinetic's
+role tokens with Nemotron 3's reasoning conventions, as a Jinja template (:data:`REASONING_TEMPLATE`)
+rendered with ``jinja2``:
 
     <|system|>Be brief.<eos><|user|>What is 2 + 3?<eos>
     <|assistant|><think>2 plus 3 is 5.</think>Answer: 5<eos>          (one line, broken here)
@@ -108,9 +109,7 @@ def render(messages: Sequence[dict], *, add_generation_prompt: bool = False, ena
            train_from: int = 0, marked: bool = False) -> str:
     """The template's text for ``messages``; ``marked`` keeps the span markers (for
     :func:`encode_chat`); assistant turns from index ``train_from`` on are the trained spans."""
-    from kinetic.infer.chat_template import _environment
-
-    template = _environment().from_string(REASONING_TEMPLATE)
+    template = jinja_environment().from_string(REASONING_TEMPLATE)
     names = MARKERS if marked else {k: "" for k in MARKERS}
     return template.render(messages=_check(messages), add_generation_prompt=add_generation_prompt,
                            enable_thinking=enable_thinking, train_from=train_from, **names)
@@ -182,3 +181,27 @@ def training_chats(messages: Sequence[dict]) -> list[tuple[list[dict], int]]:
     if not reasoning:
         return [(messages, 0)]
     return [(messages[:i + 1], i) for i in reasoning]
+
+
+def jinja_environment():
+    """The Jinja environment transformers renders chat templates in (sandboxed, ``trim_blocks``,
+    ``lstrip_blocks``, ``tojson``, ``raise_exception``, ``strftime_now``)."""
+    import json
+    from datetime import datetime
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
