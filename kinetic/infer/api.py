@@ -113,8 +113,17 @@ class ChatMessage(_Strict):
     content: str | list[TextPart] | None = None
 
 
+class ChatTemplateKwargs(_Strict):
+    """vLLM's ``chat_template_kwargs``, for a checkpoint with the reasoning chat format."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")  # an unknown key would change nothing silently
+    enable_thinking: bool = True  # False: the answer starts at once (a pre-closed think block)
+    reasoning_budget: Whole(ge=0) | None = None  # reasoning tokens before </think> is forced
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    chat_template_kwargs: ChatTemplateKwargs | None = None
     max_tokens: Whole(ge=1) | None = None
     max_completion_tokens: Whole(ge=1) | None = None
     logprobs: bool | None = False
@@ -207,6 +216,7 @@ class ChatLogprobs(_Doc):
 class AssistantMessage(_Doc):
     role: Literal["assistant"]
     content: str
+    reasoning_content: str | None = None  # the reasoning, for a reasoning chat format (else absent)
 
 
 class ChatChoice(_Doc):

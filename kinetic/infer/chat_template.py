@@ -85,6 +85,13 @@ class ChatTemplate:
     bos_token: str | None = None
     eos_token: str | None = None
 
+    @property
+    def is_reasoning(self) -> bool:
+        """The reasoning chat format of post-trained checkpoints (kinetic.data.chat)."""
+        from kinetic.data.chat import REASONING_TEMPLATE
+
+        return self.source == REASONING_TEMPLATE
+
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> ChatTemplate:
         """The template in ``directory`` (``chat_template.jinja`` or ``tokenizer_config.json``), else
@@ -132,11 +139,17 @@ class ChatTemplate:
         except Exception as err:  # jinja2.TemplateError or raise_exception(...) in the template
             raise ValueError(f"chat template failed: {err}") from err
 
-    def encode(self, tok: Tokenizer, messages: Sequence[dict],
-               add_generation_prompt: bool = True) -> list[int]:
-        """Prompt token ids for ``messages``."""
+    def encode(self, tok: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True,
+               enable_thinking: bool = True) -> list[int]:
+        """Prompt token ids for ``messages``. The reasoning format encodes message text as plain text
+        (:func:`kinetic.data.chat.encode_chat`) and takes ``enable_thinking``."""
         if self.source is None:
             return encode_builtin(tok, messages, add_generation_prompt)
+        if self.is_reasoning:
+            from kinetic.data.chat import encode_chat
+
+            return encode_chat(tok, messages, add_generation_prompt=add_generation_prompt,
+                               enable_thinking=enable_thinking)[0]
         return encode_with_special_tokens(tok, self.render(messages, add_generation_prompt))
 
     def stop_token_ids(self, tok: Tokenizer) -> list[int]:

@@ -105,6 +105,7 @@ class Sequence:
     last: int | None = None  # the last token, not yet fed to the model
     draft_state: tuple | None = None  # MTP (block output, normed) at the last committed position
     mtp_behind: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # plain steps' (h_p, x_p+1)
+    forced: list[int] = field(default_factory=list)  # tokens to emit next instead of drawing them
     done: bool = False
 
 
@@ -206,6 +207,11 @@ class Decoder:
         if self.mtp_cache is not None:
             self.mtp_cache.copy(src, dst)
 
+    def force(self, seq: Sequence, tokens: list[int]) -> None:
+        """Make ``seq`` emit ``tokens`` next, in order, instead of drawing them (e.g. ``</think>`` when
+        a reasoning budget runs out); each is reported with its log-probs under the model."""
+        seq.forced.extend(tokens)
+
     @property
     def busy(self) -> bool:
         return bool(self.running or self.waiting)
@@ -219,7 +225,8 @@ class Decoder:
         if self.waiting and len(self.running) + len(self.waiting[0].seqs) <= self.max_batch:
             out += self._prefill_chunk(self.waiting[0])
         count = len(self.running) - len(out)  # a group that just joined holds the last slots
-        if count and self.speculative and count <= self.speculative_max_batch:
+        forcing = any(s.forced for s in self.running[:count])  # plain steps emit forced tokens
+        if count and self.speculative and count <= self.speculative_max_batch and not forcing:
             out += self._speculative_step(count)
         elif count:
             out += self._plain_step(count)
@@ -317,11 +324,15 @@ class Decoder:
 
     # ---------------------------------------------------------------- choosing tokens
     def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[list[Token]]:
-        """Each sequence's next token from its row of ``logits``."""
+        """Each sequence's next token from its row of ``logits`` (a forced one where it has one)."""
         choice = sample(logits, [s.params for s in seqs], [(s.seed, len(s.tokens)) for s in seqs])
         out = []
         for i, s in enumerate(seqs):
             top = self._top(logits[i], s.params.logprobs)
+            if s.forced:
+                (token,) = self._tokens(logits[i:i + 1], [s.forced.pop(0)], s.params, s.params.logprobs)
+                out.append([token])
+                continue
             out.append([Token(int(choice.tokens[i]), float(choice.logprob[i]),
                               float(choice.processed_logprob[i]), top)])
         return out

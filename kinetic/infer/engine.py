@@ -66,6 +66,7 @@ class GenerationResult:
     usage: Usage
     tokens: list[Token] = field(default_factory=list)  # the ids with their log-probs
     prompt_logprobs: list[Token | None] | None = None  # with SamplingParams.prompt_logprobs
+    reasoning: str | None = None  # the reasoning before </think>, when the prompt opened <think>
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Delta:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # set on the sequence's last delta
     tokens: list[Token] = field(default_factory=list)  # the new ids with their log-probs
+    reasoning: str = ""  # new reasoning text (inside <think>), kept apart from ``text``
 
 
 # ---------------------------------------------------------------------- text
@@ -124,10 +126,15 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 class GenerationSequence:
     """One prompt's text state over a decoder sequence: the output so far and stop bookkeeping.
-    ``advance(token)`` holds all text logic (stop tokens/strings, limits) and needs no model."""
+    ``advance(token)`` holds all text logic (stop tokens/strings, limits) and needs no model.
+
+    With ``think`` = (the ``<think>`` id, the ``</think>`` id) and a prompt that ends with ``<think>``
+    (a reasoning chat template's generation prompt), the tokens up to ``</think>`` are reasoning: their
+    text goes to ``reasoning`` (no stop strings apply to it) and the answer's to ``text``."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, stop_ids: Sequence[int],
-                 max_context: int, tokenizer: Tokenizer, state: _decoder.Sequence | None = None) -> None:
+                 max_context: int, tokenizer: Tokenizer, state: _decoder.Sequence | None = None,
+                 think: tuple[int, int] | None = None) -> None:
         self.prompt_ids = prompt_ids
         self.params = params
         self.stop_ids = frozenset(stop_ids)
@@ -140,6 +147,12 @@ class GenerationSequence:
         self.finish_reason: str | None = FINISH_LENGTH if params.max_new_tokens == 0 else None
         self._detok = Detokenizer(tokenizer)
         self._longest_stop = max(map(len, params.stop_strings), default=0)
+        self.think_end = think[1] if think else None
+        self.reasoning_open = bool(think) and bool(prompt_ids) and prompt_ids[-1] == think[0]
+        self.reasoning: str | None = "" if self.reasoning_open else None
+        self.reasoning_tokens = 0
+        self.forcing = False  # </think> has been forced (reasoning budget)
+        self._reasoning_detok = Detokenizer(tokenizer)
 
     @property
     def finished(self) -> bool:
@@ -151,6 +164,8 @@ class GenerationSequence:
 
     def advance(self, token: int) -> Delta:
         assert not self.finished, "advance() on a finished sequence"
+        if self.reasoning_open:
+            return self._advance_reasoning(token)
         self.token_ids.append(token)
         if token in self.stop_ids:
             self.finish_reason = FINISH_STOP
@@ -163,19 +178,48 @@ class GenerationSequence:
                 new += self._detok.flush()
         return Delta(self._emit(new), [token], self.finish_reason)
 
+    def _advance_reasoning(self, token: int) -> Delta:
+        self.token_ids.append(token)
+        if token == self.think_end:
+            self.reasoning_open = False
+            piece = self._reasoning_detok.flush()
+        elif token in self.stop_ids:
+            self.finish_reason = FINISH_STOP
+            piece = self._reasoning_detok.flush()
+        else:
+            self.reasoning_tokens += 1
+            piece = self._reasoning_detok.push(token)
+            if (len(self.token_ids) >= self.params.max_new_tokens
+                    or len(self.prompt_ids) + len(self.token_ids) >= self.max_context):
+                self.finish_reason = FINISH_LENGTH
+                piece += self._reasoning_detok.flush()
+        self.reasoning += piece
+        return Delta("", [token], self.finish_reason, reasoning=piece)
+
+    def budget_spent(self, piece: str, ahead: int = 0) -> bool:
+        """Whether the reasoning budget calls for ``</think>`` now: at the first line end past the
+        budget, or when budget + slack tokens would be passed within the next ``ahead`` + 1 tokens
+        (a speculative step can emit several)."""
+        budget = self.params.reasoning_budget
+        if not self.reasoning_open or budget is None or self.forcing:
+            return False
+        n = self.reasoning_tokens
+        return n + ahead + 1 >= budget + self.params.reasoning_slack or (n >= budget and "\n" in piece)
+
     def advance_all(self, tokens: list[Token]) -> Delta:
         """Feed one step's tokens; a stop token or string, or the length limit, may end the sequence
         inside them (the rest are dropped)."""
-        text, ids, kept = [], [], []
+        text, ids, kept, reasoning = [], [], [], []
         for token in tokens:
             delta = self.advance(token.id)
             text.append(delta.text)
+            reasoning.append(delta.reasoning)
             ids.append(token.id)
             kept.append(token)
             if self.finished:
                 break
         self.tokens += kept
-        return Delta("".join(text), ids, self.finish_reason, kept)
+        return Delta("".join(text), ids, self.finish_reason, kept, "".join(reasoning))
 
     def _emit(self, new: str) -> str:
         stops = self.params.stop_strings
@@ -198,7 +242,7 @@ class GenerationSequence:
         assert self.finished, "result() before the sequence finished"
         return GenerationResult(list(self.token_ids), self.text, self.finish_reason,
                                 Usage(len(self.prompt_ids), len(self.token_ids)), list(self.tokens),
-                                self.prompt_logprobs)
+                                self.prompt_logprobs, self.reasoning)
 
 
 # ---------------------------------------------------------------------- engine
@@ -247,6 +291,8 @@ class Engine:
                                execution=Compiled() if compile_decode else None,
                                speculative_max_batch=speculative_max_batch)
         self._live: dict[int, GenerationSequence] = {}  # id(decoder sequence) -> its text state
+        think, end = tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")
+        self.think_ids = (think, end) if think is not None and end is not None else None
 
     @property
     def spec_stats(self) -> SpecStats:
@@ -303,9 +349,10 @@ class Engine:
             raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}")
         return ids
 
-    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
-        """Prompt ids for chat ``messages``, ending with the assistant's turn opener."""
-        return self.chat_template.encode(self.tokenizer, messages)
+    def encode_chat(self, messages: Sequence[dict], enable_thinking: bool = True) -> list[int]:
+        """Prompt ids for chat ``messages``, ending with the assistant's turn opener
+        (``enable_thinking=False``: a pre-closed think block, for a reasoning template)."""
+        return self.chat_template.encode(self.tokenizer, messages, enable_thinking=enable_thinking)
 
     @property
     def chat_stop_token_ids(self) -> tuple[int, ...]:
@@ -327,7 +374,8 @@ class Engine:
         if not _is_int(n) or not 1 <= n <= self.max_batch:
             raise ValueError(f"n={n!r} samples must be an integer in [1, {self.max_batch}] (the batch size)")
         stop_ids = (() if params.ignore_eos else self.eos_token_ids) + params.stop_token_ids
-        seqs = [GenerationSequence(ids, params, stop_ids, self.max_context, self.tokenizer) for _ in range(n)]
+        seqs = [GenerationSequence(ids, params, stop_ids, self.max_context, self.tokenizer,
+                                   think=self.think_ids) for _ in range(n)]
         if seqs[0].finished and params.prompt_logprobs is None:
             return seqs  # max_new_tokens=0 and nothing to score: nothing to run
         room = replace(params, max_new_tokens=min(params.max_new_tokens, self.max_context - len(ids)))
@@ -349,6 +397,10 @@ class Engine:
             delta = seq.advance_all(tokens) if not seq.finished else Delta("", [], seq.finish_reason)
             if seq.finished:
                 self.cancel(seq)
+            elif seq.budget_spent(delta.reasoning, self.draft_tokens if self.speculative else 0):
+                # end the reasoning: </think> next, then the answer
+                seq.forcing = True
+                self.decoder.force(state, [seq.think_end])
             out.append((seq, delta))
         return out
 

@@ -36,6 +36,8 @@ class SamplingParams:
     ignore_eos: bool = False  # do not stop at the model's EOS ids
     logprobs: int | None = None  # report each new token's log-probs, with this many top alternatives
     prompt_logprobs: int | None = None  # also score the prompt's tokens (teacher-forced), with top-k
+    reasoning_budget: int | None = None  # reasoning tokens before </think> is forced (reasoning templates)
+    reasoning_slack: int = 32  # past the budget, </think> waits this long at most for a line's end
 
     def __post_init__(self) -> None:
         stops = (self.stop_strings,) if isinstance(self.stop_strings, str) else tuple(self.stop_strings)
@@ -54,6 +56,11 @@ class SamplingParams:
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                self.stop_token_ids, "non-negative token ids")
         _check(all(isinstance(s, str) and s for s in stops), "stop_strings", stops, "non-empty strings")
+        budget = self.reasoning_budget
+        _check(budget is None or (_is_int(budget) and budget >= 0), "reasoning_budget", budget,
+               "None or an integer >= 0")
+        _check(_is_int(self.reasoning_slack) and self.reasoning_slack >= 0, "reasoning_slack",
+               self.reasoning_slack, "an integer >= 0")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _check(value is None or (_is_int(value) and value >= 0), name, value,

@@ -59,6 +59,7 @@ from kinetic.infer.api import (
     REFUSED,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatTemplateKwargs,
     CompletionRequest,
     CompletionResponse,
     DetokenizeRequest,
@@ -339,7 +340,7 @@ def _max_tokens(asked: int | None, name: str, prompt_len: int, prompt_name: str,
 
 def _params(engine: Engine, limits: Limits, req: SamplingFields, prompts: list[list[int]], *,
             extra_stop_ids: tuple[int, ...] = (), logprobs: int | None = None,
-            prompt_logprobs: int | None = None) -> list[SamplingParams]:
+            prompt_logprobs: int | None = None, reasoning_budget: int | None = None) -> list[SamplingParams]:
     """One SamplingParams per prompt (its max_new_tokens depends on the prompt's length)."""
     chat = isinstance(req, ChatCompletionRequest)
     if chat and req.max_completion_tokens is not None:
@@ -363,7 +364,8 @@ def _params(engine: Engine, limits: Limits, req: SamplingFields, prompts: list[l
                 max_new_tokens=max_new, temperature=1.0 if req.temperature is None else req.temperature,
                 top_k=max(req.top_k or 0, 0), top_p=1.0 if req.top_p is None else req.top_p,
                 min_p=req.min_p or 0.0, seed=req.seed, stop_strings=stops, stop_token_ids=extra_stop_ids,
-                ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs))
+                ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                reasoning_budget=reasoning_budget))
         except ValueError as err:
             raise APIError(400, str(err), code="invalid_value") from None
     return out
@@ -385,6 +387,7 @@ class _Choice:
     text: str = ""
     tokens: list[Token] = field(default_factory=list)
     finish_reason: str | None = None
+    reasoning: str | None = None  # with a reasoning chat format
 
 
 async def _collect(job: Job, request: Request) -> list[_Choice]:
@@ -396,6 +399,8 @@ async def _collect(job: Job, request: Request) -> list[_Choice]:
             c = choices[index]
             c.text += delta.text
             c.tokens += delta.tokens
+            if job.seqs and job.seqs[index].reasoning is not None:
+                c.reasoning = (c.reasoning or "") + delta.reasoning
             c.finish_reason = delta.finish_reason or c.finish_reason
     except ClientGone:
         raise APIError(499, "the client closed the connection") from None  # nobody reads this
@@ -526,12 +531,14 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None) ->
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
         messages = [m.model_dump() for m in req.messages]
+        options = req.chat_template_kwargs or ChatTemplateKwargs()
         try:
-            prompt = await run_in_threadpool(engine.encode_chat, messages)
+            prompt = await run_in_threadpool(engine.encode_chat, messages, options.enable_thinking)
         except ValueError as err:  # the checkpoint's template refused the messages
             raise APIError(400, str(err), param="messages", code="invalid_value") from None
         k = (req.top_logprobs or 0) if req.logprobs else None
-        params = _params(engine, limits, req, [prompt], extra_stop_ids=engine.chat_stop_token_ids, logprobs=k)
+        params = _params(engine, limits, req, [prompt], extra_stop_ids=engine.chat_stop_token_ids, logprobs=k,
+                         reasoning_budget=options.reasoning_budget)
         job = submit([prompt], params, req.n or 1)
 
         def logprobs(tokens: list[Token]) -> dict | None:
@@ -544,15 +551,22 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None) ->
                                                   "logprobs": None, "finish_reason": None}]}
                             for i in range(job.size))  # OpenAI opens each choice with the role
 
-            def chunk(i: int, text: str, tokens: list[Token], end: str | None) -> dict:
-                return {"index": i, "delta": {"content": text} if text else {}, "logprobs": logprobs(tokens),
-                        "finish_reason": end}
+            def chunk(i: int, text: str, tokens: list[Token], end: str | None, reasoning: str = "") -> dict:
+                delta = {"reasoning_content": reasoning} if reasoning else {}
+                return {"index": i, "delta": {**delta, "content": text} if text else delta,
+                        "logprobs": logprobs(tokens), "finish_reason": end}
 
-            return _event_stream(_chunks(job, head, [prompt], req.stream_options, chunk, opening))
+            return _event_stream(_chunks(job, head, [prompt], req.stream_options, chunk, opening,
+                                         reasoning=engine.chat_template.is_reasoning))
         choices = await _collect(job, request)
-        return {**head, "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                                     "logprobs": logprobs(c.tokens), "finish_reason": c.finish_reason}
-                                    for i, c in enumerate(choices)], "usage": _usage([prompt], job.seqs)}
+
+        def message(c: _Choice) -> dict:
+            out = {"role": "assistant", "content": c.text}
+            return out if c.reasoning is None else {**out, "reasoning_content": c.reasoning}
+
+        return {**head, "choices": [{"index": i, "message": message(c), "logprobs": logprobs(c.tokens),
+                                     "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
+                "usage": _usage([prompt], job.seqs)}
 
     @app.post("/tokenize", responses=documented_responses(TokenizeResponse, 400, 404, 413))
     async def tokenize(req: TokenizeCompletionRequest | TokenizeChatRequest):
@@ -667,11 +681,12 @@ def _sse(payload: dict | str) -> str:
 
 
 async def _chunks(job: Job, meta: dict, prompts: list[list[int]], options: StreamOptions | None,
-                  choice: Callable[[int, str, list[Token], str | None], dict],
-                  opening: tuple[dict, ...] = ()) -> AsyncIterator[str]:
+                  choice: Callable[..., dict], opening: tuple[dict, ...] = (),
+                  reasoning: bool = False) -> AsyncIterator[str]:
     """SSE lines: the ``opening`` chunks, a ``choice(index, text, tokens, finish_reason)`` chunk per
     delta that adds text or ends a choice (the tokens of steps that added no text come with the next
-    chunk), the usage chunk if asked for, then [DONE]. An error after the response has started can
+    chunk; with ``reasoning``, reasoning text counts too and goes to ``choice(..., reasoning=)``), the
+    usage chunk if asked for, then [DONE]. An error after the response has started can
     only be reported in the stream, as an error event. Starlette cancels this generator when the
     client disconnects; ``finally`` then cancels the job."""
     waiting: list[list[Token]] = [[] for _ in range(job.size)]
@@ -680,8 +695,9 @@ async def _chunks(job: Job, meta: dict, prompts: list[list[int]], options: Strea
             yield _sse(chunk)
         async for index, delta in job.deltas():
             waiting[index] += delta.tokens
-            if delta.text or delta.finish_reason:
-                piece = choice(index, delta.text, waiting[index], delta.finish_reason)
+            if delta.text or delta.finish_reason or (delta.reasoning and reasoning):
+                extra = {"reasoning": delta.reasoning} if reasoning else {}
+                piece = choice(index, delta.text, waiting[index], delta.finish_reason, **extra)
                 yield _sse({**meta, "choices": [piece]})
                 waiting[index] = []
         if options is not None and options.include_usage:
