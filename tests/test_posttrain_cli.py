@@ -70,3 +70,23 @@ def test_sft_bad_inputs_are_one_line_errors(base, tmp_path, flags, needle, capsy
     assert main(["sft", "--init-from", str(base / "base"), "--data", str(tmp_path / "bad.jsonl"),
                  "--out", str(tmp_path / "r")]) == 2
     assert "bad.jsonl:1 is not valid JSON" in capsys.readouterr().err
+
+
+def test_rl_command_trains_and_reports_held_out_accuracy(base, capsys):
+    out = base / "rl"
+    argv = ["rl", "--init-from", str(base / "base"), "--env", "arithmetic", "--env", "strings",
+            "--out", str(out), "--steps", "2", "--group-size", "2", "--prompts", "2", "--max-new-tokens", "6",
+            "--eval-problems", "3", "--no-dynamic-sampling"]
+    assert main(argv) == 0
+    report = json.loads((out / "rl_eval.json").read_text())
+    assert set(report["accuracy_before"]) == set(report["accuracy_after"]) == {"arithmetic", "strings"}
+    assert report["steps"] == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("type") == "train"] == [1, 2]
+    assert all("reward_mean" in r for r in records if r.get("type") == "train")
+    assert (out / "checkpoints" / "step_000002" / "tokenizer.json").is_file()
+    assert "held-out problems" in capsys.readouterr().out
+    capsys.readouterr()
+    assert main([*argv[:3], "--env", "nosuch", "--out", str(out)]) == 2
+    assert "unknown environment 'nosuch'" in capsys.readouterr().err
+

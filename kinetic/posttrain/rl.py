@@ -111,6 +111,44 @@ def environment_task(env, tokenizer, encode_prompt: Callable[[Any], list[int]] |
     return problems, reward
 
 
+def mixture_task(tasks: dict[str, tuple[Problems, Reward]]) -> tuple[Problems, Reward]:
+    """Several tasks as one: draw ``n`` problems round-robin over ``tasks`` (name -> (problems, reward)),
+    each scored by its own reward; metadata is (name, the task's metadata)."""
+    names = list(tasks)
+
+    def problems(seed: int, n: int):
+        counts = [n // len(names) + (i < n % len(names)) for i in range(len(names))]
+        out = []
+        for name, count in zip(names, counts, strict=True):
+            out += [(ids, (name, meta)) for ids, meta in tasks[name][0](seed, count)] if count else []
+        return out
+
+    def reward(prompt_ids, completion, metadata) -> float:
+        name, meta = metadata
+        return tasks[name][1](prompt_ids, completion, meta)
+
+    return problems, reward
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, tasks: dict[str, tuple[Problems, Reward]], n: int, seed: int,
+             max_new_tokens: int, stop_ids: tuple[int, ...] | None = None) -> dict[str, float]:
+    """Greedy accuracy (mean reward) of ``model`` on ``n`` problems of each task drawn with ``seed``."""
+    greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0)
+    was = model.training
+    model.eval()
+    out = {}
+    try:
+        for name, (problems, reward) in tasks.items():
+            items = problems(seed, n)
+            batch = rollouts(model, [p for p, _ in items], 1, greedy, stop_ids=stop_ids)
+            scores = [reward(p, c, m) for (p, m), c in zip(items, batch.completions, strict=True)]
+            out[name] = sum(scores) / len(scores)
+    finally:
+        model.train(was)
+    return out
+
+
 def freeze_routers(model: torch.nn.Module) -> int:
     """Stop gradients to every MoE router's weights (the score-correction bias is a buffer the
     balancer updates); returns the number of routers frozen."""
