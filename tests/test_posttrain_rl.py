@@ -105,6 +105,31 @@ def test_environment_task_scores_reference_answers():
         assert reward(prompt_ids, encode(tok, "Answer: 0.5"), meta) == 0.0
 
 
+def test_environment_task_reads_the_end_of_reasoning():
+    """A completion in the reasoning format (``... </think>Answer: 11``, the special token between):
+    the answer counts after ``</think>``; reasoning left open after a prompt that opened it counts for
+    nothing."""
+    from kinetic.data.chat import add_chat_tokens, encode_chat
+    from kinetic.data.tokenizer import encode, train_tokenizer
+    from kinetic.posttrain.envs import make
+    from kinetic.posttrain.rl import environment_task
+
+    tok = train_tokenizer(["What is 7 + 4? 7 + 4 = 11\nAnswer: 11\n" * 50], vocab_size=300)
+    add_chat_tokens(tok)
+    env = make("arithmetic", max_digits=1, ops="+")
+
+    def prompt(text: str) -> list[int]:
+        return encode_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True)[0]
+
+    problems, reward = environment_task(env, tok, prompt)
+    prompt_ids, meta = problems(0, 1)[0]
+    answer = meta[1]["answer"]
+    end = tok.token_to_id("</think>")
+    good = encode(tok, "adding") + [end] + encode(tok, f"Answer: {answer}") + [2]
+    assert reward(prompt_ids, good, meta) == 1.0
+    assert reward(prompt_ids, encode(tok, f"Answer: {answer}"), meta) == 0.0  # still reasoning
+
+
 def test_rollout_source_checks_the_split():
     with pytest.raises(ValueError, match="prompts_per_step=3"):
         RolloutSource(None, problems, reward, RLConfig(prompts_per_step=3), micro_batches=2)

@@ -104,9 +104,21 @@ def environment_task(env, tokenizer, encode_prompt: Callable[[Any], list[int]] |
         items = env.problems(problem_seed, n, start=seed * n)
         return [(encoder(p.prompt), (p.prompt, p.metadata)) for p in items]
 
+    think, end = tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")
+
+    def text(prompt_ids: list[int], completion: list[int]) -> str:
+        """The completion as the environment reads it: special tokens dropped, but the end of the
+        reasoning kept as ``</think>`` on its own line (an unclosed one leaves ``<think>`` open)."""
+        if end is not None and end in completion:
+            cut = len(completion) - 1 - completion[::-1].index(end)
+            return (decode(tokenizer, completion[:cut], skip_special_tokens=True) + "</think>\n"
+                    + decode(tokenizer, completion[cut + 1:], skip_special_tokens=True))
+        opened = think is not None and prompt_ids and prompt_ids[-1] == think
+        return ("<think>" if opened else "") + decode(tokenizer, completion, skip_special_tokens=True)
+
     def reward(prompt_ids, completion, metadata) -> float:
         prompt, meta = metadata
-        return float(env.verify(prompt, decode(tokenizer, completion, skip_special_tokens=True), meta).value)
+        return float(env.verify(prompt, text(prompt_ids, completion), meta).value)
 
     return problems, reward
 
