@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -53,13 +54,11 @@ def load(checkpoint: str | None):
 
 def run(decoder: Decoder, groups: list[tuple[list[int], SamplingParams, int]], tokens: int
         ) -> list[list[int]]:
-    """Add every (prompt, params, n) group, step until each sequence has ``tokens`` tokens."""
-    seqs = [s for prompt, params, n in groups for s in decoder.add(prompt, params, n)]
-    while decoder.busy:
-        for s, _ in decoder.step():
-            if len(s.tokens) >= tokens:
-                decoder.cancel(s)
-    return [[t.id for t in s.tokens[:tokens]] for s in seqs]
+    """Add every (prompt, params, n) group with ``tokens`` new tokens each and run the decoder."""
+    seqs = [s for prompt, params, n in groups
+            for s in decoder.add(prompt, replace(params, max_new_tokens=tokens), n)]
+    decoder.run()
+    return [[t.id for t in s.tokens] for s in seqs]
 
 
 def best(fn, repeats: int) -> tuple[float, object]:

@@ -94,10 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.perf_counter()
     params = config.sampling()
     seqs = [s for p, _ in problems(5, args.prompts) for s in decoder.add(p, params, args.group_size)]
-    while decoder.busy:
-        for s, _ in decoder.step():
-            if len(s.tokens) >= args.new_tokens:
-                decoder.cancel(s)
+    decoder.run()  # each sequence ends at params.max_new_tokens = --new-tokens
     plain_tps = len(seqs) * args.new_tokens / (time.perf_counter() - t)
     out = {"model": what, "steps": args.steps, "group_size": args.group_size, "prompts": args.prompts,
            "new_tokens": args.new_tokens, "step_s": total / args.steps,

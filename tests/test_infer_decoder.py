@@ -42,7 +42,7 @@ def _prompts(model, lengths, seed=0):
 # ---------------------------------------------------------------------- batching
 @pytest.mark.parametrize("name,speculative", [("latent-grouped-mtp", False), ("dense-moe-1group", False),
                                               ("mtp-two-depths", True)])
-def test_continuous_batching_equals_solouncached_greedy(name, speculative, one_thread):
+def test_continuous_batching_equals_solo_uncached_greedy(name, speculative, one_thread):
     """Six prompts of different lengths through two slots, prefilled in chunks of 4 between decode
     steps, leaving after different numbers of tokens: each equals its own uncached greedy run."""
     model = _model(name)
@@ -55,6 +55,20 @@ def test_continuous_batching_equals_solouncached_greedy(name, speculative, one_t
         seqs = [decoder.add(p, GREEDY)[0] for p in prompts]
         assert drain(decoder, seqs, limits) == refs, max_batch
         assert not decoder.running and not decoder.waiting
+
+
+def test_sequences_end_at_their_max_new_tokens(one_thread):
+    """The decoder ends each sequence at its own max_new_tokens, speculative rounds that overshoot
+    included (their extra tokens dropped): run() needs no stop logic from the caller."""
+    model = _model("mtp-two-depths")
+    prompts = _prompts(model, (5, 9, 3))
+    decoder = Decoder(model, max_batch=3, speculative=True, draft_tokens=3, speculative_max_batch=3)
+    seqs = [decoder.add(p, SamplingParams(temperature=0, max_new_tokens=n))[0]
+            for p, n in zip(prompts, (7, 1, 4), strict=True)]
+    decoder.run()
+    assert [len(s.tokens) for s in seqs] == [7, 1, 4] and all(s.done for s in seqs)
+    assert [[t.id for t in s.tokens] for s in seqs] == [uncached_greedy(model, p, n)
+                                                        for p, n in zip(prompts, (7, 1, 4), strict=True)]
 
 
 def test_a_batch_decodes_in_one_forward_per_step(monkeypatch):
@@ -109,8 +123,7 @@ def test_the_decoders_chunked_prefill_memory_is_the_cache_plus_a_chunk_of_activa
         decoder = Decoder(model, max_batch=1, prefill_chunk=chunk)
         with PeakTensorMemory() as mem:
             decoder.add(ids[:tokens], SamplingParams(temperature=0, max_new_tokens=1))
-            while not decoder.running:
-                decoder.step()
+            decoder.run()  # the prefill, and the one token it draws
         return mem.peak_bytes - cache_budget(config, decoder.capacity(tokens, 1))["total"]
 
     short, long, wide = excess(2048, 64), excess(8192, 64), excess(8192, 128)

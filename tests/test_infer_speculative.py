@@ -213,7 +213,7 @@ def test_speculative_greedy_equals_plain_greedy_trained(trained, one_thread):
     # by default a batch of more than one sequence takes plain steps, and a sequence's MTP layer
     # catches up on them when it drafts again: still the same tokens, and the drafts stay good
     decoder = Decoder(model, max_batch=3, speculative=True, draft_tokens=4)
-    seqs = [decoder.add(p, SamplingParams(temperature=0))[0] for p in prompts]
+    seqs = [decoder.add(p, SamplingParams(temperature=0, max_new_tokens=70))[0] for p in prompts]
     limits = [70, 25, 20]  # the first runs alone after the others leave
     assert drain(decoder, seqs, limits) == [uncached_greedy(model, p, n) for p, n in zip(prompts, limits,
                                                                                         strict=True)]

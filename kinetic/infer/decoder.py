@@ -220,7 +220,9 @@ class Decoder:
     @torch.inference_mode()
     def step(self) -> list[tuple[Sequence, list[Token]]]:
         """One prefill chunk (if a group waits and fits) and one decode step of the running
-        sequences. Returns each sequence's new tokens (a sequence's first token comes from its prefill)."""
+        sequences. Returns each sequence's new tokens (a sequence's first token comes from its
+        prefill). A sequence that reaches ``params.max_new_tokens`` ends here (tokens a speculative
+        step made past it are dropped); other stops are the caller's (``cancel``)."""
         out: list[tuple[Sequence, list[Token]]] = []
         if self.waiting and len(self.running) + len(self.waiting[0].seqs) <= self.max_batch:
             out += self._prefill_chunk(self.waiting[0])
@@ -230,10 +232,17 @@ class Decoder:
             out += self._speculative_step(count)
         elif count:
             out += self._plain_step(count)
+        for i, (s, tokens) in enumerate(out):
+            over = len(s.tokens) - s.params.max_new_tokens
+            if over >= 0:
+                if over:
+                    del s.tokens[-over:]
+                    out[i] = (s, tokens[:len(tokens) - over])
+                self.cancel(s)
         return out
 
     def run(self) -> None:
-        """Step until every sequence has ended (``cancel`` ends a sequence; see Engine for stops)."""
+        """Step until every sequence has ended (at ``max_new_tokens``, or by ``cancel``)."""
         while self.busy:
             self.step()
 

@@ -18,22 +18,18 @@ def _seed(seed: int | None, generator: torch.Generator | None) -> int:
     return sequence_seed(seed)
 
 
-def _run(decoder: Decoder, seqs, limit: int, stop: set[int]) -> list[list[int]]:
-    """Step until each sequence has ``limit`` tokens or emitted a ``stop`` id; their token ids."""
-    out = {id(s): [] for s in seqs}
-    live = set(out)
-    while live:
+def _run(decoder: Decoder, seqs, stop: set[int]) -> list[list[int]]:
+    """Step until every sequence has ended (the decoder stops each at its ``max_new_tokens``),
+    ending one at its first ``stop`` id; their token ids."""
+    live = {id(s) for s in seqs}
+    while decoder.busy:
         for s, tokens in decoder.step():
-            if id(s) not in live:
-                continue
-            ids = out[id(s)]
-            for t in tokens:
-                ids.append(t.id)
-                if len(ids) >= limit or t.id in stop:
-                    live.discard(id(s))
-                    decoder.cancel(s)
-                    break
-    return [out[id(s)] for s in seqs]
+            if id(s) in live and any(t.id in stop for t in tokens):
+                cut = next(k for k, t in enumerate(s.tokens) if t.id in stop)
+                del s.tokens[cut + 1:]
+                live.discard(id(s))
+                decoder.cancel(s)
+    return [[t.id for t in s.tokens] for s in seqs]
 
 
 @torch.no_grad()
@@ -83,7 +79,7 @@ def generate(
     base = _seed(seed, generator)
     seqs = [decoder.add(row, params, seeds=[base + i])[0] for i, row in enumerate(input_ids.tolist())]
     try:
-        new = _run(decoder, seqs, max_new_tokens, set(eos))
+        new = _run(decoder, seqs, set(eos))
     finally:
         model.train(was_training)
     width = max(map(len, new))
@@ -108,5 +104,5 @@ def speculative_generate(model: torch.nn.Module, prompt: list[int], max_new_toke
     if max_new_tokens <= 0:
         return [], decoder.stats
     (seq,) = decoder.add(prompt, params, seeds=[_seed(seed, generator)])
-    (tokens,) = _run(decoder, [seq], max_new_tokens, set())
+    (tokens,) = _run(decoder, [seq], set())
     return tokens, decoder.stats

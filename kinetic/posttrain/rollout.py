@@ -63,15 +63,15 @@ def rollouts(model: torch.nn.Module, prompts: list[list[int]], group_size: int, 
     for i, prompt in enumerate(prompts):
         seeds = None if base is None else [base + i * group_size + j for j in range(group_size)]
         seqs += decoder.add(prompt, params, group_size, seeds=seeds)
-    limit = params.max_new_tokens
     done: dict[int, bool] = {}
-    while decoder.busy:
+    while decoder.busy:  # the decoder ends a sample at max_new_tokens; a stop token ends it here
         for s, _ in decoder.step():
-            ended = next((k for k, t in enumerate(s.tokens[:limit]) if t.id in stop), None)
-            if ended is not None or len(s.tokens) >= limit:
-                del s.tokens[(ended + 1 if ended is not None else limit):]  # a round may overshoot
-                done[id(s)] = ended is not None
+            ended = next((k for k, t in enumerate(s.tokens) if t.id in stop), None)
+            if ended is not None:
+                del s.tokens[ended + 1:]
                 decoder.cancel(s)
+            if s.done:
+                done[id(s)] = ended is not None
     seconds = time.perf_counter() - t0
     return _layout(seqs, [done[id(s)] for s in seqs], group_size, pad_id, seconds, decoder)
 
